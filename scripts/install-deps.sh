@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what cleave needs from Debian's archive, idempotently.
+# Called by `make deps` (and so by `make run` / `make test`); safe to re-run.
+set -euo pipefail
+
+PKGS=(
+  # guest kernel build
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils
+  # guest userland and the rig's initramfs
+  busybox-static
+  # the rig: a software-emulated SVM machine that runs Debian's kvm_amd
+  qemu-system-x86
+  # netfilter crate (nftnl + mnl) and its tests
+  pkg-config libnftnl-dev libmnl-dev nftables iproute2
+  # dnsproxy benchmark peer
+  dnsmasq-base
+  # tooling used by scripts
+  jq
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
