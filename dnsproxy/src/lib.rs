@@ -1,1 +1,4 @@
+//! cleave's per-sandbox DNS proxy.
 
+pub mod pin_filter;
+pub mod policy;
