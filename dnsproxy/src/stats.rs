@@ -1,0 +1,60 @@
+//! Per-sandbox counters, for metrics and for tests to see what happened to
+//! packets that got no reply.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub queries: AtomicU64,
+    pub answered: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub refused: AtomicU64,
+    pub servfail: AtomicU64,
+    pub dropped_malformed: AtomicU64,
+    pub dropped_source: AtomicU64,
+    pub dropped_rate: AtomicU64,
+    pub dropped_busy: AtomicU64,
+    pub tcp_closed_oversized: AtomicU64,
+    pub blocked_addrs: AtomicU64,
+    pub pinned: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub queries: u64,
+    pub answered: u64,
+    pub cache_hits: u64,
+    pub refused: u64,
+    pub servfail: u64,
+    pub dropped_malformed: u64,
+    pub dropped_source: u64,
+    pub dropped_rate: u64,
+    pub dropped_busy: u64,
+    pub tcp_closed_oversized: u64,
+    pub blocked_addrs: u64,
+    pub pinned: u64,
+}
+
+impl Stats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            queries: self.queries.load(Relaxed),
+            answered: self.answered.load(Relaxed),
+            cache_hits: self.cache_hits.load(Relaxed),
+            refused: self.refused.load(Relaxed),
+            servfail: self.servfail.load(Relaxed),
+            dropped_malformed: self.dropped_malformed.load(Relaxed),
+            dropped_source: self.dropped_source.load(Relaxed),
+            dropped_rate: self.dropped_rate.load(Relaxed),
+            dropped_busy: self.dropped_busy.load(Relaxed),
+            tcp_closed_oversized: self.tcp_closed_oversized.load(Relaxed),
+            blocked_addrs: self.blocked_addrs.load(Relaxed),
+            pinned: self.pinned.load(Relaxed),
+        }
+    }
+}
