@@ -1,1 +1,10 @@
-pub mod placeholder {}
+//! cleave-agent: the node agent. Our own VMM ([`vmm`]) and its devices ([`devices`]),
+//! guest images and their digest pins ([`image`]), facts about the host ([`host`]), and the
+//! `cleave` command line ([`cli`]).
+
+pub mod cli;
+pub mod devices;
+pub mod host;
+pub mod image;
+pub mod rig;
+pub mod vmm;

@@ -1,6 +1,5 @@
 //! cleave-guest: the guest agent (PID 1 in the guest) and the host–guest
 //! wire protocol that the node agent shares.
 
-pub mod protocol;
-pub mod reseed;
-pub mod server;
+pub mod boot;
+pub mod init;

@@ -1,0 +1,55 @@
+//! The `cleave` command line: parsing, logging, and one module per subcommand.
+
+mod boot;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cleave",
+    version,
+    about = "KVM microVM sandboxes, forked copy-on-write from a frozen template"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest image and stream its console until it ends.
+    Boot(boot::BootArgs),
+}
+
+/// Logs go to stderr as structured lines; `RUST_LOG` picks the level (default: warnings).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Boot(args) => boot::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cleave: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An exit code from a guest's or command's status (0..=255).
+pub(crate) fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

@@ -1,0 +1,4 @@
+//! Facts about the host this agent runs on.
+
+pub mod kvm;
+pub mod paths;

@@ -1,0 +1,296 @@
+//! Our VMM: a KVM VM built from guest memory, vCPUs and devices, booted in one straight
+//! sequence ([`boot_linux`]) and run with one thread per vCPU.
+
+pub mod boot;
+pub mod config;
+pub mod control;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod tiny;
+pub mod vcpu;
+
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::serial::{ConsoleOut, Serial, SerialError};
+use crate::devices::{GuestEnd, LegacyDevices};
+use config::MachineConfig;
+use control::{ExitCounts, RunControl};
+use memory::{GuestRam, MemoryError};
+use vcpu::{Vcpu, VcpuError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("opening /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("{op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error("starting the thread for vCPU {index}: {source}")]
+    Thread { index: u8, source: std::io::Error },
+}
+
+fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { op, source }
+}
+
+/// Opens /dev/kvm.
+pub fn open_kvm() -> Result<Kvm, VmmError> {
+    Kvm::new().map_err(VmmError::OpenKvm)
+}
+
+/// Whether the VM gets the in-kernel interrupt controllers (PIC, IO-APIC, LAPIC) and PIT.
+/// Linux guests need them; the ioctl-level tests also run without, to see `hlt` exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Irqchip {
+    InKernel,
+    None,
+}
+
+/// A VM that has not started running.
+pub struct Vm {
+    // Drop order: vCPUs, then the VM, then the memory KVM was pointed at.
+    vcpus: Vec<Vcpu>,
+    fd: VmFd,
+    ram: GuestRam,
+    devices: Arc<Mutex<LegacyDevices>>,
+    supported_cpuid: CpuId,
+    machine: MachineConfig,
+}
+
+impl Vm {
+    /// The VM shell: memory, interrupt controllers and PIT, COM1, and unconfigured vCPUs.
+    pub fn create(
+        kvm: &Kvm,
+        machine: MachineConfig,
+        irqchip: Irqchip,
+        console: ConsoleOut,
+    ) -> Result<Vm, VmmError> {
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        // Memory before the irqchip: registering a slot afterwards costs ~100x more.
+        let ram = GuestRam::create(machine.mem)?;
+        ram.register(&fd)?;
+        if irqchip == Irqchip::InKernel {
+            fd.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        }
+        let serial = Serial::new(console, (irqchip == Irqchip::InKernel).then_some(&fd))?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let vcpus = (0..machine.vcpus.get())
+            .map(|i| Vcpu::create(&fd, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Vm {
+            vcpus,
+            fd,
+            ram,
+            devices: Arc::new(Mutex::new(LegacyDevices::new(serial))),
+            supported_cpuid,
+            machine,
+        })
+    }
+
+    /// Loads a Linux kernel and initramfs for the PVH entry and configures every vCPU.
+    pub fn load_linux(
+        &mut self,
+        kernel: &[u8],
+        initrd: &[u8],
+        cmdline: &str,
+    ) -> Result<(), VmmError> {
+        let cmdline = boot::cmdline(cmdline)?;
+        let count = self.machine.vcpus.get();
+        let entry = boot::load(
+            self.ram.memory(),
+            self.ram.size(),
+            kernel,
+            initrd,
+            &cmdline,
+            count,
+        )?;
+        for vcpu in &self.vcpus {
+            vcpu.configure_linux(&self.supported_cpuid, count, self.ram.memory(), &entry)?;
+        }
+        Ok(())
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(mut self) -> Result<RunningVm, VmmError> {
+        install_kick_handler();
+        let control = Arc::new(RunControl::default());
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let index = vcpu.index();
+            let devices = self.devices.clone();
+            let ctl = control.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run(devices, ctl));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    // Dropping the partly started VM stops the threads already running.
+                    drop(RunningVm {
+                        control,
+                        threads,
+                        vm: Some(self),
+                        started: Instant::now(),
+                    });
+                    return Err(VmmError::Thread { index, source });
+                }
+            }
+        }
+        Ok(RunningVm {
+            control,
+            threads,
+            vm: Some(self),
+            started: Instant::now(),
+        })
+    }
+}
+
+/// Loads and starts a Linux guest: the whole boot, top to bottom.
+pub fn boot_linux(
+    kvm: &Kvm,
+    machine: MachineConfig,
+    kernel: &[u8],
+    initrd: &[u8],
+    cmdline: &str,
+    console: ConsoleOut,
+) -> Result<RunningVm, VmmError> {
+    let mut vm = Vm::create(kvm, machine, Irqchip::InKernel, console)?;
+    vm.load_linux(kernel, initrd, cmdline)?;
+    tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "starting guest");
+    vm.start()
+}
+
+/// A VM whose vCPUs are running.
+pub struct RunningVm {
+    control: Arc<RunControl>,
+    threads: Vec<JoinHandle<Vcpu>>,
+    /// `None` only after [`RunningVm::stop_and_keep`] handed it out.
+    vm: Option<Vm>,
+    started: Instant,
+}
+
+/// Bound on how long stopping may take before we report a stuck vCPU.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl RunningVm {
+    /// Waits for the guest to end (or `timeout`).
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<GuestEnd> {
+        self.control.wait(timeout)
+    }
+
+    pub fn exits(&self) -> ExitCounts {
+        self.control.stats.snapshot()
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Stops every vCPU (the guest may already have ended) and returns why the VM ended.
+    pub fn stop(self) -> GuestEnd {
+        self.stop_and_keep().0
+    }
+
+    /// Like [`stop`](Self::stop), but hands back the stopped VM (with its vCPUs) for
+    /// inspection.
+    pub fn stop_and_keep(mut self) -> (GuestEnd, Vm) {
+        self.control.end(GuestEnd::Stopped);
+        self.join_all();
+        let end = self
+            .control
+            .wait(Some(Duration::ZERO))
+            .unwrap_or(GuestEnd::Stopped);
+        let vm = self.vm.take().expect("the VM is only taken here, once");
+        (end, vm)
+    }
+
+    /// Kicks each vCPU out of KVM_RUN until its thread has returned.
+    fn join_all(&mut self) {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        for t in std::mem::take(&mut self.threads) {
+            while !t.is_finished() && Instant::now() < deadline {
+                // A kick that lands before the thread re-checks the stop flag is lost, so
+                // keep kicking until it returns.
+                let _ = t.kill(kick_signal());
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            if !t.is_finished() {
+                // Leaking the thread (and so its VM) beats tearing memory out from under it.
+                tracing::error!(thread = ?t.thread().name(), "vCPU thread did not stop");
+                std::mem::forget(self.vm.take());
+                continue;
+            }
+            if let (Ok(vcpu), Some(vm)) = (t.join(), self.vm.as_mut()) {
+                vm.vcpus.push(vcpu);
+            }
+        }
+        if let Some(vm) = self.vm.as_mut() {
+            vm.vcpus.sort_by_key(|v| v.index());
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.control.end(GuestEnd::Stopped);
+            self.join_all();
+        }
+    }
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// A no-op handler, so the kick signal interrupts KVM_RUN instead of killing the process.
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), on_kick) {
+            tracing::error!(error = %e, "installing the vCPU kick handler");
+        }
+    });
+}
