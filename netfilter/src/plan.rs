@@ -1,0 +1,888 @@
+//! What goes into each netlink batch, as plain data.
+//!
+//! Like Mullvad's firewall, the whole state change for one call is computed
+//! here by one function and then sent as one batch; nothing is applied rule
+//! by rule. This module is pure (no sockets), so batch construction is
+//! unit-tested.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use crate::expr::{
+    AddrField, CmpOp, RuleExprs, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NFPROTO_IPV4,
+    NFPROTO_IPV6,
+};
+use crate::names::{base, owner_comment, ObjectKind, ObjectNames, SandboxId, TapName, TABLE};
+use crate::sandbox::{NetMode, SandboxNet};
+
+/// Cloud metadata endpoints, dropped even when an allow CIDR covers them.
+pub(crate) const METADATA_V4: ([u8; 4], u8) = ([169, 254, 0, 0], 16);
+/// AWS's IPv6 metadata endpoint `fd00:ec2::254`.
+pub(crate) const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+/// The data type of a set key, as `nft` numbers them (so `nft list` prints
+/// them by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyType {
+    IfName,
+    Ipv4,
+    Ipv6,
+    Ipv4Port,
+    Ipv6Port,
+}
+
+impl KeyType {
+    const TYPE_IPADDR: u32 = 7;
+    const TYPE_IP6ADDR: u32 = 8;
+    const TYPE_INET_SERVICE: u32 = 13;
+    const TYPE_IFNAME: u32 = 41;
+    /// nft packs concatenated types 6 bits per field.
+    const TYPE_BITS: u32 = 6;
+
+    pub(crate) fn nft_type(self) -> u32 {
+        match self {
+            KeyType::IfName => Self::TYPE_IFNAME,
+            KeyType::Ipv4 => Self::TYPE_IPADDR,
+            KeyType::Ipv6 => Self::TYPE_IP6ADDR,
+            KeyType::Ipv4Port => (Self::TYPE_IPADDR << Self::TYPE_BITS) | Self::TYPE_INET_SERVICE,
+            KeyType::Ipv6Port => (Self::TYPE_IP6ADDR << Self::TYPE_BITS) | Self::TYPE_INET_SERVICE,
+        }
+    }
+
+    /// Key length in bytes; concatenated fields are each padded to 4 bytes.
+    pub(crate) fn len(self) -> u32 {
+        match self {
+            KeyType::IfName => 16,
+            KeyType::Ipv4 => 4,
+            KeyType::Ipv6 => 16,
+            KeyType::Ipv4Port => 8,
+            KeyType::Ipv6Port => 20,
+        }
+    }
+}
+
+/// A base-chain hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BaseHook {
+    /// filter, hook forward, priority filter (0).
+    Forward,
+    /// filter, hook input, priority filter (0).
+    Input,
+    /// nat, hook postrouting, priority srcnat (100).
+    Postrouting,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChainSpec {
+    pub name: String,
+    pub hook: Option<BaseHook>,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SetSpec {
+    pub name: String,
+    pub key: KeyType,
+    /// A `: verdict` map rather than a plain set.
+    pub verdict_map: bool,
+    /// `flags timeout`: elements expire.
+    pub timeout: bool,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RuleSpec {
+    pub chain: String,
+    pub exprs: RuleExprs,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Elem {
+    pub key: Vec<u8>,
+    /// For verdict maps: `goto <chain>`.
+    pub goto: Option<String>,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ElemsSpec {
+    pub set: String,
+    pub key: KeyType,
+    pub verdict_map: bool,
+    pub elems: Vec<Elem>,
+    /// Fail if an element exists (used for dispatch entries: one tap, one
+    /// sandbox). Pins are not exclusive: re-pinning refreshes the timeout.
+    pub exclusive: bool,
+}
+
+/// One netlink message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    AddTable { comment: String },
+    AddChain(ChainSpec),
+    AddSet(SetSpec),
+    AddCounter { name: String, comment: String },
+    AddRule(RuleSpec),
+    AddElems(ElemsSpec),
+    DelElems(ElemsSpec),
+    DelChain(String),
+    DelSet(String),
+    DelCounter(String),
+}
+
+impl Op {
+    /// `nft`-like wording of this step, for error messages.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Op::AddTable { .. } => format!("add table inet {TABLE}"),
+            Op::AddChain(c) => format!("add chain inet {TABLE} {}", c.name),
+            Op::AddSet(s) => format!("add {} inet {TABLE} {}", set_word(s.verdict_map), s.name),
+            Op::AddCounter { name, .. } => format!("add counter inet {TABLE} {name}"),
+            Op::AddRule(r) => format!(
+                "add rule inet {TABLE} {}{}",
+                r.chain,
+                r.comment
+                    .as_ref()
+                    .map(|c| format!(" (comment \"{c}\")"))
+                    .unwrap_or_default()
+            ),
+            Op::AddElems(e) => format!(
+                "add element inet {TABLE} {} ({} elements)",
+                e.set,
+                e.elems.len()
+            ),
+            Op::DelElems(e) => format!(
+                "delete element inet {TABLE} {} ({} elements)",
+                e.set,
+                e.elems.len()
+            ),
+            Op::DelChain(n) => format!("delete chain inet {TABLE} {n}"),
+            Op::DelSet(n) => format!("delete set inet {TABLE} {n}"),
+            Op::DelCounter(n) => format!("delete counter inet {TABLE} {n}"),
+        }
+    }
+}
+
+fn set_word(map: bool) -> &'static str {
+    if map {
+        "map"
+    } else {
+        "set"
+    }
+}
+
+/// The shared objects, created once: the table, the dispatch maps and the
+/// base chains, each with its one dispatch rule.
+pub(crate) fn base_plan() -> Vec<Op> {
+    let map = |name: &str, key, comment: &str| {
+        Op::AddSet(SetSpec {
+            name: name.into(),
+            key,
+            verdict_map: true,
+            timeout: false,
+            comment: Some(comment.into()),
+        })
+    };
+    let chain = |name: &str, hook, comment: &str| {
+        Op::AddChain(ChainSpec {
+            name: name.into(),
+            hook: Some(hook),
+            comment: Some(comment.into()),
+        })
+    };
+    let rule = |chain: &str, exprs, comment: &str| {
+        Op::AddRule(RuleSpec {
+            chain: chain.into(),
+            exprs,
+            comment: Some(comment.into()),
+        })
+    };
+    vec![
+        Op::AddTable {
+            comment: "cleave sandboxes; managed by cleave-agent, do not edit".into(),
+        },
+        map(base::FWD_MAP, KeyType::IfName, "tap -> its forward chain"),
+        map(base::IN_MAP, KeyType::IfName, "tap -> its input chain"),
+        map(
+            base::NAT4_MAP,
+            KeyType::Ipv4,
+            "NATed guest IPv4 -> its nat chain",
+        ),
+        map(
+            base::NAT6_MAP,
+            KeyType::Ipv6,
+            "NATed guest IPv6 -> its nat chain",
+        ),
+        chain(
+            base::FORWARD,
+            BaseHook::Forward,
+            "sandbox taps dispatch to their own chain; other traffic untouched",
+        ),
+        chain(
+            base::INPUT,
+            BaseHook::Input,
+            "sandbox taps dispatch to their own chain; other traffic untouched",
+        ),
+        chain(
+            base::POSTROUTING,
+            BaseHook::Postrouting,
+            "NAT for sandboxes that have it",
+        ),
+        rule(
+            base::FORWARD,
+            RuleExprs::new().iifname_vmap(base::FWD_MAP),
+            "dispatch by tap",
+        ),
+        rule(
+            base::INPUT,
+            RuleExprs::new().iifname_vmap(base::IN_MAP),
+            "dispatch by tap",
+        ),
+        rule(
+            base::POSTROUTING,
+            RuleExprs::new()
+                .nfproto(NFPROTO_IPV4)
+                .saddr_vmap(false, base::NAT4_MAP),
+            "dispatch by guest address",
+        ),
+        rule(
+            base::POSTROUTING,
+            RuleExprs::new()
+                .nfproto(NFPROTO_IPV6)
+                .saddr_vmap(true, base::NAT6_MAP),
+            "dispatch by guest address",
+        ),
+    ]
+}
+
+/// Every kernel object one sandbox owns. Computed from a [`SandboxNet`] at
+/// apply time, or discovered from the kernel's table after a restart;
+/// teardown removes exactly this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Footprint {
+    pub tap: TapName,
+    pub owner: Option<SandboxId>,
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+    pub counters: Vec<String>,
+    /// Dispatch map entries: (map, key type, key).
+    pub elems: Vec<(&'static str, KeyType, Vec<u8>)>,
+}
+
+impl Footprint {
+    pub(crate) fn of(net: &SandboxNet) -> Footprint {
+        let n = ObjectNames::new(net.tap());
+        let mut chains = vec![
+            n.name(ObjectKind::ForwardChain),
+            n.name(ObjectKind::InputChain),
+        ];
+        let key = net.tap().ifname_key().to_vec();
+        let mut elems = vec![
+            (base::FWD_MAP, KeyType::IfName, key.clone()),
+            (base::IN_MAP, KeyType::IfName, key),
+        ];
+        if net.nat().is_some() {
+            chains.push(n.name(ObjectKind::NatChain));
+            elems.push((
+                base::NAT4_MAP,
+                KeyType::Ipv4,
+                net.guest_ipv4().octets().to_vec(),
+            ));
+            if let Some(g6) = net.guest_ipv6() {
+                elems.push((base::NAT6_MAP, KeyType::Ipv6, g6.octets().to_vec()));
+            }
+        }
+        Footprint {
+            tap: net.tap().clone(),
+            owner: Some(net.id().clone()),
+            chains,
+            sets: vec![n.name(ObjectKind::Pin4Set), n.name(ObjectKind::Pin6Set)],
+            counters: vec![
+                n.name(ObjectKind::ForwardDropCounter),
+                n.name(ObjectKind::InputDropCounter),
+            ],
+            elems,
+        }
+    }
+
+    /// Number of kernel objects (for logs and leftover counts).
+    pub(crate) fn object_count(&self) -> usize {
+        self.chains.len() + self.sets.len() + self.counters.len() + self.elems.len()
+    }
+}
+
+fn rule(chain: &str, comment: Option<&str>, exprs: RuleExprs) -> Op {
+    Op::AddRule(RuleSpec {
+        chain: chain.to_string(),
+        exprs,
+        comment: comment.map(str::to_string),
+    })
+}
+
+/// Rules shared by the forward and input chains: drop what is invalid or
+/// not from this guest's own MAC and addresses.
+fn anti_spoof(chain: &str, net: &SandboxNet) -> Vec<Op> {
+    let mut ops = vec![
+        rule(chain, Some("invalid"), RuleExprs::new().ct_invalid().drop()),
+        rule(
+            chain,
+            Some("no L2 header, cannot check MAC"),
+            RuleExprs::new().iiftype_not_ether().drop(),
+        ),
+        rule(
+            chain,
+            Some("spoofed MAC"),
+            RuleExprs::new()
+                .ether_saddr_not(net.guest_mac().octets())
+                .drop(),
+        ),
+        rule(
+            chain,
+            Some("spoofed IPv4 source"),
+            RuleExprs::new()
+                .nfproto(NFPROTO_IPV4)
+                .addr(AddrField::Src, CmpOp::Neq, &net.guest_ipv4().octets())
+                .drop(),
+        ),
+    ];
+    ops.push(match net.guest_ipv6() {
+        Some(g6) => rule(
+            chain,
+            Some("spoofed IPv6 source"),
+            RuleExprs::new()
+                .nfproto(NFPROTO_IPV6)
+                .addr(AddrField::Src, CmpOp::Neq, &g6.octets())
+                .drop(),
+        ),
+        None => rule(
+            chain,
+            Some("sandbox has no IPv6"),
+            RuleExprs::new().nfproto(NFPROTO_IPV6).drop(),
+        ),
+    });
+    ops
+}
+
+fn allow_rules(chain: &str, net: &SandboxNet) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for a in net.allow() {
+        let (proto, bytes) = match a.net().addr() {
+            IpAddr::V4(v4) => (NFPROTO_IPV4, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (NFPROTO_IPV6, v6.octets().to_vec()),
+        };
+        let dst = || {
+            RuleExprs::new()
+                .nfproto(proto)
+                .daddr_in(&bytes, a.net().prefix_len())
+        };
+        let comment = format!("allow {}", a.net());
+        match a.ports() {
+            None => ops.push(rule(chain, Some(&comment), dst().accept())),
+            Some(p) => {
+                for l4 in [IPPROTO_TCP, IPPROTO_UDP] {
+                    let e = dst().l4proto(l4);
+                    let e = if p.first() == p.last() {
+                        e.dport(CmpOp::Eq, p.first())
+                    } else {
+                        e.dport(CmpOp::Gte, p.first()).dport(CmpOp::Lte, p.last())
+                    };
+                    let c = format!("{comment} ports {}-{}", p.first(), p.last());
+                    ops.push(rule(chain, Some(&c), e.accept()));
+                }
+            }
+        }
+    }
+    ops
+}
+
+fn forward_rules(net: &SandboxNet, n: &ObjectNames) -> Vec<Op> {
+    let chain = n.name(ObjectKind::ForwardChain);
+    let drop_counter = n.name(ObjectKind::ForwardDropCounter);
+    let count_drop = |comment| {
+        rule(
+            &chain,
+            Some(comment),
+            RuleExprs::new().counter(&drop_counter).drop(),
+        )
+    };
+    if net.mode() == NetMode::Blocked {
+        return vec![count_drop("blocked: no network")];
+    }
+    let mut ops = anti_spoof(&chain, net);
+    ops.push(rule(
+        &chain,
+        Some("replies and established flows"),
+        RuleExprs::new().ct_established().accept(),
+    ));
+    ops.push(rule(
+        &chain,
+        Some("metadata endpoint"),
+        RuleExprs::new()
+            .nfproto(NFPROTO_IPV4)
+            .daddr_in(&METADATA_V4.0, METADATA_V4.1)
+            .counter(&drop_counter)
+            .drop(),
+    ));
+    ops.push(rule(
+        &chain,
+        Some("metadata endpoint"),
+        RuleExprs::new()
+            .nfproto(NFPROTO_IPV6)
+            .addr(AddrField::Dst, CmpOp::Eq, &METADATA_V6.octets())
+            .counter(&drop_counter)
+            .drop(),
+    ));
+    ops.extend(allow_rules(&chain, net));
+    for (v6, proto, set) in [
+        (false, NFPROTO_IPV4, n.name(ObjectKind::Pin4Set)),
+        (true, NFPROTO_IPV6, n.name(ObjectKind::Pin6Set)),
+    ] {
+        for l4 in [IPPROTO_TCP, IPPROTO_UDP] {
+            ops.push(rule(
+                &chain,
+                Some("DNS pins"),
+                RuleExprs::new()
+                    .nfproto(proto)
+                    .l4proto(l4)
+                    .daddr_dport_in(v6, &set)
+                    .accept(),
+            ));
+        }
+    }
+    ops.push(count_drop("everything else"));
+    ops
+}
+
+fn input_rules(net: &SandboxNet, n: &ObjectNames) -> Vec<Op> {
+    let chain = n.name(ObjectKind::InputChain);
+    let drop_counter = n.name(ObjectKind::InputDropCounter);
+    let count_drop = |comment| {
+        rule(
+            &chain,
+            Some(comment),
+            RuleExprs::new().counter(&drop_counter).drop(),
+        )
+    };
+    if net.mode() == NetMode::Blocked {
+        return vec![count_drop("blocked: no network")];
+    }
+    let mut ops = anti_spoof(&chain, net);
+    let mut resolvers = vec![(NFPROTO_IPV4, net.host_ipv4().octets().to_vec())];
+    if let Some(h6) = net.host_ipv6() {
+        // Without neighbour discovery the guest cannot reach the host on IPv6.
+        for t in [135u8, 136] {
+            ops.push(rule(
+                &chain,
+                Some("IPv6 neighbour discovery"),
+                RuleExprs::new()
+                    .nfproto(NFPROTO_IPV6)
+                    .l4proto(IPPROTO_ICMPV6)
+                    .hoplimit_255()
+                    .icmpv6_type(t)
+                    .accept(),
+            ));
+        }
+        resolvers.push((NFPROTO_IPV6, h6.octets().to_vec()));
+    }
+    for (proto, addr) in resolvers {
+        for l4 in [IPPROTO_UDP, IPPROTO_TCP] {
+            ops.push(rule(
+                &chain,
+                Some("DNS to its resolver"),
+                RuleExprs::new()
+                    .nfproto(proto)
+                    .addr(AddrField::Dst, CmpOp::Eq, &addr)
+                    .l4proto(l4)
+                    .dport(CmpOp::Eq, 53)
+                    .accept(),
+            ));
+        }
+    }
+    ops.push(count_drop("everything else to the host"));
+    ops
+}
+
+/// Everything one sandbox needs, in an order the kernel accepts within one
+/// transaction: sets and counters before the rules that use them, chains
+/// before their rules, dispatch entries last.
+pub(crate) fn apply_plan(net: &SandboxNet) -> Vec<Op> {
+    let n = ObjectNames::new(net.tap());
+    let id = net.id();
+    let tap = net.tap();
+    let fp = Footprint::of(net);
+    let mut ops = Vec::with_capacity(40);
+    for (kind, key, what) in [
+        (
+            ObjectKind::Pin4Set,
+            KeyType::Ipv4Port,
+            "DNS pins, IPv4 address . port",
+        ),
+        (
+            ObjectKind::Pin6Set,
+            KeyType::Ipv6Port,
+            "DNS pins, IPv6 address . port",
+        ),
+    ] {
+        ops.push(Op::AddSet(SetSpec {
+            name: n.name(kind),
+            key,
+            verdict_map: false,
+            timeout: true,
+            comment: Some(owner_comment(id, tap, what)),
+        }));
+    }
+    for (kind, what) in [
+        (ObjectKind::ForwardDropCounter, "egress drops"),
+        (ObjectKind::InputDropCounter, "drops to the host"),
+    ] {
+        ops.push(Op::AddCounter {
+            name: n.name(kind),
+            comment: owner_comment(id, tap, what),
+        });
+    }
+    let chain = |kind, what| {
+        Op::AddChain(ChainSpec {
+            name: n.name(kind),
+            hook: None,
+            comment: Some(owner_comment(id, tap, what)),
+        })
+    };
+    ops.push(chain(ObjectKind::ForwardChain, "egress policy"));
+    ops.push(chain(ObjectKind::InputChain, "access to the host"));
+    ops.extend(forward_rules(net, &n));
+    ops.extend(input_rules(net, &n));
+    if let Some(uplink) = net.nat() {
+        let nat_chain = n.name(ObjectKind::NatChain);
+        ops.push(chain(ObjectKind::NatChain, "NAT"));
+        ops.push(rule(
+            &nat_chain,
+            Some("masquerade via uplink"),
+            RuleExprs::new()
+                .oifname(uplink.ifname().ifname_key())
+                .masquerade(),
+        ));
+    }
+    for (map, key, k) in fp.elems {
+        let target = match map {
+            base::FWD_MAP => n.name(ObjectKind::ForwardChain),
+            base::IN_MAP => n.name(ObjectKind::InputChain),
+            _ => n.name(ObjectKind::NatChain),
+        };
+        ops.push(Op::AddElems(ElemsSpec {
+            set: map.to_string(),
+            key,
+            verdict_map: true,
+            elems: vec![Elem {
+                key: k,
+                goto: Some(target),
+                timeout_ms: None,
+            }],
+            exclusive: true,
+        }));
+    }
+    ops
+}
+
+/// Removes a footprint: dispatch entries first (they reference the chains),
+/// then the chains (the kernel deletes their rules, releasing the sets and
+/// counters), then sets and counters.
+pub(crate) fn teardown_plan(fp: &Footprint) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for (map, key, k) in &fp.elems {
+        ops.push(Op::DelElems(ElemsSpec {
+            set: map.to_string(),
+            key: *key,
+            verdict_map: true,
+            elems: vec![Elem {
+                key: k.clone(),
+                goto: None,
+                timeout_ms: None,
+            }],
+            exclusive: false,
+        }));
+    }
+    ops.extend(fp.chains.iter().cloned().map(Op::DelChain));
+    ops.extend(fp.sets.iter().cloned().map(Op::DelSet));
+    ops.extend(fp.counters.iter().cloned().map(Op::DelCounter));
+    ops
+}
+
+/// Pin key: address then port, each padded to 4 bytes as the registers hold
+/// them.
+pub(crate) fn pin_key(addr: IpAddr, port: u16) -> (KeyType, Vec<u8>) {
+    let mut key = match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    key.extend_from_slice(&port.to_be_bytes());
+    key.extend_from_slice(&[0, 0]);
+    let kt = if addr.is_ipv4() {
+        KeyType::Ipv4Port
+    } else {
+        KeyType::Ipv6Port
+    };
+    (kt, key)
+}
+
+/// Adds pins to a sandbox's two sets: at most one message per family.
+pub(crate) fn pin_plan(tap: &TapName, pins: &[(IpAddr, u16)], timeout_ms: u64) -> Vec<Op> {
+    let n = ObjectNames::new(tap);
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for &(addr, port) in pins {
+        let (_, key) = pin_key(addr, port);
+        let e = Elem {
+            key,
+            goto: None,
+            timeout_ms: Some(timeout_ms),
+        };
+        if addr.is_ipv4() {
+            v4.push(e)
+        } else {
+            v6.push(e)
+        }
+    }
+    let mut ops = Vec::new();
+    for (elems, kind, key) in [
+        (v4, ObjectKind::Pin4Set, KeyType::Ipv4Port),
+        (v6, ObjectKind::Pin6Set, KeyType::Ipv6Port),
+    ] {
+        if !elems.is_empty() {
+            ops.push(Op::AddElems(ElemsSpec {
+                set: n.name(kind),
+                key,
+                verdict_map: false,
+                elems,
+                exclusive: false,
+            }));
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::expr::{Expr, Verdict};
+    use crate::sandbox::{AllowRule, MacAddr, PortRange, Uplink};
+    use std::net::Ipv4Addr;
+
+    fn net() -> SandboxNet {
+        SandboxNet::new(
+            SandboxId::new("sb-1").unwrap(),
+            TapName::new("tap0").unwrap(),
+            MacAddr::new([2, 0, 0, 0, 0, 1]).unwrap(),
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(10, 0, 0, 1),
+        )
+        .unwrap()
+    }
+
+    fn rules_of<'a>(ops: &'a [Op], chain: &str) -> Vec<&'a RuleSpec> {
+        ops.iter()
+            .filter_map(|o| match o {
+                Op::AddRule(r) if r.chain == chain => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn comments(rules: &[&RuleSpec]) -> Vec<String> {
+        rules.iter().map(|r| r.comment.clone().unwrap()).collect()
+    }
+
+    #[test]
+    fn forward_chain_order_matches_policy() {
+        let n = net()
+            .with_allow([AllowRule::new("169.254.0.0/16".parse().unwrap(), None)])
+            .unwrap();
+        let ops = apply_plan(&n);
+        let fwd = rules_of(&ops, "fwd-tap0");
+        assert_eq!(
+            comments(&fwd),
+            [
+                "invalid",
+                "no L2 header, cannot check MAC",
+                "spoofed MAC",
+                "spoofed IPv4 source",
+                "sandbox has no IPv6",
+                "replies and established flows",
+                "metadata endpoint",
+                "metadata endpoint",
+                "allow 169.254.0.0/16",
+                "DNS pins",
+                "DNS pins",
+                "DNS pins",
+                "DNS pins",
+                "everything else",
+            ]
+        );
+        let last = &fwd.last().unwrap().exprs.0;
+        assert_eq!(
+            last[..],
+            [
+                Expr::Counter {
+                    name: "fwd-drop-tap0".into()
+                },
+                Expr::Verdict(Verdict::Drop)
+            ]
+        );
+    }
+
+    #[test]
+    fn input_chain_allows_only_dns_to_resolver() {
+        let n = net()
+            .with_ipv6("fd00::2".parse().unwrap(), "fd00::1".parse().unwrap())
+            .unwrap();
+        let ops = apply_plan(&n);
+        let inp = rules_of(&ops, "in-tap0");
+        let c = comments(&inp);
+        assert_eq!(c.iter().filter(|c| *c == "DNS to its resolver").count(), 4);
+        assert_eq!(c.last().unwrap(), "everything else to the host");
+        assert_eq!(c[4], "spoofed IPv6 source");
+        // every accept in the input chain carries dport 53 or is ND
+        for r in &inp {
+            if r.exprs.0.last() == Some(&Expr::Verdict(Verdict::Accept)) {
+                let dns =
+                    r.exprs.0.iter().any(
+                        |e| matches!(e, Expr::Cmp { data, .. } if data == &53u16.to_be_bytes()),
+                    );
+                assert!(dns || r.comment.as_deref() == Some("IPv6 neighbour discovery"));
+            }
+        }
+    }
+
+    #[test]
+    fn objects_precede_their_users() {
+        let n = net().with_nat(Uplink::new("eth0").unwrap()).unwrap();
+        let ops = apply_plan(&n);
+        let pos = |pred: &dyn Fn(&Op) -> bool| ops.iter().position(pred).unwrap();
+        let first_rule = pos(&|o| matches!(o, Op::AddRule(_)));
+        let last_obj = ops
+            .iter()
+            .rposition(|o| matches!(o, Op::AddSet(_) | Op::AddCounter { .. } | Op::AddChain(_)))
+            .unwrap();
+        let nat_chain = pos(&|o| matches!(o, Op::AddChain(c) if c.name == "nat-tap0"));
+        let nat_rule = pos(&|o| matches!(o, Op::AddRule(r) if r.chain == "nat-tap0"));
+        let first_elem = pos(&|o| matches!(o, Op::AddElems(_)));
+        assert!(nat_chain < nat_rule);
+        assert!(ops[..first_rule]
+            .iter()
+            .all(|o| !matches!(o, Op::AddElems(_))));
+        assert!(last_obj < first_elem);
+        assert!(ops[first_elem..]
+            .iter()
+            .all(|o| matches!(o, Op::AddElems(e) if e.exclusive)));
+        // three dispatch entries: fwd, in, nat4
+        assert_eq!(ops.len() - first_elem, 3);
+    }
+
+    #[test]
+    fn blocked_mode_drops_everything() {
+        let ops = apply_plan(&net().with_mode(NetMode::Blocked));
+        for chain in ["fwd-tap0", "in-tap0"] {
+            let r = rules_of(&ops, chain);
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].exprs.0.last(), Some(&Expr::Verdict(Verdict::Drop)));
+        }
+    }
+
+    #[test]
+    fn allow_with_ports_makes_tcp_and_udp_rules() {
+        let n = net()
+            .with_allow([AllowRule::new(
+                "203.0.113.0/24".parse().unwrap(),
+                Some(PortRange::new(8000, 8080).unwrap()),
+            )])
+            .unwrap();
+        let ops = apply_plan(&n);
+        let allow: Vec<_> = rules_of(&ops, "fwd-tap0")
+            .into_iter()
+            .filter(|r| r.comment.as_deref().unwrap().starts_with("allow"))
+            .collect();
+        assert_eq!(allow.len(), 2);
+        for r in allow {
+            let ops: Vec<_> = r
+                .exprs
+                .0
+                .iter()
+                .filter_map(|e| match e {
+                    Expr::Cmp { op, .. } => Some(*op),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                ops,
+                [CmpOp::Eq, CmpOp::Eq, CmpOp::Eq, CmpOp::Gte, CmpOp::Lte]
+            );
+        }
+    }
+
+    #[test]
+    fn teardown_reverses_apply() {
+        let n = net()
+            .with_ipv6("fd00::2".parse().unwrap(), "fd00::1".parse().unwrap())
+            .unwrap()
+            .with_nat(Uplink::new("eth0").unwrap())
+            .unwrap();
+        let fp = Footprint::of(&n);
+        assert_eq!(fp.object_count(), 3 + 2 + 2 + 4);
+        let ops = teardown_plan(&fp);
+        let kinds: Vec<_> = ops
+            .iter()
+            .map(|o| match o {
+                Op::DelElems(_) => 0,
+                Op::DelChain(_) => 1,
+                Op::DelSet(_) => 2,
+                Op::DelCounter(_) => 3,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert!(kinds.windows(2).all(|w| w[0] <= w[1]), "{kinds:?}");
+        assert_eq!(ops.len(), fp.object_count());
+        let added: Vec<_> = apply_plan(&n)
+            .into_iter()
+            .filter_map(|o| match o {
+                Op::AddSet(s) => Some(s.name),
+                Op::AddChain(c) => Some(c.name),
+                Op::AddCounter { name, .. } => Some(name),
+                _ => None,
+            })
+            .collect();
+        for name in added {
+            assert!(
+                ops.iter().any(|o| matches!(o,
+                Op::DelSet(n) | Op::DelChain(n) | Op::DelCounter(n) if *n == name)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn pins_split_by_family() {
+        let tap = TapName::new("tap0").unwrap();
+        let pins = [
+            ("192.0.2.1".parse().unwrap(), 443),
+            ("2001:db8::1".parse().unwrap(), 443),
+            ("192.0.2.2".parse().unwrap(), 80),
+        ];
+        let ops = pin_plan(&tap, &pins, 1500);
+        assert_eq!(ops.len(), 2);
+        let Op::AddElems(v4) = &ops[0] else { panic!() };
+        assert_eq!(v4.set, "pin4-tap0");
+        assert_eq!(v4.elems.len(), 2);
+        assert_eq!(v4.elems[0].key, vec![192, 0, 2, 1, 1, 187, 0, 0]);
+        assert_eq!(v4.elems[0].timeout_ms, Some(1500));
+        let Op::AddElems(v6) = &ops[1] else { panic!() };
+        assert_eq!(v6.set, "pin6-tap0");
+        assert_eq!(v6.elems[0].key.len(), KeyType::Ipv6Port.len() as usize);
+        assert!(pin_plan(&tap, &[], 1).is_empty());
+    }
+
+    #[test]
+    fn key_types_match_nft() {
+        // nft's numbering: ipv4_addr . inet_service
+        assert_eq!(KeyType::Ipv4Port.nft_type(), 461);
+        assert_eq!(KeyType::Ipv6Port.nft_type(), 525);
+    }
+}
