@@ -243,13 +243,20 @@ impl Client {
             let Some(n) = send.take(CHUNK_SIZE.min((size - sent) as usize)) else {
                 break;
             };
-            let got = read_some(data, &mut buf[..n])?;
+            let got = match read_some(data, &mut buf[..n]) {
+                Ok(got) => got,
+                Err(e) => {
+                    // End the request in the guest, then report our error.
+                    self.send(id, Body::Eof)?;
+                    let _ = wait(&rx, None);
+                    return Err(ClientError::Io(e));
+                }
+            };
             if got == 0 {
+                // The guest answers an early Eof with an error naming how
+                // much arrived (or with the error it had already sent).
                 self.send(id, Body::Eof)?;
-                return Err(ClientError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("source ended after {sent} of {size} bytes"),
-                )));
+                break;
             }
             if got < n {
                 // Unused credit goes back to the window.
@@ -259,7 +266,7 @@ impl Client {
             sent += got as u64;
         }
         match wait(&rx, None)? {
-            Body::WriteDone { bytes } => Ok(bytes),
+            Body::WriteDone { bytes } if bytes == sent => Ok(bytes),
             other => Err(unexpected(&other)),
         }
     }
