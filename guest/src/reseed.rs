@@ -110,7 +110,9 @@ impl Reseed for KernelReseed {
 
 /// True when the kernel command line asks for forced reseed failures.
 pub fn test_fail_requested(cmdline: &str) -> bool {
-    cmdline.split_ascii_whitespace().any(|w| w == TEST_FAIL_FLAG)
+    cmdline
+        .split_ascii_whitespace()
+        .any(|w| w == TEST_FAIL_FLAG)
 }
 
 fn open_device(path: &std::path::Path) -> Result<File, ReseedError> {
@@ -206,7 +208,11 @@ mod tests {
         }
         .reseed(&request());
         assert!(!r.reseeded);
-        assert!(r.detail.contains("/nonexistent/cleave-random"), "{}", r.detail);
+        assert!(
+            r.detail.contains("/nonexistent/cleave-random"),
+            "{}",
+            r.detail
+        );
     }
 
     #[test]
@@ -223,8 +229,12 @@ mod tests {
 
     #[test]
     fn the_test_flag_is_read_from_the_command_line() {
-        assert!(test_fail_requested("console=ttyS0 cleave.test_fail_reseed=1 quiet"));
-        assert!(!test_fail_requested("console=ttyS0 cleave.test_fail_reseed=0"));
+        assert!(test_fail_requested(
+            "console=ttyS0 cleave.test_fail_reseed=1 quiet"
+        ));
+        assert!(!test_fail_requested(
+            "console=ttyS0 cleave.test_fail_reseed=0"
+        ));
         assert!(!test_fail_requested("xcleave.test_fail_reseed=1"));
     }
 

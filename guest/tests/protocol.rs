@@ -37,17 +37,17 @@ fn body() -> impl Strategy<Value = Body> {
             any::<bool>(),
             prop::option::of(any::<u64>()),
         )
-            .prop_map(|(argv, env, cwd, stdin, timeout_ms)| Body::Exec(ExecRequest {
-                argv,
-                env,
-                cwd,
-                stdin,
-                timeout_ms
-            })),
-        (any::<u64>(), 1i32..=64).prop_map(|(target, signal)| Body::Signal(SignalRequest {
-            target,
-            signal
-        })),
+            .prop_map(
+                |(argv, env, cwd, stdin, timeout_ms)| Body::Exec(ExecRequest {
+                    argv,
+                    env,
+                    cwd,
+                    stdin,
+                    timeout_ms
+                })
+            ),
+        (any::<u64>(), 1i32..=64)
+            .prop_map(|(target, signal)| Body::Signal(SignalRequest { target, signal })),
         (os(32), 0u32..=0o7777, any::<u64>()).prop_map(|(p, mode, size)| Body::WriteFile(
             WriteFileRequest {
                 path: PathBuf::from(p),
@@ -98,10 +98,8 @@ fn body() -> impl Strategy<Value = Body> {
         }),
         Just(Body::Ok),
         any::<u64>().prop_map(|bytes| Body::WriteDone { bytes }),
-        (any::<u64>(), any::<u32>()).prop_map(|(size, mode)| Body::ReadStart(FileInfo {
-            size,
-            mode
-        })),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(size, mode)| Body::ReadStart(FileInfo { size, mode })),
         any::<u64>().prop_map(|bytes| Body::ReadDone { bytes }),
         (any::<bool>(), any::<[u8; 16]>(), any::<bool>(), ".{0,20}").prop_map(
             |(reseeded, nonce, clock_set, detail)| Body::Reseeded(ReseedReply {
@@ -145,7 +143,11 @@ fn decode_split(
     let mut rest = data;
     let mut i = 0;
     while !rest.is_empty() {
-        let n = cuts.get(i).copied().unwrap_or(rest.len()).clamp(1, rest.len());
+        let n = cuts
+            .get(i)
+            .copied()
+            .unwrap_or(rest.len())
+            .clamp(1, rest.len());
         i += 1;
         let mut input = &rest[..n];
         rest = &rest[n..];
@@ -153,7 +155,10 @@ fn decode_split(
             out.push(r.map_err(|e| e.to_string()));
             assert!(dec.buffered() <= HEADER_LEN + max as usize);
         }
-        assert!(input.is_empty(), "decode returns None only once input is used up");
+        assert!(
+            input.is_empty(),
+            "decode returns None only once input is used up"
+        );
         assert!(dec.buffered() <= HEADER_LEN + max as usize);
     }
     out

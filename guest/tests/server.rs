@@ -306,7 +306,10 @@ fn timeout_kills_the_whole_process_group() {
     assert!(x.timed_out);
     assert_eq!(x.status, ExitStatus::Signal(libc::SIGKILL));
     let grandchild: i32 = out.trim().parse().unwrap();
-    assert!(gone(grandchild), "grandchild {grandchild} survived the timeout");
+    assert!(
+        gone(grandchild),
+        "grandchild {grandchild} survived the timeout"
+    );
 }
 
 #[test]
@@ -326,7 +329,10 @@ fn timeout_also_covers_a_background_process_holding_stdout() {
 fn signal_reaches_a_running_exec() {
     let c = client();
     let mut h = c.start_exec(sh("echo ready; sleep 1000")).unwrap();
-    assert_eq!(h.next_event().unwrap(), OutputEvent::Stdout(b"ready\n".to_vec()));
+    assert_eq!(
+        h.next_event().unwrap(),
+        OutputEvent::Stdout(b"ready\n".to_vec())
+    );
     c.signal(h.id(), libc::SIGTERM).unwrap();
     let OutputEvent::Exited(x) = h.next_event().unwrap() else {
         panic!("expected the exit");
@@ -363,9 +369,15 @@ fn the_gate_refuses_work_until_a_reseed_succeeds() {
         harmless_reseed(),
     )))
     .unwrap();
-    let e = remote(c.exec_collect(ExecRequest::new(["true"]), None).unwrap_err());
+    let e = remote(
+        c.exec_collect(ExecRequest::new(["true"]), None)
+            .unwrap_err(),
+    );
     assert_eq!(e.code, ErrorCode::NotReady);
-    let e = remote(c.read_file_to_vec(Path::new("/etc/hostname"), 1024).unwrap_err());
+    let e = remote(
+        c.read_file_to_vec(Path::new("/etc/hostname"), 1024)
+            .unwrap_err(),
+    );
     assert_eq!(e.code, ErrorCode::NotReady);
     let req = ReseedRequest {
         entropy: vec![3; 32],
@@ -376,7 +388,10 @@ fn the_gate_refuses_work_until_a_reseed_succeeds() {
     assert!(!r.reseeded);
     assert_eq!(&r.nonce, b"0123456789abcdef");
     assert!(r.detail.contains("ENOTTY"), "{}", r.detail);
-    let e = remote(c.exec_collect(ExecRequest::new(["true"]), None).unwrap_err());
+    let e = remote(
+        c.exec_collect(ExecRequest::new(["true"]), None)
+            .unwrap_err(),
+    );
     assert_eq!(e.code, ErrorCode::NotReady);
 
     // A reseed that succeeds opens it.
@@ -395,7 +410,10 @@ fn the_gate_refuses_work_until_a_reseed_succeeds() {
 #[test]
 fn shutdown_without_a_handler_is_refused_and_with_one_is_acknowledged() {
     let c = client();
-    assert_eq!(remote(c.shutdown().unwrap_err()).code, ErrorCode::Unsupported);
+    assert_eq!(
+        remote(c.shutdown().unwrap_err()).code,
+        ErrorCode::Unsupported
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
     let mut config = ServerConfig::new(GateMode::Open, harmless_reseed());
@@ -512,7 +530,13 @@ fn bad_arguments_get_an_error_and_the_connection_keeps_working() {
         }),
     );
     raw.expect_error(6, ErrorCode::BadArguments);
-    raw.send(7, Body::Hello(Hello { min_version: 5, max_version: 9 }));
+    raw.send(
+        7,
+        Body::Hello(Hello {
+            min_version: 5,
+            max_version: 9,
+        }),
+    );
     raw.expect_error(7, ErrorCode::UnsupportedVersion);
     raw.expect_alive(8);
 }

@@ -56,7 +56,9 @@ enum Kind {
     /// One terminal reply of the given kind byte.
     Single(u8),
     Exec,
-    ReadFile { started: bool },
+    ReadFile {
+        started: bool,
+    },
     WriteFile,
 }
 
@@ -460,9 +462,10 @@ impl Write for StdinWriter {
         if buf.is_empty() {
             return Ok(0);
         }
-        let n = self.send.take(buf.len().min(CHUNK_SIZE)).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::BrokenPipe, "the exec has ended")
-        })?;
+        let n = self
+            .send
+            .take(buf.len().min(CHUNK_SIZE))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "the exec has ended"))?;
         send(&self.shared, self.id, Body::Stdin(buf[..n].to_vec()))
             .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
         Ok(n)

@@ -491,9 +491,7 @@ impl Body {
             kind::RESEED => {
                 let entropy = r.bytes("entropy")?;
                 if !(MIN_RESEED_ENTROPY..=MAX_RESEED_ENTROPY).contains(&entropy.len()) {
-                    return Err(PayloadError::Invalid(
-                        "entropy (must be 32..=4096 bytes)",
-                    ));
+                    return Err(PayloadError::Invalid("entropy (must be 32..=4096 bytes)"));
                 }
                 let entropy = entropy.to_vec();
                 let nonce = r.fixed::<16>("nonce")?;

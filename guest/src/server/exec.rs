@@ -27,9 +27,7 @@ use super::conn::{lock, Conn, Live};
 use super::reaper::ExitWatch;
 use super::spawn::{spawn, SpawnError, Spawned};
 use crate::protocol::flow::{RecvWindow, SendWindow};
-use crate::protocol::{
-    Body, ErrorCode, ExecRequest, ExitReport, RequestId, CHUNK_SIZE,
-};
+use crate::protocol::{Body, ErrorCode, ExecRequest, ExitReport, RequestId, CHUNK_SIZE};
 
 /// How often a pump blocked in `poll` checks whether it was cancelled.
 const POLL_TICK_MS: libc::c_int = 250;
@@ -135,7 +133,9 @@ pub(crate) fn start(conn: &Arc<Conn>, id: RequestId, req: ExecRequest) {
     let started = (|| -> std::io::Result<()> {
         if let Some(pipe) = stdin {
             let c = conn.clone();
-            spawn_thread("cleave-stdin", move || feed(c, id, pipe, stdin_rx, stdin_window))?;
+            spawn_thread("cleave-stdin", move || {
+                feed(c, id, pipe, stdin_rx, stdin_window)
+            })?;
         }
         let (done_tx, done_rx) = mpsc::channel();
         let (c, out) = (conn.clone(), state.out.clone());
@@ -145,7 +145,9 @@ pub(crate) fn start(conn: &Arc<Conn>, id: RequestId, req: ExecRequest) {
         })?;
         let c = conn.clone();
         let timeout = req.timeout_ms.map(Duration::from_millis);
-        spawn_thread("cleave-wait", move || wait(c, id, state, exit, timeout, done_rx))?;
+        spawn_thread("cleave-wait", move || {
+            wait(c, id, state, exit, timeout, done_rx)
+        })?;
         Ok(())
     })();
     if let Err(e) = started {
@@ -154,7 +156,11 @@ pub(crate) fn start(conn: &Arc<Conn>, id: RequestId, req: ExecRequest) {
         if let Some(Live::Exec(s)) = conn_remove(conn, id) {
             s.kill();
         }
-        conn.error(id, ErrorCode::Io, format!("exec: cannot start a thread: {e}"));
+        conn.error(
+            id,
+            ErrorCode::Io,
+            format!("exec: cannot start a thread: {e}"),
+        );
     }
 }
 

@@ -117,10 +117,7 @@ pub fn spawn(reaper: &Reaper, req: &ExecRequest) -> Result<Spawned, SpawnError> 
         // The child has exited (127); collect it so nothing is left behind.
         exit.wait();
         let what = match step {
-            STEP_CHDIR => format!(
-                "{}",
-                req.cwd.as_deref().unwrap_or(Path::new("")).display()
-            ),
+            STEP_CHDIR => format!("{}", req.cwd.as_deref().unwrap_or(Path::new("")).display()),
             _ => program.display().to_string(),
         };
         let step = match step {
