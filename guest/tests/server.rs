@@ -558,3 +558,29 @@ fn stdin_beyond_the_window_ends_that_exec_only() {
     raw.expect_error(1, ErrorCode::FlowControl);
     raw.expect_alive(2);
 }
+
+#[test]
+fn orphans_are_reaped_not_left_as_zombies() {
+    let c = client();
+    let before = Reaper::start().orphans_reaped();
+    // The leader exits at once; its background child is orphaned to this
+    // process (a subreaper, as PID 1 would be) and must be reaped.
+    let (x, out, _) = run(&c, sh("sleep 0.2 >/dev/null & echo $!"));
+    assert_eq!(x.status, ExitStatus::Code(0));
+    let orphan: i32 = out.trim().parse().unwrap();
+    assert!(gone(orphan), "orphan {orphan} left behind (zombie?)");
+    assert!(Reaper::start().orphans_reaped() > before);
+}
+
+#[test]
+fn dropping_an_unfinished_exec_handle_kills_it() {
+    let c = client();
+    let mut h = c.start_exec(sh("echo $$; exec sleep 1000")).unwrap();
+    let OutputEvent::Stdout(d) = h.next_event().unwrap() else {
+        panic!("expected the pid");
+    };
+    let pid: i32 = String::from_utf8(d).unwrap().trim().parse().unwrap();
+    drop(h);
+    assert!(gone(pid), "exec {pid} survived its dropped handle");
+    c.hello(T).unwrap();
+}

@@ -444,6 +444,26 @@ impl ExecHandle {
     }
 }
 
+impl Drop for ExecHandle {
+    /// An exec nobody waits for any more is killed, so it does not hold a
+    /// request slot (and its process group) in the guest forever.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(r) = lock(&self.shared.routes).map.remove(&self.id) {
+            r.send.close();
+        }
+        // The reply comes back for an id nobody routes: dropped.
+        let kill_id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = Body::Signal(SignalRequest {
+            target: self.id,
+            signal: libc::SIGKILL,
+        });
+        let _ = send(&self.shared, kill_id, body);
+    }
+}
+
 /// Streams an exec's stdin; `close` sends end of file.
 pub struct StdinWriter {
     shared: Arc<Shared>,
