@@ -49,7 +49,8 @@ impl Cache {
         }
         // Round the age up so a counted-down TTL never outlives the entry.
         let age = now.duration_since(e.stored);
-        let age = u32::try_from(age.as_secs() + u64::from(age.subsec_nanos() > 0)).unwrap_or(u32::MAX);
+        let age =
+            u32::try_from(age.as_secs() + u64::from(age.subsec_nanos() > 0)).unwrap_or(u32::MAX);
         let records = e
             .records
             .iter()
@@ -125,12 +126,23 @@ mod tests {
         let mut c = Cache::new(4);
         let t0 = Instant::now();
         let name = Name::from_ascii("A.Example.com.").unwrap();
-        c.insert(&name, RecordType::A, ResponseCode::NoError, vec![rec(10)], t0, Duration::from_secs(10));
+        c.insert(
+            &name,
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![rec(10)],
+            t0,
+            Duration::from_secs(10),
+        );
         let lower = Name::from_ascii("a.example.com.").unwrap();
-        let (_, r) = c.get(&lower, RecordType::A, t0 + Duration::from_millis(2500)).unwrap();
+        let (_, r) = c
+            .get(&lower, RecordType::A, t0 + Duration::from_millis(2500))
+            .unwrap();
         assert_eq!(r[0].ttl, 7);
         assert!(c.get(&lower, RecordType::AAAA, t0).is_none());
-        assert!(c.get(&lower, RecordType::A, t0 + Duration::from_secs(10)).is_none());
+        assert!(c
+            .get(&lower, RecordType::A, t0 + Duration::from_secs(10))
+            .is_none());
         assert!(c.is_empty());
     }
 
@@ -140,12 +152,26 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..5 {
             let n = Name::from_ascii(format!("n{i}.example.com.")).unwrap();
-            c.insert(&n, RecordType::A, ResponseCode::NoError, vec![rec(60)], t0, Duration::from_secs(60));
+            c.insert(
+                &n,
+                RecordType::A,
+                ResponseCode::NoError,
+                vec![rec(60)],
+                t0,
+                Duration::from_secs(60),
+            );
         }
         assert_eq!(c.len(), 2);
         let n = Name::from_ascii("zero.example.com.").unwrap();
         let mut c = Cache::new(2);
-        c.insert(&n, RecordType::A, ResponseCode::NoError, vec![rec(0)], t0, Duration::ZERO);
+        c.insert(
+            &n,
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![rec(0)],
+            t0,
+            Duration::ZERO,
+        );
         assert!(c.is_empty());
     }
 }

@@ -123,11 +123,11 @@ impl SandboxHandler {
             Stats::bump(&self.stats.refused);
             return Step::Reply(encode(&q, ResponseCode::Refused, Vec::new(), transport));
         };
-        let hit = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name, q.query.query_type(), Instant::now());
+        let hit = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(
+            name,
+            q.query.query_type(),
+            Instant::now(),
+        );
         if let Some((rcode, records)) = hit {
             Stats::bump(&self.stats.cache_hits);
             Stats::bump(&self.stats.answered);
@@ -211,7 +211,12 @@ impl SandboxHandler {
 
 /// Builds and encodes the reply, truncating (TC) if it does not fit the
 /// guest's UDP payload size.
-fn encode(q: &GuestQuery, rcode: ResponseCode, answers: Vec<Record>, transport: Transport) -> Vec<u8> {
+fn encode(
+    q: &GuestQuery,
+    rcode: ResponseCode,
+    answers: Vec<Record>,
+    transport: Transport,
+) -> Vec<u8> {
     let mut m = Message::response(q.id, OpCode::Query);
     m.metadata.recursion_desired = q.recursion_desired;
     m.metadata.recursion_available = true;

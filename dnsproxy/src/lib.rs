@@ -10,12 +10,14 @@
 //! - [`policy`]: a sandbox's names, CIDRs, NAT64 prefixes, strict mode;
 //! - [`query`]: parsing guest bytes (the one place);
 //! - [`upstream`] and [`answer`]: asking upstream, following CNAMEs;
-//! - [`handler`]: decide, pin, answer; [`cache`] and [`pin`] serve it;
+//! - [`handler`]: decide, pin, answer; [`cache`] and [`pin`] serve it
+//!   ([`firewall_pin`] pins into nftables through `cleave-netfilter`);
 //! - [`server`]: per-sandbox UDP and TCP listeners, rate limit;
 //! - [`proxy`]: the node-wide object that creates sandbox resolvers.
 
 pub mod answer;
 pub mod cache;
+pub mod firewall_pin;
 pub mod handler;
 pub mod pin;
 pub mod pin_filter;
@@ -27,6 +29,7 @@ pub mod server;
 pub mod stats;
 pub mod upstream;
 
+pub use firewall_pin::FirewallPinner;
 pub use handler::{SandboxHandler, Transport, TtlBounds};
 pub use pin::{PinError, Pinner};
 pub use pin_filter::{Decision, PinFilter};

@@ -47,7 +47,9 @@ pub enum NameError {
     TooLong,
     #[error("label {0:?} is empty or longer than 63 characters")]
     Label(String),
-    #[error("label {0:?} has a character other than a-z, 0-9, '-' or '_', or starts or ends with '-'")]
+    #[error(
+        "label {0:?} has a character other than a-z, 0-9, '-' or '_', or starts or ends with '-'"
+    )]
     Character(String),
     #[error("a wildcard must be a whole leading label, as in *.example.com")]
     Wildcard,
@@ -260,7 +262,11 @@ mod tests {
 
     #[test]
     fn ports_of_matching_rules_merge() {
-        let p = policy(&["api.example.com:8443", "*.example.com:443,8443", "other.example.net"]);
+        let p = policy(&[
+            "api.example.com:8443",
+            "*.example.com:443,8443",
+            "other.example.net",
+        ]);
         assert_eq!(p.ports_for("api.example.com"), Some(vec![443, 8443]));
         assert_eq!(p.ports_for("www.example.com"), Some(vec![443, 8443]));
         assert_eq!(p.ports_for("other.example.net"), Some(vec![80, 443]));
@@ -268,14 +274,21 @@ mod tests {
 
     #[test]
     fn invalid_entries_are_named() {
-        let cases: &[(&[&str], &[&str], &[&str], &str)] = &[
+        // (names, allow CIDRs, NAT64 prefixes, expected error text)
+        type Case<'a> = (&'a [&'a str], &'a [&'a str], &'a [&'a str], &'a str);
+        let cases: &[Case] = &[
             (&[""], &[], &[], "policy name \"\": empty name"),
             (&["*"], &[], &[], "wildcard"),
             (&["*."], &[], &[], "wildcard"),
             (&["*.."], &[], &[], "empty name"),
             (&["a.*.com"], &[], &[], "wildcard"),
             (&["*foo.com"], &[], &[], "wildcard"),
-            (&["ok.example.com", "bad..example.com"], &[], &[], "\"bad..example.com\": label \"\""),
+            (
+                &["ok.example.com", "bad..example.com"],
+                &[],
+                &[],
+                "\"bad..example.com\": label \"\"",
+            ),
             (&["-x.example.com"], &[], &[], "label \"-x\""),
             (&["sp ace.example.com"], &[], &[], "label \"sp ace\""),
             (&["api.example.com:0"], &[], &[], "port \"0\""),
@@ -283,8 +296,18 @@ mod tests {
             (&["api.example.com:443,"], &[], &[], "port \"\""),
             (&["api.example.com:70000"], &[], &[], "port \"70000\""),
             (&[&"a".repeat(64)], &[], &[], "longer than 63"),
-            (&[], &["10.0.0.1/8"], &[], "\"10.0.0.1/8\": bits set after the prefix length; write 10.0.0.0/8"),
-            (&[], &["10.0.0.0/33"], &[], "\"10.0.0.0/33\": not an address or CIDR"),
+            (
+                &[],
+                &["10.0.0.1/8"],
+                &[],
+                "\"10.0.0.1/8\": bits set after the prefix length; write 10.0.0.0/8",
+            ),
+            (
+                &[],
+                &["10.0.0.0/33"],
+                &[],
+                "\"10.0.0.0/33\": not an address or CIDR",
+            ),
             (&[], &["example.com"], &[], "not an address or CIDR"),
             (&[], &[], &["64:ff9b:1::/48"], "local-use"),
             (&[], &[], &["2001:db8::/44"], "/44"),
@@ -312,7 +335,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             p.filter.allow,
-            vec!["10.20.0.0/16".parse::<IpNet>().unwrap(), "fd00::5/128".parse().unwrap()]
+            vec![
+                "10.20.0.0/16".parse::<IpNet>().unwrap(),
+                "fd00::5/128".parse().unwrap()
+            ]
         );
         assert_eq!(p.filter.nat64[0].net(), "2001:db8:64::/96".parse().unwrap());
         assert!(p.filter.strict);

@@ -136,13 +136,19 @@ impl Upstream {
         let bytes = req.to_vec().map_err(|e| e.to_string())?;
         let id = req.metadata.id;
 
-        let msg = timeout(self.cfg.timeout, udp_exchange(server, &bytes, id, &question))
-            .await
-            .map_err(|_| "timed out".to_string())??;
+        let msg = timeout(
+            self.cfg.timeout,
+            udp_exchange(server, &bytes, id, &question),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())??;
         let msg = if msg.metadata.truncation {
-            timeout(self.cfg.timeout, tcp_exchange(server, &bytes, id, &question))
-                .await
-                .map_err(|_| "timed out over TCP".to_string())??
+            timeout(
+                self.cfg.timeout,
+                tcp_exchange(server, &bytes, id, &question),
+            )
+            .await
+            .map_err(|_| "timed out over TCP".to_string())??
         } else {
             msg
         };
@@ -184,7 +190,10 @@ async fn udp_exchange(
     sock.send(bytes).await.map_err(|e| format!("send: {e}"))?;
     let mut buf = vec![0u8; usize::from(EDNS_PAYLOAD) + 1];
     loop {
-        let n = sock.recv(&mut buf).await.map_err(|e| format!("recv: {e}"))?;
+        let n = sock
+            .recv(&mut buf)
+            .await
+            .map_err(|e| format!("recv: {e}"))?;
         // Anything that is not our reply (stale, spoofed, garbage) is skipped;
         // the caller's timeout bounds the wait.
         if let Ok(msg) = Message::from_vec(&buf[..n]) {

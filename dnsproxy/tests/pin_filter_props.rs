@@ -9,22 +9,25 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 const LENGTHS: [u8; 6] = [32, 40, 48, 56, 64, 96];
 
 fn nat64_prefix() -> impl Strategy<Value = Nat64Prefix> {
-    (any::<u128>(), prop::sample::select(&LENGTHS[..])).prop_filter_map("invalid prefix", |(bits, len)| {
-        // Clear the u-octet so /96 prefixes are valid.
-        let bits = bits & !(0xffu128 << 56);
-        let net = Ipv6Net::new(Ipv6Addr::from(bits), len).ok()?.trunc();
-        Nat64Prefix::new(net).ok()
-    })
+    (any::<u128>(), prop::sample::select(&LENGTHS[..])).prop_filter_map(
+        "invalid prefix",
+        |(bits, len)| {
+            // Clear the u-octet so /96 prefixes are valid.
+            let bits = bits & !(0xffu128 << 56);
+            let net = Ipv6Net::new(Ipv6Addr::from(bits), len).ok()?.trunc();
+            Nat64Prefix::new(net).ok()
+        },
+    )
 }
 
 /// Every way of carrying `v4` in an IPv6 address (operator NAT64 at `p`).
 fn embeddings(v4: Ipv4Addr, p: Nat64Prefix) -> Vec<Ipv6Addr> {
     let v = u128::from(u32::from(v4));
     let mut out = vec![
-        Ipv6Addr::from(0xffff_0000_0000u128 | v),                 // mapped
-        Ipv6Addr::from(0xffff_0000_0000_0000u128 | v),            // translated
-        Ipv6Addr::from(0x0064_ff9b_u128 << 96 | v),               // NAT64 well-known
-        Ipv6Addr::from(0x2002u128 << 112 | v << 80 | 0x1234),     // 6to4
+        Ipv6Addr::from(0xffff_0000_0000u128 | v),      // mapped
+        Ipv6Addr::from(0xffff_0000_0000_0000u128 | v), // translated
+        Ipv6Addr::from(0x0064_ff9b_u128 << 96 | v),    // NAT64 well-known
+        Ipv6Addr::from(0x2002u128 << 112 | v << 80 | 0x1234), // 6to4
         Ipv6Addr::from(0x2001_0000u128 << 96 | v << 64 | 0xf7f7_f7f7), // Teredo server (client 8.8.8.8)
         Ipv6Addr::from(0x2001_0000u128 << 96 | 0x0808_0808u128 << 64 | (!v & 0xffff_ffff)), // Teredo client
     ];

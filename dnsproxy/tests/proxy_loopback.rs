@@ -4,10 +4,10 @@
 
 mod common;
 
+use cleave_dnsproxy::{DnsProxy, Limits, PolicySpec, ProxyConfig, SandboxNet, SandboxServer};
 use common::client::{addrs, query_bytes, tcp, udp, udp_raw};
 use common::fake_upstream::{FakeUpstream, Mode};
 use common::pinner::RecordingPinner;
-use cleave_dnsproxy::{DnsProxy, Limits, PolicySpec, ProxyConfig, SandboxNet, SandboxServer};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{RData, RecordType};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -90,7 +90,9 @@ async fn allowed_public_answers_are_pinned_then_answered() {
     let pins = Arc::new(RecordingPinner::default());
     let sb = start(&proxy, NAMES, pins.clone()).await;
 
-    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addrs(&m), vec![ip("8.8.8.8")]);
     // Record TTL 5 s: pinned for the 30 s minimum; the guest sees 5 s.
@@ -99,19 +101,31 @@ async fn allowed_public_answers_are_pinned_then_answered() {
     got.sort();
     assert_eq!(
         got,
-        vec![(ip("8.8.8.8"), 80, Duration::from_secs(30)), (ip("8.8.8.8"), 443, Duration::from_secs(30))]
+        vec![
+            (ip("8.8.8.8"), 80, Duration::from_secs(30)),
+            (ip("8.8.8.8"), 443, Duration::from_secs(30))
+        ]
     );
 
-    let m = udp(LO, sb.udp_addr(), "API.Example.COM.", RecordType::AAAA).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "API.Example.COM.", RecordType::AAAA)
+        .await
+        .unwrap();
     assert_eq!(addrs(&m), vec![ip("2606:4700::1111")]);
     assert!(pins.pinned_addrs().contains(&ip("2606:4700::1111")));
 
     // A huge TTL is clamped: the pin lives the maximum and the guest never
     // holds the address longer than the pin.
-    let m = udp(LO, sb.udp_addr(), "long.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "long.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.answers[0].ttl, 3600);
-    assert!(pins.pinned().contains(&(ip("1.1.1.1"), 443, Duration::from_secs(3600))));
-    assert!(!pins.pinned().iter().any(|p| p.0 == ip("1.1.1.1") && p.1 == 80));
+    assert!(pins
+        .pinned()
+        .contains(&(ip("1.1.1.1"), 443, Duration::from_secs(3600))));
+    assert!(!pins
+        .pinned()
+        .iter()
+        .any(|p| p.0 == ip("1.1.1.1") && p.1 == 80));
 }
 
 #[tokio::test]
@@ -122,7 +136,9 @@ async fn blocked_answers_are_stripped_and_never_pinned() {
     let sb = start(&proxy, NAMES, pins.clone()).await;
 
     for qtype in [RecordType::A, RecordType::AAAA] {
-        let m = udp(LO, sb.udp_addr(), "meta.example.com.", qtype).await.unwrap();
+        let m = udp(LO, sb.udp_addr(), "meta.example.com.", qtype)
+            .await
+            .unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{qtype}");
         assert!(addrs(&m).is_empty(), "{qtype}: {:?}", addrs(&m));
     }
@@ -131,7 +147,9 @@ async fn blocked_answers_are_stripped_and_never_pinned() {
     assert_eq!(sb.handler().stats().snapshot().blocked_addrs, 6);
 
     // Mixed answers keep only the public address.
-    let m = udp(LO, sb.udp_addr(), "mixed.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "mixed.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(addrs(&m), vec![ip("8.8.4.4")]);
     assert_eq!(pins.pinned_addrs(), vec![ip("8.8.4.4")]);
 }
@@ -144,7 +162,9 @@ async fn cname_chains_are_followed_and_filtered() {
     let sb = start(&proxy, NAMES, pins.clone()).await;
 
     // Allowed name → CNAME → private address: the address is stripped.
-    let m = udp(LO, sb.udp_addr(), "alias.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "alias.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(addrs(&m).is_empty());
     assert!(matches!(m.answers[0].data, RData::CNAME(_)));
@@ -152,7 +172,9 @@ async fn cname_chains_are_followed_and_filtered() {
 
     // Allowed name → CNAME to a public address outside the policy: answered
     // and pinned (the policy names what the guest asks for).
-    let m = udp(LO, sb.udp_addr(), "www.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "www.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(addrs(&m), vec![ip("1.0.0.1")]);
     assert_eq!(pins.pinned_addrs(), vec![ip("1.0.0.1")]);
 }
@@ -165,10 +187,18 @@ async fn cname_targets_missing_from_the_answer_are_asked_for() {
     let pins = Arc::new(RecordingPinner::default());
     let sb = start(&proxy, NAMES, pins.clone()).await;
 
-    let m = udp(LO, sb.udp_addr(), "www.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "www.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(addrs(&m), vec![ip("1.0.0.1")]);
-    assert_eq!(up.queries(), 2, "the CNAME target was asked in a second query");
-    let m = udp(LO, sb.udp_addr(), "alias.example.com.", RecordType::A).await.unwrap();
+    assert_eq!(
+        up.queries(),
+        2,
+        "the CNAME target was asked in a second query"
+    );
+    let m = udp(LO, sb.udp_addr(), "alias.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert!(addrs(&m).is_empty());
     assert_eq!(pins.pinned_addrs(), vec![ip("1.0.0.1")]);
 }
@@ -180,13 +210,25 @@ async fn names_outside_the_policy_and_non_address_types_are_refused() {
     let pins = Arc::new(RecordingPinner::default());
     let sb = start(&proxy, NAMES, pins.clone()).await;
 
-    let m = udp(LO, sb.udp_addr(), "secret.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "secret.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
     // The bare parent of an allowed name is not allowed either.
-    let m = udp(LO, sb.udp_addr(), "example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
-    for qtype in [RecordType::TXT, RecordType::MX, RecordType::SRV, RecordType::HTTPS, RecordType::ANY] {
-        let m = udp(LO, sb.udp_addr(), "api.example.com.", qtype).await.unwrap();
+    for qtype in [
+        RecordType::TXT,
+        RecordType::MX,
+        RecordType::SRV,
+        RecordType::HTTPS,
+        RecordType::ANY,
+    ] {
+        let m = udp(LO, sb.udp_addr(), "api.example.com.", qtype)
+            .await
+            .unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{qtype}");
         assert!(m.answers.is_empty());
     }
@@ -200,7 +242,9 @@ async fn nxdomain_passes_through_without_pins() {
     let proxy = DnsProxy::new(config(&up));
     let pins = Arc::new(RecordingPinner::default());
     let sb = start(&proxy, NAMES, pins.clone()).await;
-    let m = udp(LO, sb.udp_addr(), "nx.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "nx.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     assert!(pins.pinned().is_empty());
 }
@@ -213,12 +257,16 @@ async fn pin_failure_gives_servfail_and_is_not_cached() {
     let sb = start(&proxy, NAMES, pins.clone()).await;
 
     pins.fail.store(true, Relaxed);
-    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     assert!(m.answers.is_empty(), "never an unpinned address");
 
     pins.fail.store(false, Relaxed);
-    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addrs(&m), vec![ip("8.8.8.8")]);
     assert_eq!(up.queries(), 2);
@@ -232,12 +280,16 @@ async fn upstream_failure_gives_servfail_after_bounded_retries() {
     let sb = start(&proxy, NAMES, pins.clone()).await;
 
     up.set_mode(Mode::ServFail);
-    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     assert_eq!(up.queries(), 2, "one server, two attempts");
 
     up.set_mode(Mode::Silent);
-    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     assert_eq!(up.queries(), 4);
     assert!(pins.pinned().is_empty());
@@ -249,8 +301,12 @@ async fn answers_are_cached_with_ttls_counting_down() {
     let proxy = DnsProxy::new(config(&up));
     let pins = Arc::new(RecordingPinner::default());
     let sb = start(&proxy, NAMES, pins.clone()).await;
-    let a = udp(LO, sb.udp_addr(), "long.example.com.", RecordType::A).await.unwrap();
-    let b = udp(LO, sb.udp_addr(), "LONG.example.com.", RecordType::A).await.unwrap();
+    let a = udp(LO, sb.udp_addr(), "long.example.com.", RecordType::A)
+        .await
+        .unwrap();
+    let b = udp(LO, sb.udp_addr(), "LONG.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(addrs(&a), addrs(&b));
     assert!(b.answers[0].ttl <= a.answers[0].ttl);
     assert_eq!(up.queries(), 1);
@@ -264,27 +320,48 @@ async fn two_sandboxes_keep_caches_and_pins_apart() {
     let pins_a = Arc::new(RecordingPinner::default());
     let pins_b = Arc::new(RecordingPinner::default());
     let a = proxy
-        .add_sandbox("sb-a", &spec(&["api.example.com", "secret.example.com"]), &lo_net(LO), pins_a.clone())
+        .add_sandbox(
+            "sb-a",
+            &spec(&["api.example.com", "secret.example.com"]),
+            &lo_net(LO),
+            pins_a.clone(),
+        )
         .await
         .unwrap();
     let b = proxy
-        .add_sandbox("sb-b", &spec(&["api.example.com:443"]), &lo_net(LO), pins_b.clone())
+        .add_sandbox(
+            "sb-b",
+            &spec(&["api.example.com:443"]),
+            &lo_net(LO),
+            pins_b.clone(),
+        )
         .await
         .unwrap();
 
-    let m = udp(LO, a.udp_addr(), "secret.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, a.udp_addr(), "secret.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(addrs(&m), vec![ip("9.9.9.9")]);
     // A cached and pinned secret.example.com; B still may not resolve it.
-    let m = udp(LO, b.udp_addr(), "secret.example.com.", RecordType::A).await.unwrap();
+    let m = udp(LO, b.udp_addr(), "secret.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
 
     let before = up.queries();
-    udp(LO, a.udp_addr(), "api.example.com.", RecordType::A).await.unwrap();
-    udp(LO, b.udp_addr(), "api.example.com.", RecordType::A).await.unwrap();
+    udp(LO, a.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .unwrap();
+    udp(LO, b.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .unwrap();
     // B did not get A's cached answer: it asked upstream and pinned for itself.
     assert_eq!(up.queries(), before + 2);
     assert_eq!(pins_a.pinned_addrs(), vec![ip("8.8.8.8"), ip("9.9.9.9")]);
-    assert_eq!(pins_b.pinned(), vec![(ip("8.8.8.8"), 443, Duration::from_secs(30))]);
+    assert_eq!(
+        pins_b.pinned(),
+        vec![(ip("8.8.8.8"), 443, Duration::from_secs(30))]
+    );
 }
 
 #[tokio::test]
@@ -293,14 +370,30 @@ async fn queries_from_other_sources_are_dropped() {
     let proxy = DnsProxy::new(config(&up));
     let pins = Arc::new(RecordingPinner::default());
     let sb = proxy
-        .add_sandbox("sb-src", &spec(NAMES), &lo_net(ip("127.0.0.2")), pins.clone())
+        .add_sandbox(
+            "sb-src",
+            &spec(NAMES),
+            &lo_net(ip("127.0.0.2")),
+            pins.clone(),
+        )
         .await
         .unwrap();
     let (_, q) = query_bytes("api.example.com.", RecordType::A);
-    assert!(udp_raw(LO, sb.udp_addr(), &q, Duration::from_millis(300)).await.is_none());
-    assert!(tcp(sb.tcp_addr(), "api.example.com.", RecordType::A).await.is_none());
+    assert!(udp_raw(LO, sb.udp_addr(), &q, Duration::from_millis(300))
+        .await
+        .is_none());
+    assert!(tcp(sb.tcp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .is_none());
     assert_eq!(sb.handler().stats().snapshot().dropped_source, 2);
-    let m = udp(ip("127.0.0.2"), sb.udp_addr(), "api.example.com.", RecordType::A).await.unwrap();
+    let m = udp(
+        ip("127.0.0.2"),
+        sb.udp_addr(),
+        "api.example.com.",
+        RecordType::A,
+    )
+    .await
+    .unwrap();
     assert_eq!(addrs(&m), vec![ip("8.8.8.8")]);
 }
 
@@ -325,14 +418,21 @@ async fn malformed_packets_are_dropped() {
         vec![0; 2000],
     ];
     for c in &cases {
-        assert!(udp_raw(LO, sb.udp_addr(), c, Duration::from_millis(200)).await.is_none(), "{c:?}");
+        assert!(
+            udp_raw(LO, sb.udp_addr(), c, Duration::from_millis(200))
+                .await
+                .is_none(),
+            "{c:?}"
+        );
     }
     let s = sb.handler().stats().snapshot();
     // The empty datagram and the 2000-byte one count as malformed too.
     assert_eq!(s.dropped_malformed, cases.len() as u64);
     assert_eq!(up.queries(), 0);
     // The proxy still serves.
-    assert!(udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A).await.is_some());
+    assert!(udp(LO, sb.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .is_some());
 }
 
 #[tokio::test]
@@ -342,15 +442,22 @@ async fn tcp_serves_queries_and_closes_on_oversized_frames() {
     let pins = Arc::new(RecordingPinner::default());
     let sb = start(&proxy, NAMES, pins.clone()).await;
 
-    let m = tcp(sb.tcp_addr(), "api.example.com.", RecordType::A).await.unwrap();
+    let m = tcp(sb.tcp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(addrs(&m), vec![ip("8.8.8.8")]);
 
     let mut s = tokio::net::TcpStream::connect(sb.tcp_addr()).await.unwrap();
     s.write_all(&4000u16.to_be_bytes()).await.unwrap();
     s.write_all(&[0u8; 100]).await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.unwrap();
-    assert!(matches!(n, Ok(0) | Err(_)), "connection must be closed, got {n:?}");
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "connection must be closed, got {n:?}"
+    );
     assert_eq!(sb.handler().stats().snapshot().tcp_closed_oversized, 1);
 }
 
@@ -371,12 +478,17 @@ async fn query_rate_is_bounded_per_sandbox() {
     let (_, q) = query_bytes("secret.example.com.", RecordType::A);
     let mut answered = 0;
     for _ in 0..20 {
-        if udp_raw(LO, a.udp_addr(), &q, Duration::from_millis(100)).await.is_some() {
+        if udp_raw(LO, a.udp_addr(), &q, Duration::from_millis(100))
+            .await
+            .is_some()
+        {
             answered += 1;
         }
     }
     assert_eq!(answered, 5);
     assert_eq!(a.handler().stats().snapshot().dropped_rate, 15);
     // Another sandbox's budget is its own.
-    assert!(udp(LO, b.udp_addr(), "api.example.com.", RecordType::A).await.is_some());
+    assert!(udp(LO, b.udp_addr(), "api.example.com.", RecordType::A)
+        .await
+        .is_some());
 }

@@ -44,11 +44,21 @@ fn rig() -> &'static Rig {
             policy,
             Arc::new(RecordingPinner::default()),
             Arc::new(upstream),
-            TtlBounds { min: Duration::from_secs(1), max: Duration::from_secs(60) },
+            TtlBounds {
+                min: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
             16,
         );
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        Rig { rt, handler, _up: up }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Rig {
+            rt,
+            handler,
+            _up: up,
+        }
     })
 }
 

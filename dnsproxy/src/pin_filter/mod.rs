@@ -14,8 +14,7 @@ pub mod registry;
 mod tests;
 
 pub use embedded::{
-    decode, EmbeddedV4, Embedding, Nat64Prefix, Nat64PrefixError, NAT64_LOCAL_USE,
-    NAT64_WELL_KNOWN,
+    decode, EmbeddedV4, Embedding, Nat64Prefix, Nat64PrefixError, NAT64_LOCAL_USE, NAT64_WELL_KNOWN,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -94,7 +93,10 @@ impl fmt::Display for V4Block {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             V4Block::Special { net, name } => {
-                write!(f, "{net} {name} is not globally reachable (IANA special-purpose registry)")
+                write!(
+                    f,
+                    "{net} {name} is not globally reachable (IANA special-purpose registry)"
+                )
             }
             V4Block::Multicast => write!(f, "multicast {MULTICAST_V4}"),
         }
@@ -115,14 +117,21 @@ pub enum BlockReason {
     /// Strict mode: the address carries IPv4 in this form.
     Strict(Embedding),
     /// It carries an IPv4 address that is blocked.
-    Embedded { form: Embedding, v4: Ipv4Addr, why: V4Block },
+    Embedded {
+        form: Embedding,
+        v4: Ipv4Addr,
+        why: V4Block,
+    },
 }
 
 impl fmt::Display for BlockReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BlockReason::Special { net, name } => {
-                write!(f, "{net} {name} is not globally reachable (IANA special-purpose registry)")
+                write!(
+                    f,
+                    "{net} {name} is not globally reachable (IANA special-purpose registry)"
+                )
             }
             BlockReason::Multicast(net) => write!(f, "multicast {net}"),
             BlockReason::SiteLocal => write!(f, "deprecated site-local {SITE_LOCAL}"),

@@ -9,7 +9,8 @@ const A: bool = true;
 const B: bool = false;
 
 fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
 }
 
 fn plain() -> PinFilter {
@@ -84,13 +85,20 @@ const EDGES: &[(&str, &str, bool, &str, bool, &str, bool)] = &[
 fn every_registry_entry_and_its_edges() {
     let f = plain();
     for &(entry, first, ef, last, el, out, eo) in EDGES {
-        for (addr, expect, what) in [(first, ef, "first"), (last, el, "last"), (out, eo, "outside")] {
+        for (addr, expect, what) in [
+            (first, ef, "first"),
+            (last, el, "last"),
+            (out, eo, "outside"),
+        ] {
             let d = f.judge(ip(addr));
             assert_eq!(d.is_allowed(), expect, "{entry} {what} {addr}: {d}");
         }
         // The inside edges must really be inside and the outside edge outside.
         let net: IpNet = entry.parse().unwrap();
-        assert!(net.contains(&ip(first)) && net.contains(&ip(last)), "{entry}");
+        assert!(
+            net.contains(&ip(first)) && net.contains(&ip(last)),
+            "{entry}"
+        );
         assert!(!net.contains(&ip(out)), "{entry}");
     }
 }
@@ -99,10 +107,18 @@ fn every_registry_entry_and_its_edges() {
 fn edge_table_names_every_registry_entry() {
     let listed: Vec<IpNet> = EDGES.iter().map(|e| e.0.parse().unwrap()).collect();
     for e in registry::IPV4 {
-        assert!(listed.contains(&IpNet::V4(e.net)), "{} has no edge row", e.net);
+        assert!(
+            listed.contains(&IpNet::V4(e.net)),
+            "{} has no edge row",
+            e.net
+        );
     }
     for e in registry::IPV6 {
-        assert!(listed.contains(&IpNet::V6(e.net)), "{} has no edge row", e.net);
+        assert!(
+            listed.contains(&IpNet::V6(e.net)),
+            "{} has no edge row",
+            e.net
+        );
     }
 }
 
@@ -110,13 +126,19 @@ fn edge_table_names_every_registry_entry() {
 fn more_specific_entry_wins() {
     let f = plain();
     // 2001:4:112::/48 (AS112) is reachable inside 2001::/23.
-    assert_eq!(f.judge(ip("2001:4:112::1")), Decision::Allow(AllowReason::GloballyReachable));
+    assert_eq!(
+        f.judge(ip("2001:4:112::1")),
+        Decision::Allow(AllowReason::GloballyReachable)
+    );
     // 192.0.0.9 (PCP anycast) is reachable inside 192.0.0.0/24.
     assert!(f.judge(ip("192.0.0.9")).is_allowed());
     // 192.0.0.8/32 names itself, not the /29 or /24 around it.
     assert_eq!(
         f.judge(ip("192.0.0.8")),
-        Decision::Block(BlockReason::Special { net: "192.0.0.8/32".parse().unwrap(), name: "IPv4 dummy address" })
+        Decision::Block(BlockReason::Special {
+            net: "192.0.0.8/32".parse().unwrap(),
+            name: "IPv4 dummy address"
+        })
     );
 }
 
@@ -129,17 +151,32 @@ fn reasons_name_the_range() {
         ("224.0.0.251", "block: multicast 224.0.0.0/4"),
         ("ff02::fb", "block: multicast ff00::/8"),
         ("fec0::1", "block: deprecated site-local fec0::/10"),
-        ("64:ff9b:1::808:808", "block: local-use IPv4/IPv6 translation prefix 64:ff9b:1::/48"),
-        ("64:ff9b::a9fe:a9fe", "block: NAT64 64:ff9b::/96 carries 169.254.169.254: 169.254.0.0/16"),
-        ("2002:a9fe:a9fe::1", "block: 6to4 2002::/16 carries 169.254.169.254: 169.254.0.0/16"),
+        (
+            "64:ff9b:1::808:808",
+            "block: local-use IPv4/IPv6 translation prefix 64:ff9b:1::/48",
+        ),
+        (
+            "64:ff9b::a9fe:a9fe",
+            "block: NAT64 64:ff9b::/96 carries 169.254.169.254: 169.254.0.0/16",
+        ),
+        (
+            "2002:a9fe:a9fe::1",
+            "block: 6to4 2002::/16 carries 169.254.169.254: 169.254.0.0/16",
+        ),
         ("::ffff:8.8.8.8", "block: ::ffff:0.0.0.0/96 IPv4-mapped"),
         ("8.8.8.8", "allow: globally reachable"),
         ("2606:4700::1111", "allow: globally reachable"),
-        ("64:ff9b::808:808", "allow: NAT64 64:ff9b::/96 carries 8.8.8.8"),
+        (
+            "64:ff9b::808:808",
+            "allow: NAT64 64:ff9b::/96 carries 8.8.8.8",
+        ),
     ];
     for (addr, want) in cases {
         let got = f.judge(ip(addr)).to_string();
-        assert!(got.starts_with(want), "{addr}: got {got:?}, want prefix {want:?}");
+        assert!(
+            got.starts_with(want),
+            "{addr}: got {got:?}, want prefix {want:?}"
+        );
     }
 }
 
@@ -176,10 +213,17 @@ fn every_embedding_form_private_and_public() {
         let d = f.judge(ip(addr));
         assert_eq!(d.is_allowed(), expect, "{addr}: {d}");
         let decoded = decode(addr.parse().unwrap(), &[]);
-        assert!(decoded.iter().flatten().any(|e| e.form == form), "{addr} not decoded as {form}");
+        assert!(
+            decoded.iter().flatten().any(|e| e.form == form),
+            "{addr} not decoded as {form}"
+        );
         match d {
-            Decision::Block(BlockReason::Embedded { form: got, .. }) => assert_eq!(got, form, "{addr}"),
-            Decision::Block(BlockReason::Special { name, .. }) => assert_eq!(name, "IPv4-mapped", "{addr}"),
+            Decision::Block(BlockReason::Embedded { form: got, .. }) => {
+                assert_eq!(got, form, "{addr}")
+            }
+            Decision::Block(BlockReason::Special { name, .. }) => {
+                assert_eq!(name, "IPv4-mapped", "{addr}")
+            }
             Decision::Allow(AllowReason::EmbeddedGlobal { .. }) => {}
             other => panic!("{addr}: unexpected {other}"),
         }
@@ -190,8 +234,20 @@ fn every_embedding_form_private_and_public() {
 fn teredo_decodes_server_and_inverted_client() {
     let got = decode("2001:0:4136:e378:8000:63bf:3fff:fdd2".parse().unwrap(), &[]);
     // RFC 4380 example: server 65.54.227.120, client 192.0.2.45.
-    assert_eq!(got[0], Some(EmbeddedV4 { form: Embedding::TeredoServer, v4: "65.54.227.120".parse().unwrap() }));
-    assert_eq!(got[1], Some(EmbeddedV4 { form: Embedding::TeredoClient, v4: "192.0.2.45".parse().unwrap() }));
+    assert_eq!(
+        got[0],
+        Some(EmbeddedV4 {
+            form: Embedding::TeredoServer,
+            v4: "65.54.227.120".parse().unwrap()
+        })
+    );
+    assert_eq!(
+        got[1],
+        Some(EmbeddedV4 {
+            form: Embedding::TeredoClient,
+            v4: "192.0.2.45".parse().unwrap()
+        })
+    );
 }
 
 /// Places `v4` after `prefix` as RFC 6052 section 2.2 lays it out, with the
@@ -229,7 +285,10 @@ fn operator_nat64_every_rfc6052_length() {
     ];
     for p in prefixes {
         let prefix: Nat64Prefix = p.parse().unwrap();
-        let f = PinFilter { nat64: vec![prefix], ..PinFilter::default() };
+        let f = PinFilter {
+            nat64: vec![prefix],
+            ..PinFilter::default()
+        };
         for u in [0u8, 0xff] {
             let private = rfc6052_embed(prefix.net(), "169.254.169.254".parse().unwrap(), u);
             let public = rfc6052_embed(prefix.net(), "8.8.8.8".parse().unwrap(), u);
@@ -238,7 +297,10 @@ fn operator_nat64_every_rfc6052_length() {
                 Decision::Block(BlockReason::Embedded {
                     form: Embedding::Nat64Operator(prefix),
                     v4: "169.254.169.254".parse().unwrap(),
-                    why: V4Block::Special { net: "169.254.0.0/16".parse().unwrap(), name: registry::IPV4[5].name },
+                    why: V4Block::Special {
+                        net: "169.254.0.0/16".parse().unwrap(),
+                        name: registry::IPV4[5].name
+                    },
                 }),
                 "{p} u={u} {private}"
             );
@@ -279,12 +341,22 @@ fn nat64_prefix_validation() {
 #[test]
 fn strict_blocks_every_embedding_form() {
     let prefix: Nat64Prefix = "2001:db8:64::/96".parse().unwrap();
-    let f = PinFilter { strict: true, nat64: vec![prefix], ..PinFilter::default() };
+    let f = PinFilter {
+        strict: true,
+        nat64: vec![prefix],
+        ..PinFilter::default()
+    };
     for &(addr, _, form) in EMBEDDINGS {
         let d = f.judge(ip(addr));
-        let Decision::Block(BlockReason::Strict(got)) = d else { panic!("{addr}: {d}") };
+        let Decision::Block(BlockReason::Strict(got)) = d else {
+            panic!("{addr}: {d}")
+        };
         // Teredo reports the first part it found (the server).
-        let want = if form == Embedding::TeredoClient { Embedding::TeredoServer } else { form };
+        let want = if form == Embedding::TeredoClient {
+            Embedding::TeredoServer
+        } else {
+            form
+        };
         assert_eq!(got, want, "{addr}");
     }
     assert_eq!(
@@ -296,13 +368,19 @@ fn strict_blocks_every_embedding_form() {
     assert!(f.judge(ip("2606:4700::1111")).is_allowed());
     assert!(!f.judge(ip("10.0.0.1")).is_allowed());
     // The loopback and unspecified addresses are not "compatible" forms.
-    assert!(matches!(f.judge(ip("::1")), Decision::Block(BlockReason::Special { .. })));
+    assert!(matches!(
+        f.judge(ip("::1")),
+        Decision::Block(BlockReason::Special { .. })
+    ));
 }
 
 #[test]
 fn allow_cidrs_override_for_that_filter_only() {
     let f = PinFilter {
-        allow: vec!["10.1.0.0/16".parse().unwrap(), "fd00:1::/64".parse().unwrap()],
+        allow: vec![
+            "10.1.0.0/16".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap(),
+        ],
         ..PinFilter::default()
     };
     assert_eq!(
@@ -317,6 +395,10 @@ fn allow_cidrs_override_for_that_filter_only() {
     // Another sandbox's filter without the CIDR still blocks.
     assert!(!plain().judge(ip("10.1.2.3")).is_allowed());
     // Strict mode does not take an explicit allow away.
-    let strict = PinFilter { strict: true, allow: vec!["64:ff9b::/96".parse().unwrap()], ..PinFilter::default() };
+    let strict = PinFilter {
+        strict: true,
+        allow: vec!["64:ff9b::/96".parse().unwrap()],
+        ..PinFilter::default()
+    };
     assert!(strict.judge(ip("64:ff9b::a00:1")).is_allowed());
 }

@@ -17,11 +17,19 @@ pub fn query_bytes(name: &str, qtype: RecordType) -> (u16, Vec<u8>) {
 }
 
 /// Sends `bytes` from `from` and waits up to `wait` for a reply.
-pub async fn udp_raw(from: IpAddr, to: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Message> {
+pub async fn udp_raw(
+    from: IpAddr,
+    to: SocketAddr,
+    bytes: &[u8],
+    wait: Duration,
+) -> Option<Message> {
     let sock = UdpSocket::bind(SocketAddr::new(from, 0)).await.unwrap();
     sock.send_to(bytes, to).await.unwrap();
     let mut buf = [0u8; 4096];
-    let (n, _) = tokio::time::timeout(wait, sock.recv_from(&mut buf)).await.ok()?.ok()?;
+    let (n, _) = tokio::time::timeout(wait, sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
     Some(Message::from_vec(&buf[..n]).expect("proxy sent a malformed reply"))
 }
 
@@ -56,4 +64,22 @@ pub fn addrs(m: &Message) -> Vec<IpAddr> {
             _ => None,
         })
         .collect()
+}
+
+/// Asks over UDP with a blocking socket (for clients inside another network
+/// namespace, which run on their own thread).
+pub fn blocking_udp(to: SocketAddr, name: &str, qtype: RecordType) -> Option<Message> {
+    let (id, bytes) = query_bytes(name, qtype);
+    let unspecified: SocketAddr = match to {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+    };
+    let sock = std::net::UdpSocket::bind(unspecified).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    sock.send_to(&bytes, to).unwrap();
+    let mut buf = [0u8; 4096];
+    let (n, _) = sock.recv_from(&mut buf).ok()?;
+    let m = Message::from_vec(&buf[..n]).expect("proxy sent a malformed reply");
+    assert_eq!(m.metadata.id, id);
+    Some(m)
 }

@@ -59,7 +59,8 @@ impl FakeUpstream {
         let udp = UdpSocket::bind(SocketAddr::new(ip, 0)).expect("bind fake upstream udp");
         let addr = udp.local_addr().unwrap();
         let tcp = TcpListener::bind(addr).expect("bind fake upstream tcp");
-        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         tcp.set_nonblocking(true).unwrap();
         let state = Arc::new(State {
             zone: RwLock::new(Zone::default()),
@@ -99,7 +100,14 @@ impl FakeUpstream {
     fn add(&self, owner: &str, ttl: u32, data: RData) {
         let r = Record::from_rdata(name(owner), ttl, data);
         let key = (name(owner), r.record_type());
-        self.state.zone.write().unwrap().records.entry(key).or_default().push(r);
+        self.state
+            .zone
+            .write()
+            .unwrap()
+            .records
+            .entry(key)
+            .or_default()
+            .push(r);
     }
 
     pub fn a(&self, owner: &str, ip: &str, ttl: u32) {
@@ -116,7 +124,12 @@ impl FakeUpstream {
 
     pub fn cname(&self, owner: &str, target: &str, ttl: u32) {
         let r = Record::from_rdata(name(owner), ttl, RData::CNAME(CNAME(name(target))));
-        self.state.zone.write().unwrap().cnames.insert(name(owner), r);
+        self.state
+            .zone
+            .write()
+            .unwrap()
+            .cnames
+            .insert(name(owner), r);
     }
 
     /// Any name under `suffix` has this A record.
@@ -146,7 +159,9 @@ fn lookup(zone: &Zone, q: &Name, qtype: RecordType) -> (ResponseCode, Vec<Record
     for _ in 0..16 {
         if let Some(c) = zone.cnames.get(&current) {
             out.push(c.clone());
-            let RData::CNAME(t) = &c.data else { unreachable!() };
+            let RData::CNAME(t) = &c.data else {
+                unreachable!()
+            };
             current = t.0.clone();
             if zone.split_cnames {
                 return (ResponseCode::NoError, out);
@@ -199,7 +214,9 @@ fn respond(state: &State, packet: &[u8]) -> Option<Vec<u8>> {
 fn udp_loop(sock: UdpSocket, state: Arc<State>) {
     let mut buf = [0u8; 4096];
     while !state.stop.load(Relaxed) {
-        let Ok((n, src)) = sock.recv_from(&mut buf) else { continue };
+        let Ok((n, src)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
         if let Some(r) = respond(&state, &buf[..n]) {
             let _ = sock.send_to(&r, src);
         }
