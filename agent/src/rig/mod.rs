@@ -182,6 +182,20 @@ fn nonce() -> Result<String, RigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// One rig at a time: two TCG machines on a small host would only slow each other.
+    static RIG: Mutex<()> = Mutex::new(());
+
+    /// Run directories this test process left behind.
+    fn own_run_dirs() -> usize {
+        let prefix = format!("{}-", std::process::id());
+        std::fs::read_dir(cache_dir().join("rig/runs")).map_or(0, |dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .count()
+        })
+    }
 
     /// Boots the real rig (needs `make rig`; ~10 s under TCG), so it is opt-in:
     /// `cargo test -p cleave-agent rig:: -- --ignored`.
@@ -189,6 +203,7 @@ mod tests {
     #[ignore = "boots the KVM rig under QEMU; run `make rig` first, then with --ignored"]
     fn rig_relays_output_and_exit_status_with_a_real_kvm() {
         let script = "ls -l /dev/kvm; cat /sys/module/kvm_amd/parameters/nested; echo hi; printf 'x y'; exit 3";
+        let _one = RIG.lock().unwrap_or_else(|e| e.into_inner());
         let argv = ["sh", "-c", script].map(OsString::from).to_vec();
         let mut cmd = RigCommand::new(argv, PathBuf::from("/"));
         cmd.timeout = Duration::from_secs(300);
@@ -204,20 +219,19 @@ mod tests {
         );
         assert!(!text.contains('\r'), "the console must be raw: {text:?}");
         assert!(outcome.boot_ms > 0);
-        // The run directory is gone.
-        let runs = cache_dir().join("rig/runs");
-        let left = std::fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0);
-        assert_eq!(left, 0, "leftover run directories in {}", runs.display());
+        assert_eq!(own_run_dirs(), 0, "the run directory must be removed");
     }
 
     #[test]
     #[ignore = "boots the KVM rig under QEMU; run `make rig` first, then with --ignored"]
     fn rig_times_out_and_stops_qemu() {
+        let _one = RIG.lock().unwrap_or_else(|e| e.into_inner());
         let argv = ["sleep", "600"].map(OsString::from).to_vec();
         let mut cmd = RigCommand::new(argv, PathBuf::from("/"));
         cmd.timeout = Duration::from_secs(45);
         let err = run(&cmd, &mut Vec::new()).unwrap_err();
         assert!(matches!(err, RigError::TimedOut { .. }), "{err}");
         assert!(err.to_string().contains("timed out after 45s"), "{err}");
+        assert_eq!(own_run_dirs(), 0, "the run directory must be removed");
     }
 }
