@@ -12,11 +12,13 @@ use nftnl::{Batch, FinalizedBatch, MsgType, NlMsg};
 
 use crate::expr::{Base, CmpOp, Expr, MetaKey, Reg, Verdict};
 use crate::names::TABLE;
-use crate::plan::{BaseHook, ElemsSpec, Op};
+use crate::plan::{BaseHook, ElemsSpec, KeyType, Op};
 
 /// `NFT_OBJECT_COUNTER` from `linux/netfilter/nf_tables.h`.
 pub(crate) const NFT_OBJECT_COUNTER: u32 = 1;
 const FAMILY: u16 = libc::NFPROTO_INET as u16;
+/// nft's `BYTEORDER_HOST_ENDIAN`, recorded in a set's user data.
+const BYTEORDER_HOST_ENDIAN: u32 = 1;
 
 /// A string for libnftnl. Every name we send is validated and has no NUL; a
 /// NUL here is a bug, reported as an error rather than a panic.
@@ -174,8 +176,17 @@ impl Msg {
                         flags |= libc::NFT_SET_TIMEOUT as u32;
                     }
                     sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, flags);
+                    // nft reads string keys back in host byte order only if
+                    // the set says so; without it `nft list` shows "".
+                    let mut ud = Vec::new();
+                    if spec.key == KeyType::IfName {
+                        ud.extend_from_slice(&[sys::NFTNL_UDATA_SET_KEYBYTEORDER as u8, 4]);
+                        ud.extend_from_slice(&BYTEORDER_HOST_ENDIAN.to_ne_bytes());
+                    }
                     if let Some(comment) = &spec.comment {
-                        let ud = comment_udata(sys::NFTNL_UDATA_SET_COMMENT, comment);
+                        ud.extend(comment_udata(sys::NFTNL_UDATA_SET_COMMENT, comment));
+                    }
+                    if !ud.is_empty() {
                         sys::nftnl_set_set_data(
                             p,
                             sys::NFTNL_SET_USERDATA as u16,
