@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -43,13 +44,25 @@ pub fn run(
 ) -> Result<RigOutcome, RigError> {
     let started = Instant::now();
     let deadline = started + timeout;
-    let child = Command::new(qemu)
+    let mut command = Command::new(qemu);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(RigError::Spawn)?;
+        .stderr(Stdio::piped());
+    // If this process dies without running its cleanup (SIGKILL), QEMU must
+    // not live on: the kernel kills it when the spawning thread goes away.
+    // SAFETY: runs in the forked child before exec; prctl is async-signal-safe
+    // and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(RigError::Spawn)?;
     let mut qemu_proc = QemuGuard(child);
     tracing::debug!(pid = qemu_proc.0.id(), "rig qemu started");
 
