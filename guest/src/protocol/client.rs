@@ -99,14 +99,14 @@ impl Client {
     pub fn new(stream: UnixStream) -> io::Result<Client> {
         let reader = stream.try_clone()?;
         let writer = stream.try_clone()?;
-        let mut c = Client::from_parts(reader, writer);
+        let mut c = Client::from_parts(reader, writer)?;
         c.socket = Some(stream);
         Ok(c)
     }
 
     /// A client on any reader/writer pair; the reader thread runs until the
     /// reader reports end of stream or an error.
-    pub fn from_parts<R, W>(reader: R, writer: W) -> Client
+    pub fn from_parts<R, W>(reader: R, writer: W) -> io::Result<Client>
     where
         R: Read + Send + 'static,
         W: Write + Send + 'static,
@@ -119,12 +119,11 @@ impl Client {
         let s = shared.clone();
         thread::Builder::new()
             .name("cleave-client-rx".into())
-            .spawn(move || read_loop(s, reader))
-            .expect("spawning the client reader thread");
-        Client {
+            .spawn(move || read_loop(s, reader))?;
+        Ok(Client {
             shared,
             socket: None,
-        }
+        })
     }
 
     /// Negotiates the version and reads the agent's uptime.
