@@ -3,7 +3,7 @@
 //! - [`conn`]: one connection: reads frames, dispatches, owns the live
 //!   requests and the shared writer; dropping the connection cancels them.
 //! - [`exec`]: running a command (threads for stdin, output and exit).
-//! - [`spawn`]: fork + execve in a new session, through the [`Reaper`].
+//! - [`spawn`]: `posix_spawn` in a new session, registered with the [`Reaper`].
 //! - [`files`]: `write_file` / `read_file`.
 //! - [`gate`]: the reseed gate.
 //! - [`reaper`]: the process-wide owner of `waitpid`.
