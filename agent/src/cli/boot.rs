@@ -96,8 +96,8 @@ impl BootArgs {
 
 pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let machine = MachineConfig::new(args.mem, args.vcpus)?;
-    let spec = args.image()?;
     kvm::require_linux_capable()?;
+    let spec = args.image()?;
     let image = spec.load_verified()?;
     let cmdline = args.cmdline();
     let kvm = vmm::open_kvm()?;

@@ -1,6 +1,7 @@
 //! The `cleave` command line: parsing, logging, and one module per subcommand.
 
 mod boot;
+mod rig;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Boot a guest image and stream its console until it ends.
     Boot(boot::BootArgs),
+    /// Run a cleave command inside the KVM rig, e.g. `cleave rig -- boot --selftest`.
+    Rig(rig::RigArgs),
 }
 
 /// Logs go to stderr as structured lines; `RUST_LOG` picks the level (default: warnings).
@@ -39,6 +42,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Boot(args) => boot::run(args),
+        Command::Rig(args) => rig::run(args),
     };
     match result {
         Ok(code) => code,
