@@ -30,6 +30,8 @@ struct Zone {
     cnames: HashMap<Name, Record>,
     /// Suffix → A address for any name under it (benchmark names).
     wildcard_a: Vec<(Name, std::net::Ipv4Addr, u32)>,
+    /// Suffix → a distinct public A address per name (benchmark names).
+    wildcard_spread: Vec<(Name, u32)>,
     /// Leave CNAME targets out of answers, so the proxy must ask again.
     split_cnames: bool,
 }
@@ -132,6 +134,17 @@ impl FakeUpstream {
             .insert(name(owner), r);
     }
 
+    /// Any name under `suffix` has its own A record in 1.0.0.0/8, derived
+    /// from the name, so pin sets grow as they would in real use.
+    pub fn wildcard_spread(&self, suffix: &str, ttl: u32) {
+        self.state
+            .zone
+            .write()
+            .unwrap()
+            .wildcard_spread
+            .push((name(suffix), ttl));
+    }
+
     /// Any name under `suffix` has this A record.
     pub fn wildcard_a(&self, suffix: &str, ip: &str, ttl: u32) {
         self.state
@@ -177,6 +190,16 @@ fn lookup(zone: &Zone, q: &Name, qtype: RecordType) -> (ResponseCode, Vec<Record
     for (suffix, ip, ttl) in &zone.wildcard_a {
         if qtype == RecordType::A && suffix.zone_of(&current) && *suffix != current {
             out.push(Record::from_rdata(current.clone(), *ttl, RData::A(A(*ip))));
+            return (ResponseCode::NoError, out);
+        }
+    }
+    for (suffix, ttl) in &zone.wildcard_spread {
+        if qtype == RecordType::A && suffix.zone_of(&current) && *suffix != current {
+            let h = current.to_ascii().bytes().fold(2166136261u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(16777619)
+            });
+            let ip = std::net::Ipv4Addr::from(0x0100_0000 | (h & 0x00ff_ffff));
+            out.push(Record::from_rdata(current.clone(), *ttl, RData::A(A(ip))));
             return (ResponseCode::NoError, out);
         }
     }
