@@ -10,7 +10,7 @@ use crate::nl::dump;
 use crate::nl::socket::Netlink;
 use crate::plan::{Footprint, KeyType};
 
-fn group<'a>(groups: &'a mut BTreeMap<TapName, Footprint>, tap: TapName) -> &'a mut Footprint {
+fn group(groups: &mut BTreeMap<TapName, Footprint>, tap: TapName) -> &mut Footprint {
     groups.entry(tap.clone()).or_insert_with(|| Footprint {
         tap,
         owner: None,

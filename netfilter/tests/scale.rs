@@ -26,7 +26,7 @@ fn sandbox(i: u32) -> SandboxNet {
     )
     .unwrap();
     // Every third sandbox is NATed, so teardown covers those objects too.
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         net.with_nat(Uplink::new("eth0").unwrap()).unwrap()
     } else {
         net
@@ -36,7 +36,7 @@ fn sandbox(i: u32) -> SandboxNet {
 /// Objects one sandbox owns: fwd/in chains, 2 sets, 2 counters, 2 dispatch
 /// entries; NATed ones add a nat chain and 2 NAT entries.
 fn objects_of(i: u32) -> usize {
-    8 + if i % 3 == 0 { 3 } else { 0 }
+    8 + if i.is_multiple_of(3) { 3 } else { 0 }
 }
 
 fn apply_then_teardown(n: u32) {

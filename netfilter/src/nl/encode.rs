@@ -607,10 +607,7 @@ mod tests {
             "{bytes} bytes for {} ops",
             ops.len()
         );
-        assert_eq!(
-            enc.last_seq - enc.first_op_seq + 1 >= ops.len() as u32,
-            true
-        );
+        assert!(enc.last_seq - enc.first_op_seq + 1 >= ops.len() as u32);
         // every message is an nf_tables message for family inet
         let mut flat = Vec::new();
         for p in &enc.batch {
