@@ -51,6 +51,13 @@ if [ -f "$out/initramfs.cpio" ]; then
 fi
 
 mkdir -p "$cache/initramfs"
+# One builder per cache: a concurrent caller waits, then finds the result.
+exec 9>"$cache/initramfs/.lock"
+flock 9
+if [ -f "$out/initramfs.cpio" ]; then
+  echo "$out/initramfs.cpio"
+  exit 0
+fi
 tmp=$(mktemp -d "$cache/initramfs/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
