@@ -14,7 +14,7 @@ pub const FLAG_HOSTNAME: &str = "cleave.hostname";
 pub const DEFAULT_HOSTNAME: &str = "cleave";
 
 /// The I/O port the guest writes its exit status to (the VMM's debug-exit device).
-pub const DEBUG_EXIT_PORT: u64 = 0xf4;
+pub const DEBUG_EXIT_PORT: libc::c_ulong = 0xf4;
 
 /// The value of `key=value` on a kernel command line (the last one wins, as in the kernel).
 pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {

@@ -3,3 +3,6 @@
 
 pub mod boot;
 pub mod init;
+pub mod protocol;
+pub mod reseed;
+pub mod server;

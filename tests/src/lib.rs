@@ -1,1 +1,220 @@
+//! The KVM integration rig's test harness.
+//!
+//! Booting a Linux guest needs a real KVM. Where this host has one (hardware KVM), the
+//! scenarios run directly; elsewhere (kvm_pvm development hosts) they run inside the rig,
+//! a software-emulated machine whose kernel loads `kvm_amd`. A rig boot costs seconds, so
+//! every scenario of a suite goes into one shell script run by one rig boot; markers in
+//! the output split it back into per-scenario results.
 
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cleave_agent::host::kvm::KvmFlavour;
+use cleave_agent::rig::{self, RigCommand};
+
+/// One scenario: a name and a shell fragment run with `sh -c`.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub script: String,
+}
+
+impl Scenario {
+    pub fn new(name: &str, script: impl Into<String>) -> Self {
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "scenario names are [A-Za-z0-9-]: {name}"
+        );
+        Self {
+            name: name.to_owned(),
+            script: script.into(),
+        }
+    }
+}
+
+/// What a scenario did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub name: String,
+    pub exit_code: i32,
+    /// stdout and stderr, interleaved.
+    pub output: String,
+}
+
+/// Where the batch ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Host,
+    Rig,
+}
+
+/// The `cleave` binary built beside the test executable (`target/<profile>/cleave`).
+pub fn cleave_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let bin = profile_dir.join("cleave");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --workspace`, or `make test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// Single-quotes `s` for sh.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+const BEGIN: &str = "@@scenario-begin:";
+const END: &str = "@@scenario-end:";
+
+fn batch_script(scenarios: &[Scenario]) -> String {
+    let mut s = String::from("exec 2>&1\n");
+    for sc in scenarios {
+        let _ = writeln!(
+            s,
+            "echo '{BEGIN}{name}@@'\n( {body}\n) </dev/null 2>&1\necho \"\n{END}{name}:$?@@\"",
+            name = sc.name,
+            body = sc.script
+        );
+    }
+    s
+}
+
+fn parse(output: &str, scenarios: &[Scenario]) -> Vec<Outcome> {
+    scenarios
+        .iter()
+        .map(|sc| {
+            let begin = format!("{BEGIN}{}@@\n", sc.name);
+            let end = format!("\n{END}{}:", sc.name);
+            let Some(b) = output.find(&begin).map(|i| i + begin.len()) else {
+                return Outcome {
+                    name: sc.name.clone(),
+                    exit_code: -1,
+                    output: "(scenario never started)".into(),
+                };
+            };
+            let Some(e) = output[b..].find(&end).map(|i| b + i) else {
+                return Outcome {
+                    name: sc.name.clone(),
+                    exit_code: -1,
+                    output: format!("(scenario never ended)\n{}", &output[b..]),
+                };
+            };
+            let code = output[e + end.len()..]
+                .split("@@")
+                .next()
+                .and_then(|c| c.trim().parse().ok())
+                .unwrap_or(-1);
+            Outcome {
+                name: sc.name.clone(),
+                exit_code: code,
+                output: output[b..e].to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// Runs every scenario in one go, on this host if it has hardware KVM, else in one rig
+/// boot. Panics (failing the test) if the rig itself cannot run, with its output.
+pub fn run_batch(scenarios: &[Scenario], timeout: Duration) -> (Place, Vec<Outcome>) {
+    let script = batch_script(scenarios);
+    let cwd = std::env::current_dir().expect("current dir");
+    let (place, output) = if KvmFlavour::detect().runs_linux() {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .expect("running sh");
+        (
+            Place::Host,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    } else {
+        let mut cmd = RigCommand::new(
+            vec![
+                OsString::from("sh"),
+                OsString::from("-c"),
+                OsString::from(&script),
+            ],
+            cwd,
+        );
+        cmd.timeout = timeout;
+        let mut buf = Vec::new();
+        let result = rig::run(&cmd, &mut buf);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Err(e) = result {
+            panic!("the rig failed: {e}\n--- rig output ---\n{text}");
+        }
+        (Place::Rig, text)
+    };
+    (place, parse(&output, scenarios))
+}
+
+/// Collects failures so one run reports every failing scenario, each with its output.
+#[derive(Default)]
+pub struct Failures(Vec<String>);
+
+impl Failures {
+    pub fn check(&mut self, outcome: &Outcome, ok: bool, what: &str) {
+        if !ok {
+            self.0.push(format!(
+                "scenario {} (exit {}): {what}\n--- output ---\n{}\n--- end ---",
+                outcome.name, outcome.exit_code, outcome.output
+            ));
+        }
+    }
+
+    pub fn assert_none(self) {
+        assert!(
+            self.0.is_empty(),
+            "{} check(s) failed:\n{}",
+            self.0.len(),
+            self.0.join("\n")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_output_splits_back_into_scenarios() {
+        let sc = [
+            Scenario::new("a", "echo one; exit 3"),
+            Scenario::new("b-2", "echo two"),
+        ];
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(batch_script(&sc))
+            .output()
+            .unwrap();
+        let r = parse(&String::from_utf8_lossy(&out.stdout), &sc);
+        assert_eq!((r[0].exit_code, r[0].output.as_str()), (3, "one"));
+        assert_eq!((r[1].exit_code, r[1].output.as_str()), (0, "two"));
+    }
+
+    #[test]
+    fn missing_scenarios_are_reported_not_hidden() {
+        let sc = [Scenario::new("gone", "true")];
+        assert_eq!(parse("noise", &sc)[0].exit_code, -1);
+    }
+
+    #[test]
+    fn quoting_survives_the_shell() {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", sh_quote("it's $HOME")))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $HOME");
+    }
+}

@@ -1,6 +1,7 @@
 //! The `cleave` command line: parsing, logging, and one module per subcommand.
 
 mod boot;
+mod dns;
 mod rig;
 
 use std::process::ExitCode;
@@ -22,6 +23,9 @@ struct Cli {
 enum Command {
     /// Boot a guest image and stream its console until it ends.
     Boot(boot::BootArgs),
+    /// DNS tools: `cleave dns classify ADDR...` shows the pin filter's verdict.
+    #[command(subcommand)]
+    Dns(dns::DnsCommand),
     /// Run a cleave command inside the KVM rig, e.g. `cleave rig -- boot --selftest`.
     Rig(rig::RigArgs),
 }
@@ -42,6 +46,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Boot(args) => boot::run(args),
+        Command::Dns(cmd) => dns::run(cmd),
         Command::Rig(args) => rig::run(args),
     };
     match result {

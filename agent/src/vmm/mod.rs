@@ -194,9 +194,10 @@ pub fn boot_linux(
     cmdline: &str,
     console: ConsoleOut,
 ) -> Result<RunningVm, VmmError> {
+    tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "creating VM");
     let mut vm = Vm::create(kvm, machine, Irqchip::InKernel, console)?;
     vm.load_linux(kernel, initrd, cmdline)?;
-    tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "starting guest");
+    tracing::info!("starting guest");
     vm.start()
 }
 

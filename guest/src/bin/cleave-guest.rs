@@ -39,10 +39,12 @@ fn run() -> Result<(), init::InitError> {
     init::set_hostname(hostname)?;
 
     println!(
-        "{} version={} uptime_ms={}",
+        "{} version={} uptime_ms={} cpus={} mem_mib={}",
         boot::READY_PREFIX,
         env!("CARGO_PKG_VERSION"),
-        init::uptime_ms()
+        init::uptime_ms(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        init::mem_total_mib().unwrap_or(0),
     );
     if cmdline_flag(&cmdline, boot::FLAG_SELFTEST) {
         end_guest(0);

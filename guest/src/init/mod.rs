@@ -38,3 +38,29 @@ pub fn uptime_ms() -> u64 {
         .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0)
 }
+
+/// Total RAM the guest kernel manages, in MiB (from /proc/meminfo).
+pub fn mem_total_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_total_kib(&meminfo).map(|kib| kib / 1024)
+}
+
+fn parse_mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mem_total() {
+        let m = "MemFree: 1 kB\nMemTotal:      246384 kB\n";
+        assert_eq!(parse_mem_total_kib(m), Some(246384));
+        assert_eq!(parse_mem_total_kib("MemTotal: lots"), None);
+    }
+}
