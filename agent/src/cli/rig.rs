@@ -9,6 +9,9 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct RigArgs {
+    /// Run ARGS as a program (looked up in PATH) instead of as cleave's arguments.
+    #[arg(long)]
+    exec: bool,
     /// The cleave arguments to run in the rig, e.g. `boot --selftest`.
     #[arg(
         required = true,
@@ -21,6 +24,14 @@ pub struct RigArgs {
 
 pub fn run(args: RigArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout();
-    let code = crate::rig::run_cleave(&args.args, &mut out).context("running cleave in the rig")?;
+    let code = if args.exec {
+        let cwd = std::env::current_dir().context("reading the current directory")?;
+        let cmd = crate::rig::RigCommand::new(args.args, cwd);
+        crate::rig::run(&cmd, &mut out)
+            .context("running the command in the rig")?
+            .exit_code
+    } else {
+        crate::rig::run_cleave(&args.args, &mut out).context("running cleave in the rig")?
+    };
     Ok(super::exit_code(code))
 }
