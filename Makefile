@@ -41,8 +41,9 @@ build:
 	$(CARGO) build --workspace
 
 ## Boot-time benchmark: cleave vs QEMU -M microvm on the same kernel and initramfs.
-bench-boot: deps image rig build
-	@scripts/kvm-or-rig scripts/bench-boot.sh
+bench-boot: deps image rig
+	$(CARGO) build --release -p cleave-agent
+	@CLEAVE_BIN=target/release/cleave scripts/kvm-or-rig python3 scripts/bench-boot.py --cleave $(CURDIR)/target/release/cleave
 
 clean-cache:
 	rm -rf "$${CLEAVE_CACHE:-$$HOME/.cache/cleave}"

@@ -98,7 +98,13 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let machine = MachineConfig::new(args.mem, args.vcpus)?;
     kvm::require_linux_capable()?;
     let spec = args.image()?;
+    let t = Instant::now();
     let image = spec.load_verified()?;
+    tracing::info!(
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        bytes = image.kernel.len() + image.initrd.len(),
+        "image read and verified"
+    );
     let cmdline = args.cmdline();
     let kvm = vmm::open_kvm()?;
 
@@ -172,5 +178,16 @@ fn selftest(
         }
         Some(end) => report_failure(format!("the guest did not end cleanly: {end}")),
         None => report_failure("the guest did not end within 30 s after it was ready".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_benchmark_gives_qemu_the_same_command_line() {
+        let bench = include_str!("../../../scripts/bench-boot.py");
+        assert!(bench.contains(&format!("BASE_CMDLINE = \"{BASE_CMDLINE}\"")));
     }
 }

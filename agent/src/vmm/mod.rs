@@ -195,9 +195,15 @@ pub fn boot_linux(
     console: ConsoleOut,
 ) -> Result<RunningVm, VmmError> {
     tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "creating VM");
+    let t = Instant::now();
     let mut vm = Vm::create(kvm, machine, Irqchip::InKernel, console)?;
+    let created = t.elapsed();
     vm.load_linux(kernel, initrd, cmdline)?;
-    tracing::info!("starting guest");
+    tracing::info!(
+        create_ms = created.as_secs_f64() * 1e3,
+        load_ms = (t.elapsed() - created).as_secs_f64() * 1e3,
+        "starting guest"
+    );
     vm.start()
 }
 
