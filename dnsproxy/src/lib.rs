@@ -3,7 +3,7 @@
 //! A guest resolves only names its policy lists; the proxy asks upstream,
 //! drops every answer address that is not globally reachable (the
 //! [`pin_filter`]), pins the rest into that sandbox's firewall sets and only
-//! then answers. See ARCHITECTURE-dnsproxy.md for how a query flows.
+//! then answers. See docs/ARCHITECTURE.md (dnsproxy) for how a query flows.
 //!
 //! Layout, after hickory's split of protocol, serving and deciding:
 //! - [`pin_filter`]: the pure decision on one address;
