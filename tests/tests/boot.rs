@@ -28,6 +28,12 @@ fn default_image_boots_and_bad_images_are_refused() {
     let scenarios = vec![
         Scenario::new("selftest-1vcpu", format!("{cleave} boot --selftest --vcpus 1 --mem 128")),
         Scenario::new("selftest-2vcpu", format!("{cleave} boot --selftest --vcpus 2 --mem 256")),
+        // Streams the console; the guest ends right after its readiness line, which must
+        // still arrive whole (the agent drains the tty before it ends the machine).
+        Scenario::new(
+            "streamed-console-2vcpu",
+            format!("{cleave} boot --vcpus 2 --cmdline cleave.selftest=1"),
+        ),
         Scenario::new(
             "selftest-pinned-by-flags",
             format!("{cleave} boot --selftest {}", pinned(&k, &ks, &i, &is)),
@@ -96,6 +102,11 @@ fn default_image_boots_and_bad_images_are_refused() {
             "the guest ends cleanly with status 0",
         );
     }
+    let r = by("streamed-console-2vcpu");
+    f.check(r, r.exit_code == 0, "the guest's exit status is the command's");
+    f.check(r, r.output.contains(" cpus=2 mem_mib="), "the readiness line arrives whole");
+    f.check(r, r.output.contains("cleave: guest exited with status 0"), "the end is reported");
+
     let r = by("selftest-1vcpu");
     let mem = r
         .output

@@ -5,6 +5,12 @@ use crate::boot::DEBUG_EXIT_PORT;
 
 /// Syncs, reports `status` to the VMM, and resets the machine. Never returns.
 pub fn end_guest(status: u8) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // The tty driver sends console bytes to the UART asynchronously; without draining,
+    // the last lines (the readiness line, a fatal error) die with the machine.
+    let _ = nix::sys::termios::tcdrain(std::io::stdout());
     nix::unistd::sync();
     if let Err(e) = report_status(status) {
         eprintln!("cleave-guest: could not report exit status {status}: {e}; resetting");
