@@ -13,6 +13,10 @@ pub const FLAG_HOSTNAME: &str = "cleave.hostname";
 
 pub const DEFAULT_HOSTNAME: &str = "cleave";
 
+/// The vsock port the guest agent listens on (the host reaches it with
+/// `CONNECT <port>` on the VM's hybrid-vsock socket).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
 /// The I/O port the guest writes its exit status to (the VMM's debug-exit device).
 pub const DEBUG_EXIT_PORT: libc::c_ulong = 0xf4;
 

@@ -10,7 +10,7 @@ use clap::Args;
 
 use crate::devices::serial::console::Console;
 use crate::host::{kvm, paths};
-use crate::image::{Digest, ImageSpec, Manifest, PinnedFile, Role};
+use crate::image::{Digest, ImageSpec, Manifest, PinnedFile, Role, VerifiedImage};
 use crate::vmm::{self, config::MachineConfig};
 use cleave_guest::boot as guest_boot;
 
@@ -69,9 +69,7 @@ impl BootArgs {
                     sha256: is,
                 },
             }),
-            (None, None, None, None) => {
-                Ok(Manifest::load(&paths::default_image_manifest())?.spec())
-            }
+            (None, None, None, None) => default_image(),
             (None, None, _, _) => bail!(
                 "--kernel-sha256/--initrd-sha256 pin files given with --kernel/--initrd; \
                  without those flags the built-in image's own pins are used"
@@ -94,10 +92,27 @@ impl BootArgs {
     }
 }
 
-pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
-    let machine = MachineConfig::new(args.mem, args.vcpus)?;
+/// The built-in default image (`make image`), pinned by its manifest.
+pub(super) fn default_image() -> anyhow::Result<ImageSpec> {
+    Ok(Manifest::load(&paths::default_image_manifest())?.spec())
+}
+
+/// What every command that boots a guest has checked, in this order: the machine shape,
+/// a KVM that can run Linux, the image's pins (on every start); then KVM is open.
+pub(super) struct Prepared {
+    pub machine: MachineConfig,
+    pub image: VerifiedImage,
+    pub kvm: kvm_ioctls::Kvm,
+}
+
+pub(super) fn prepare(
+    mem: u64,
+    vcpus: u64,
+    image: impl FnOnce() -> anyhow::Result<ImageSpec>,
+) -> anyhow::Result<Prepared> {
+    let machine = MachineConfig::new(mem, vcpus)?;
     kvm::require_linux_capable()?;
-    let spec = args.image()?;
+    let spec = image()?;
     let t = Instant::now();
     let image = spec.load_verified()?;
     tracing::info!(
@@ -105,8 +120,21 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
         bytes = image.kernel.len() + image.initrd.len(),
         "image read and verified"
     );
-    let cmdline = args.cmdline();
     let kvm = vmm::open_kvm()?;
+    Ok(Prepared {
+        machine,
+        image,
+        kvm,
+    })
+}
+
+pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let Prepared {
+        machine,
+        image,
+        kvm,
+    } = prepare(args.mem, args.vcpus, || args.image())?;
+    let cmdline = args.cmdline();
 
     let start = Instant::now();
     if args.selftest {
@@ -118,6 +146,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
             &image.initrd,
             &cmdline,
             Box::new(writer),
+            None,
         )
         .context("booting the guest")?;
         selftest(vm, console, start, Duration::from_secs(args.timeout))
@@ -130,6 +159,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
             &image.initrd,
             &cmdline,
             Box::new(writer),
+            None,
         )
         .context("booting the guest")?;
         let end = vm.wait(None).unwrap_or(crate::devices::GuestEnd::Stopped);

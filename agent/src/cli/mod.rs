@@ -3,6 +3,9 @@
 mod boot;
 mod dns;
 mod rig;
+mod run;
+
+pub use boot::BASE_CMDLINE;
 
 use std::process::ExitCode;
 
@@ -28,6 +31,8 @@ enum Command {
     Dns(dns::DnsCommand),
     /// Run a cleave command inside the KVM rig, e.g. `cleave rig -- boot --selftest`.
     Rig(rig::RigArgs),
+    /// Boot the default image and run one command in it: `cleave run -- uname -a`.
+    Run(run::RunArgs),
 }
 
 /// Logs go to stderr as structured lines; `RUST_LOG` picks the level (default: warnings).
@@ -48,6 +53,7 @@ pub fn main() -> ExitCode {
         Command::Boot(args) => boot::run(args),
         Command::Dns(cmd) => dns::run(cmd),
         Command::Rig(args) => rig::run(args),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(code) => code,

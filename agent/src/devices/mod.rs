@@ -5,6 +5,7 @@ pub mod debug_exit;
 pub mod i8042;
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 pub use legacy::LegacyDevices;
 

@@ -1,12 +1,16 @@
 //! Our VMM: a KVM VM built from guest memory, vCPUs and devices, booted in one straight
 //! sequence ([`boot_linux`]) and run with one thread per vCPU.
 
+pub mod agent_vm;
 pub mod boot;
 pub mod config;
 pub mod control;
+pub mod event_loop;
 pub mod layout;
 pub mod memory;
+pub mod mmio;
 pub mod mptable;
+pub mod runtime_dir;
 pub mod tiny;
 pub mod vcpu;
 
@@ -19,10 +23,16 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
+use crate::devices::virtio::mmio::{MmioError, MmioTransport};
+use crate::devices::virtio::vsock::device::VsockError;
+use crate::devices::virtio::vsock::{Vsock, VsockConfig};
+use crate::devices::virtio::Interrupt;
 use crate::devices::{GuestEnd, LegacyDevices};
 use config::MachineConfig;
 use control::{ExitCounts, RunControl};
+use event_loop::{EventLoop, Subscriber};
 use memory::{GuestRam, MemoryError};
+use mmio::MmioBus;
 use vcpu::{Vcpu, VcpuError};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +54,16 @@ pub enum VmmError {
     Serial(#[from] SerialError),
     #[error("starting the thread for vCPU {index}: {source}")]
     Thread { index: u8, source: std::io::Error },
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Mmio(#[from] MmioError),
+    #[error("wiring a virtio interrupt to IRQ {irq}: {source}")]
+    VirtioIrq { irq: u32, source: std::io::Error },
+    #[error("no room for another virtio device (IRQs 5..=23 are all in use)")]
+    NoMmioSlot,
+    #[error("starting the device event loop: {0}")]
+    EventLoop(std::io::Error),
 }
 
 fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
@@ -70,6 +90,12 @@ pub struct Vm {
     fd: VmFd,
     ram: GuestRam,
     devices: Arc<Mutex<LegacyDevices>>,
+    mmio: MmioBus,
+    /// What the event loop drives (the virtio devices).
+    subscribers: Vec<Subscriber>,
+    /// `virtio_mmio.device=` arguments announcing the devices to the guest kernel.
+    device_args: Vec<String>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
     supported_cpuid: CpuId,
     machine: MachineConfig,
 }
@@ -109,9 +135,31 @@ impl Vm {
             fd,
             ram,
             devices: Arc::new(Mutex::new(LegacyDevices::new(serial))),
+            mmio: MmioBus::default(),
+            subscribers: Vec::new(),
+            device_args: Vec::new(),
+            vsock: None,
             supported_cpuid,
             machine,
         })
+    }
+
+    /// Adds a virtio-vsock device: its MMIO window and IRQ, the irqfd, one ioeventfd per
+    /// queue, and the VM's Unix socket. Call before [`load_linux`](Self::load_linux), which
+    /// announces it on the command line.
+    pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<(), VmmError> {
+        let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
+        let interrupt = Interrupt::new(Some(&self.fd), slot.irq)
+            .map_err(|source| VmmError::VirtioIrq { irq: slot.irq, source })?;
+        let vsock = Arc::new(Mutex::new(Vsock::new(config, Arc::new(interrupt))?));
+        let transport = MmioTransport::new(vsock.clone(), self.ram.memory().clone())?;
+        transport.register_ioevents(&self.fd, slot.base)?;
+        self.mmio.push(Arc::new(Mutex::new(transport)));
+        self.device_args
+            .push(MmioTransport::cmdline_arg(slot.base, slot.irq));
+        self.subscribers.push(vsock.clone());
+        self.vsock = Some(vsock);
+        Ok(())
     }
 
     /// Loads a Linux kernel and initramfs for the PVH entry and configures every vCPU.
@@ -121,7 +169,12 @@ impl Vm {
         initrd: &[u8],
         cmdline: &str,
     ) -> Result<(), VmmError> {
-        let cmdline = boot::cmdline(cmdline)?;
+        let mut cmdline = cmdline.to_string();
+        for arg in &self.device_args {
+            cmdline.push(' ');
+            cmdline.push_str(arg);
+        }
+        let cmdline = boot::cmdline(&cmdline)?;
         let count = self.machine.vcpus.get();
         let entry = boot::load(
             self.ram.memory(),
@@ -149,19 +202,31 @@ impl Vm {
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
     }
+    /// The vsock device, if the VM has one (for a transport reset after a fork).
+    pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
+        self.vsock.as_ref()
+    }
 
     /// Starts one thread per vCPU.
+    /// Starts the device event loop (if there are devices) and one thread per vCPU.
     pub fn start(mut self) -> Result<RunningVm, VmmError> {
         install_kick_handler();
+        let event_loop = if self.subscribers.is_empty() {
+            None
+        } else {
+            Some(EventLoop::start(self.subscribers.clone()).map_err(VmmError::EventLoop)?)
+        };
         let control = Arc::new(RunControl::default());
+        let mmio = Arc::new(std::mem::take(&mut self.mmio));
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
             let index = vcpu.index();
             let devices = self.devices.clone();
+            let mmio = mmio.clone();
             let ctl = control.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run(devices, ctl));
+                .spawn(move || vcpu.run(devices, mmio, ctl));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(source) => {
@@ -170,6 +235,7 @@ impl Vm {
                         control,
                         threads,
                         vm: Some(self),
+                        event_loop,
                         started: Instant::now(),
                     });
                     return Err(VmmError::Thread { index, source });
@@ -180,6 +246,7 @@ impl Vm {
             control,
             threads,
             vm: Some(self),
+            event_loop,
             started: Instant::now(),
         })
     }
@@ -193,10 +260,14 @@ pub fn boot_linux(
     initrd: &[u8],
     cmdline: &str,
     console: ConsoleOut,
+    vsock: Option<&VsockConfig>,
 ) -> Result<RunningVm, VmmError> {
     tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "creating VM");
     let t = Instant::now();
     let mut vm = Vm::create(kvm, machine, Irqchip::InKernel, console)?;
+    if let Some(config) = vsock {
+        vm.add_vsock(config)?;
+    }
     let created = t.elapsed();
     vm.load_linux(kernel, initrd, cmdline)?;
     tracing::info!(
@@ -213,6 +284,8 @@ pub struct RunningVm {
     threads: Vec<JoinHandle<Vcpu>>,
     /// `None` only after [`RunningVm::stop_and_keep`] handed it out.
     vm: Option<Vm>,
+    /// Device work; stopped after the vCPUs.
+    event_loop: Option<EventLoop>,
     started: Instant,
 }
 
@@ -233,6 +306,11 @@ impl RunningVm {
         self.started
     }
 
+    /// The vsock device, if the VM has one.
+    pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
+        self.vm.as_ref().and_then(Vm::vsock)
+    }
+
     /// Stops every vCPU (the guest may already have ended) and returns why the VM ended.
     pub fn stop(self) -> GuestEnd {
         self.stop_and_keep().0
@@ -243,6 +321,9 @@ impl RunningVm {
     pub fn stop_and_keep(mut self) -> (GuestEnd, Vm) {
         self.control.end(GuestEnd::Stopped);
         self.join_all();
+        if let Some(mut l) = self.event_loop.take() {
+            l.stop();
+        }
         let end = self
             .control
             .wait(Some(Duration::ZERO))

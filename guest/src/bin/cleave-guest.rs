@@ -1,11 +1,24 @@
 //! The guest agent: PID 1 of every cleave guest.
+//!
+//! Mounts the filesystems, starts the reaper (the only `waitpid` caller in the process),
+//! serves the agent protocol on vsock, says it is ready, and then waits for SIGTERM/SIGINT.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::socket::{
+    accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+};
 use nix::unistd::Pid;
 
 use cleave_guest::boot::{self, cmdline_flag, cmdline_value};
 use cleave_guest::init::{self, power::end_guest};
+use cleave_guest::reseed::{self, KernelReseed};
+use cleave_guest::server::{GateMode, Reaper, Server, ServerConfig};
+
+/// `VMADDR_CID_ANY`: accept connections to whatever CID the device gives us.
+const CID_ANY: u32 = u32::MAX;
 
 fn main() {
     if nix::unistd::getpid() != Pid::from_raw(1) {
@@ -20,17 +33,15 @@ fn main() {
 
 fn run() -> Result<(), init::InitError> {
     // Block the signals PID 1 acts on before anything can send them; they are taken
-    // synchronously below.
+    // synchronously below. SIGCHLD stays at its default: the reaper waits for children
+    // itself, and children get a clean signal mask from the spawner.
     let mut signals = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-    ] {
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
     }
     let _ = signals.thread_block();
+    // Before any child exists: from here on it owns waitpid for the whole process.
+    let reaper = Reaper::start();
 
     init::mounts::mount_all()?;
     init::stdio::ensure_console();
@@ -38,36 +49,85 @@ fn run() -> Result<(), init::InitError> {
     let hostname = cmdline_value(&cmdline, boot::FLAG_HOSTNAME).unwrap_or(boot::DEFAULT_HOSTNAME);
     init::set_hostname(hostname)?;
 
+    let selftest = cmdline_flag(&cmdline, boot::FLAG_SELFTEST);
+    let vsock = if selftest {
+        None
+    } else {
+        match serve_vsock(reaper, &cmdline) {
+            Ok(()) => Some(boot::AGENT_VSOCK_PORT),
+            Err(e) => {
+                // Still a usable console guest; the host sees no `vsock=` in the ready line.
+                eprintln!("cleave-guest: not serving on vsock: {e}");
+                None
+            }
+        }
+    };
+
     println!(
-        "{} version={} uptime_ms={} cpus={} mem_mib={}",
+        "{} version={} uptime_ms={} cpus={} mem_mib={}{}",
         boot::READY_PREFIX,
         env!("CARGO_PKG_VERSION"),
         init::uptime_ms(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         init::mem_total_mib().unwrap_or(0),
+        vsock.map_or(String::new(), |p| format!(" vsock={p}")),
     );
-    if cmdline_flag(&cmdline, boot::FLAG_SELFTEST) {
+    if selftest {
         end_guest(0);
     }
 
     loop {
-        match signals.wait() {
-            Ok(Signal::SIGCHLD) => reap_zombies(),
-            Ok(Signal::SIGTERM | Signal::SIGINT) => {
-                println!("cleave-guest: shutting down");
-                end_guest(0);
-            }
-            _ => {}
+        if let Ok(Signal::SIGTERM | Signal::SIGINT) = signals.wait() {
+            println!("cleave-guest: shutting down");
+            end_guest(0);
         }
     }
 }
 
-/// Reaps every exited child, orphans included.
-fn reap_zombies() {
+/// Listens on [`boot::AGENT_VSOCK_PORT`] and serves each connection on its own thread.
+/// A cold boot serves at once ([`GateMode::Open`]); templates (a later step) start closed.
+fn serve_vsock(reaper: Reaper, cmdline: &str) -> nix::Result<()> {
+    let listener = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(
+        listener.as_raw_fd(),
+        &VsockAddr::new(CID_ANY, boot::AGENT_VSOCK_PORT),
+    )?;
+    listen(&listener, Backlog::new(64)?)?;
+
+    let mut reseeder = KernelReseed::guest_default();
+    reseeder.force_fail = reseed::test_fail_requested(cmdline);
+    let mut config = ServerConfig::new(GateMode::Open, Arc::new(reseeder));
+    config.on_shutdown = Some(Arc::new(|| end_guest(0)));
+    let server = Server::new(config, reaper);
+
+    std::thread::Builder::new()
+        .name("cleave-accept".into())
+        .spawn(move || accept_forever(listener, server))
+        .map_err(|e| nix::Error::try_from(e).unwrap_or(nix::Error::EAGAIN))?;
+    Ok(())
+}
+
+fn accept_forever(listener: OwnedFd, server: Server) {
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => continue,
+        // CLOEXEC: commands the agent spawns must not inherit the control channel.
+        match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            Ok(fd) => {
+                // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                if let Err(e) = server.spawn_connection(fd) {
+                    eprintln!("cleave-guest: cannot serve a connection: {e}");
+                }
+            }
+            Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => {}
+            Err(e) => {
+                eprintln!("cleave-guest: accept on vsock failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::boot::BootEntry;
 use super::control::RunControl;
+use super::mmio::MmioBus;
 use crate::devices::{GuestEnd, LegacyDevices};
 
 #[derive(Debug, thiserror::Error)]
@@ -91,12 +92,17 @@ impl Vcpu {
     }
 
     /// Runs until the guest ends, this vCPU fails, or `control` says stop.
-    pub fn run(mut self, devices: Arc<Mutex<LegacyDevices>>, control: Arc<RunControl>) -> Self {
+    pub fn run(
+        mut self,
+        devices: Arc<Mutex<LegacyDevices>>,
+        mmio: Arc<MmioBus>,
+        control: Arc<RunControl>,
+    ) -> Self {
         let span = tracing::debug_span!("vcpu", index = self.index);
         let _enter = span.enter();
         while !control.is_stopping() {
             let end = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, exit, &devices, &control),
+                Ok(exit) => handle_exit(self.index, exit, &devices, &mmio, &control),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
                 Err(e) => Some(GuestEnd::Failed(format!(
                     "KVM_RUN on vCPU {} failed: {e}",
@@ -116,6 +122,7 @@ fn handle_exit(
     index: u8,
     exit: VcpuExit<'_>,
     devices: &Mutex<LegacyDevices>,
+    mmio: &MmioBus,
     control: &RunControl,
 ) -> Option<GuestEnd> {
     let lock = || devices.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,13 +138,17 @@ fn handle_exit(
         }
         VcpuExit::MmioRead(addr, data) => {
             control.stats.count_mmio_read();
-            tracing::trace!(addr, len = data.len(), "unclaimed MMIO read");
-            data.fill(0xff);
+            if !mmio.read(addr, data) {
+                tracing::trace!(addr, len = data.len(), "unclaimed MMIO read");
+                data.fill(0xff);
+            }
             None
         }
         VcpuExit::MmioWrite(addr, data) => {
             control.stats.count_mmio_write();
-            tracing::trace!(addr, len = data.len(), "unclaimed MMIO write");
+            if !mmio.write(addr, data) {
+                tracing::trace!(addr, len = data.len(), "unclaimed MMIO write");
+            }
             None
         }
         VcpuExit::Hlt => Some(GuestEnd::Halted),

@@ -1,0 +1,156 @@
+//! A booted guest whose agent answers on vsock: the VM, its private runtime directory
+//! (with the hybrid-vsock socket), its console tail, and a protocol client. What
+//! `cleave run` and the integration probes drive.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cleave_guest::boot::{AGENT_VSOCK_PORT, READY_PREFIX};
+use cleave_guest::protocol::{Client, ClientError, HelloReply};
+use kvm_ioctls::Kvm;
+
+use super::config::MachineConfig;
+use super::runtime_dir::{RuntimeDir, RuntimeDirError};
+use super::{boot_linux, RunningVm, VmmError};
+use crate::devices::serial::console::Console;
+use crate::devices::virtio::vsock::{hybrid, VsockConfig, DEFAULT_GUEST_CID};
+use crate::devices::GuestEnd;
+use crate::image::VerifiedImage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentVmError {
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
+    #[error("booting the guest: {0}")]
+    Boot(#[from] VmmError),
+    #[error("the guest ended before its agent was ready: {end}")]
+    Ended { end: GuestEnd },
+    #[error("the guest agent was not ready within {0:?}")]
+    NotReady(Duration),
+    #[error("connecting to the guest agent over vsock: {0}")]
+    Connect(std::io::Error),
+    #[error("the guest agent did not answer hello: {0}")]
+    Hello(ClientError),
+}
+
+/// A running guest with a connected agent. Dropping it stops the VM and removes its
+/// runtime directory.
+pub struct AgentVm {
+    // Drop order: the client, then the VM, then the directory its socket lives in.
+    client: Client,
+    vm: Option<RunningVm>,
+    console: Console,
+    dir: RuntimeDir,
+    hello: HelloReply,
+    ready_after: Duration,
+}
+
+impl AgentVm {
+    /// Boots `image` with a vsock device and waits (up to `timeout`) until the agent
+    /// answers `hello`.
+    pub fn boot(
+        kvm: &Kvm,
+        machine: MachineConfig,
+        image: &VerifiedImage,
+        cmdline: &str,
+        timeout: Duration,
+    ) -> Result<AgentVm, AgentVmError> {
+        let dir = RuntimeDir::create()?;
+        let vsock = VsockConfig {
+            guest_cid: DEFAULT_GUEST_CID,
+            uds_path: dir.vsock_path(),
+        };
+        let (console, writer) = Console::new(None, Some(READY_PREFIX));
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let vm = boot_linux(
+            kvm,
+            machine,
+            &image.kernel,
+            &image.initrd,
+            cmdline,
+            Box::new(writer),
+            Some(&vsock),
+        )?;
+        // The readiness line comes after the agent listens; watch for an early end.
+        while console.wait_for_line(Duration::from_millis(100)).is_none() {
+            if let Some(end) = vm.wait(Some(Duration::ZERO)) {
+                return Err(AgentVmError::Ended { end });
+            }
+            if Instant::now() >= deadline {
+                return Err(AgentVmError::NotReady(timeout));
+            }
+        }
+        let stream = hybrid::connect(&vsock.uds_path, AGENT_VSOCK_PORT, deadline)
+            .map_err(AgentVmError::Connect)?;
+        let client = Client::new(stream).map_err(AgentVmError::Connect)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let hello = client
+            .hello(left.max(Duration::from_secs(1)))
+            .map_err(AgentVmError::Hello)?;
+        Ok(AgentVm {
+            client,
+            vm: Some(vm),
+            console,
+            dir,
+            hello,
+            ready_after: start.elapsed(),
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn hello(&self) -> &HelloReply {
+        &self.hello
+    }
+
+    /// From starting the VM to the agent's `hello` answer.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// The VM's hybrid-vsock socket.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.vsock_path()
+    }
+
+    /// The VM's private runtime directory (an id for the run).
+    pub fn id(&self) -> String {
+        self.dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// A further raw stream to the agent (a second protocol connection).
+    pub fn connect(&self, timeout: Duration) -> std::io::Result<UnixStream> {
+        hybrid::connect(&self.vsock_path(), AGENT_VSOCK_PORT, Instant::now() + timeout)
+    }
+
+    pub fn vm(&self) -> &RunningVm {
+        self.vm.as_ref().expect("the VM is only taken on drop")
+    }
+
+    /// The last bytes the guest printed on its console.
+    pub fn console_tail(&self) -> String {
+        self.console.tail()
+    }
+
+    /// Stops the VM and returns why it ended.
+    pub fn stop(mut self) -> GuestEnd {
+        self.vm.take().map_or(GuestEnd::Stopped, RunningVm::stop)
+    }
+}
+
+impl Drop for AgentVm {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            vm.stop();
+        }
+        tracing::debug!(dir = %self.dir.path().display(), "VM stopped; removing its runtime directory");
+    }
+}

@@ -1,0 +1,104 @@
+//! A VM's private runtime directory (mode 0700) for its sockets: under
+//! `$XDG_RUNTIME_DIR/cleave` when that is set, else `/run/cleave`. Removed with everything
+//! in it when dropped, however the VM ended.
+
+use std::fs::DirBuilder;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error("creating the VM runtime directory {path}: {source} (set XDG_RUNTIME_DIR to a writable directory)")]
+pub struct RuntimeDirError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+#[derive(Debug)]
+pub struct RuntimeDir {
+    path: PathBuf,
+}
+
+impl RuntimeDir {
+    /// Where VM directories go.
+    pub fn base() -> PathBuf {
+        match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            Some(d) => PathBuf::from(d).join("cleave"),
+            None => PathBuf::from("/run/cleave"),
+        }
+    }
+
+    /// Creates a fresh directory for one VM under `base`.
+    pub fn create_in(base: &Path) -> Result<RuntimeDir, RuntimeDirError> {
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RuntimeDirError { path, source }
+        };
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(base)
+            .map_err(err(base))?;
+        let mut random = [0u8; 8];
+        getrandom(&mut random);
+        let path = base.join(format!("vm-{}-{}", std::process::id(), hex::encode(random)));
+        // Not recursive: the directory must be new, and ours alone.
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(err(&path))?;
+        Ok(RuntimeDir { path })
+    }
+
+    pub fn create() -> Result<RuntimeDir, RuntimeDirError> {
+        Self::create_in(&Self::base())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The VM's hybrid-vsock socket.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.path.join("vsock.sock")
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "removing the VM runtime directory");
+        }
+    }
+}
+
+fn getrandom(buf: &mut [u8]) {
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`, which we own.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        // Uniqueness, not secrecy: the pid and the time still tell VMs apart.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        buf.copy_from_slice(&t.to_le_bytes()[..buf.len().min(8)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn private_and_removed_on_drop() {
+        let base = tempfile::tempdir().unwrap();
+        let d = RuntimeDir::create_in(&base.path().join("cleave")).unwrap();
+        let mode = std::fs::metadata(d.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::write(d.vsock_path(), b"x").unwrap();
+        let p = d.path().to_path_buf();
+        let other = RuntimeDir::create_in(&base.path().join("cleave")).unwrap();
+        assert_ne!(other.path(), p);
+        drop(d);
+        assert!(!p.exists());
+    }
+}
