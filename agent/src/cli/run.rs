@@ -64,7 +64,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Duration::from_secs(args.boot_timeout),
     );
     let vm = vm.context("starting the guest")?;
-    tracing::info!(ms = vm.ready_after().as_secs_f64() * 1e3, "guest agent ready");
+    tracing::info!(
+        ms = vm.ready_after().as_secs_f64() * 1e3,
+        "guest agent ready"
+    );
 
     let mut req = ExecRequest::new(args.command.iter().cloned());
     req.timeout_ms = args.timeout.map(|s| s.saturating_mul(1000));

@@ -128,7 +128,11 @@ impl AgentVm {
 
     /// A further raw stream to the agent (a second protocol connection).
     pub fn connect(&self, timeout: Duration) -> std::io::Result<UnixStream> {
-        hybrid::connect(&self.vsock_path(), AGENT_VSOCK_PORT, Instant::now() + timeout)
+        hybrid::connect(
+            &self.vsock_path(),
+            AGENT_VSOCK_PORT,
+            Instant::now() + timeout,
+        )
     }
 
     pub fn vm(&self) -> &RunningVm {

@@ -43,7 +43,9 @@ impl MmioBus {
 
     fn find(&self, addr: u64) -> Option<(&Mutex<MmioTransport>, u64)> {
         let offset = addr.checked_sub(layout::MMIO_GAP_START)?;
-        let slot = self.slots.get(usize::try_from(offset / WINDOW_SIZE).ok()?)?;
+        let slot = self
+            .slots
+            .get(usize::try_from(offset / WINDOW_SIZE).ok()?)?;
         Some((slot, offset % WINDOW_SIZE))
     }
 

@@ -144,13 +144,40 @@ impl Vm {
         })
     }
 
+    /// A VM from parts built elsewhere: a fork restored from a template (`fork::restore`)
+    /// has its VM fd, private memory, restored vCPUs and devices, and no virtio devices yet.
+    pub fn from_parts(
+        fd: VmFd,
+        ram: GuestRam,
+        vcpus: Vec<Vcpu>,
+        devices: LegacyDevices,
+        cpuid: CpuId,
+        machine: MachineConfig,
+    ) -> Vm {
+        Vm {
+            vcpus,
+            fd,
+            ram,
+            devices: Arc::new(Mutex::new(devices)),
+            mmio: MmioBus::default(),
+            subscribers: Vec::new(),
+            device_args: Vec::new(),
+            vsock: None,
+            supported_cpuid: cpuid,
+            machine,
+        }
+    }
+
     /// Adds a virtio-vsock device: its MMIO window and IRQ, the irqfd, one ioeventfd per
     /// queue, and the VM's Unix socket. Call before [`load_linux`](Self::load_linux), which
     /// announces it on the command line.
     pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<(), VmmError> {
         let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
-        let interrupt = Interrupt::new(Some(&self.fd), slot.irq)
-            .map_err(|source| VmmError::VirtioIrq { irq: slot.irq, source })?;
+        let interrupt =
+            Interrupt::new(Some(&self.fd), slot.irq).map_err(|source| VmmError::VirtioIrq {
+                irq: slot.irq,
+                source,
+            })?;
         let vsock = Arc::new(Mutex::new(Vsock::new(config, Arc::new(interrupt))?));
         let transport = MmioTransport::new(vsock.clone(), self.ram.memory().clone())?;
         transport.register_ioevents(&self.fd, slot.base)?;
@@ -201,6 +228,16 @@ impl Vm {
     }
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
+    }
+    /// The vCPUs, mutably (capture runs each once with `immediate_exit` set).
+    pub fn vcpus_mut(&mut self) -> &mut [Vcpu] {
+        &mut self.vcpus
+    }
+    pub fn devices(&self) -> &Arc<Mutex<LegacyDevices>> {
+        &self.devices
+    }
+    pub fn machine(&self) -> MachineConfig {
+        self.machine
     }
     /// The vsock device, if the VM has one (for a transport reset after a fork).
     pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {

@@ -67,7 +67,9 @@ mod tests {
     #[test]
     fn a_flood_is_cut_to_the_burst() {
         let mut l = LogLimit::new();
-        let logged = (0..1000).filter(|i| l.warn(format_args!("bad {i}"))).count();
+        let logged = (0..1000)
+            .filter(|i| l.warn(format_args!("bad {i}")))
+            .count();
         assert_eq!(logged, LogLimit::BURST as usize);
         assert_eq!(l.suppressed(), 1000 - u64::from(LogLimit::BURST));
     }

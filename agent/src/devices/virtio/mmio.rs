@@ -108,7 +108,9 @@ impl MmioTransport {
         let queues = sizes
             .iter()
             .enumerate()
-            .map(|(index, &size)| Queue::new(size).map_err(|_| MmioError::QueueSize { index, size }))
+            .map(|(index, &size)| {
+                Queue::new(size).map_err(|_| MmioError::QueueSize { index, size })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MmioTransport {
             device,
@@ -239,8 +241,13 @@ impl MmioTransport {
             REG_QUEUE_NOTIFY => self.notify_without_ioeventfd(v),
             REG_INTERRUPT_ACK => lock(&self.device).interrupt().ack(v),
             REG_STATUS => self.write_status(v),
-            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH | REG_QUEUE_DEVICE_LOW
+            REG_QUEUE_NUM
+            | REG_QUEUE_READY
+            | REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
             | REG_QUEUE_DEVICE_HIGH => self.write_queue(offset, v),
             _ => {
                 self.log.warn(format_args!(

@@ -247,7 +247,10 @@ mod tests {
         let (mut c, mut b) = pair();
         b.write_all(&[1u8; 1000]).unwrap();
         c.update_peer_credit(10, 0);
-        assert_eq!(c.read_for_guest(4096).unwrap(), HostRead::Data(vec![1u8; 10]));
+        assert_eq!(
+            c.read_for_guest(4096).unwrap(),
+            HostRead::Data(vec![1u8; 10])
+        );
         assert_eq!(c.read_for_guest(4096).unwrap(), HostRead::Empty);
         c.update_peer_credit(10, 10);
         assert_eq!(c.read_for_guest(4).unwrap(), HostRead::Data(vec![1u8; 4]));

@@ -16,7 +16,9 @@ use super::unix::Muxer;
 use super::VsockConfig;
 use crate::devices::virtio::interrupt::INT_USED_RING;
 use crate::devices::virtio::log_limit::LogLimit;
-use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
 
 pub const RXQ: usize = 0;
 pub const TXQ: usize = 1;
@@ -205,7 +207,8 @@ impl Vsock {
                     None => 0,
                 },
                 Err(e) => {
-                    self.log.warn(format_args!("vsock: RX buffer unusable: {e}"));
+                    self.log
+                        .warn(format_args!("vsock: RX buffer unusable: {e}"));
                     0
                 }
             };
@@ -247,7 +250,8 @@ impl Vsock {
                 n
             }
             Err(e) => {
-                self.log.warn(format_args!("vsock: event buffer unusable: {e}"));
+                self.log
+                    .warn(format_args!("vsock: event buffer unusable: {e}"));
                 0
             }
         };

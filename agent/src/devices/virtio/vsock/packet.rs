@@ -176,8 +176,8 @@ impl<'a> RxSlot<'a> {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let pkt =
-            VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA).map_err(PacketError::Chain)?;
+        let pkt = VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA)
+            .map_err(PacketError::Chain)?;
         Ok(RxSlot { pkt })
     }
 

@@ -209,8 +209,12 @@ impl Muxer {
         let target = port_path(&self.path, key.local_port);
         match connect_nonblocking(&target) {
             Ok(stream) => {
-                let mut conn =
-                    Connection::new(stream, key.local_port, key.peer_port, ConnState::Established);
+                let mut conn = Connection::new(
+                    stream,
+                    key.local_port,
+                    key.peer_port,
+                    ConnState::Established,
+                );
                 conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
                 self.by_fd.insert(conn.stream.as_raw_fd(), key);
                 self.conns.insert(key, conn);
@@ -385,7 +389,10 @@ impl Muxer {
                 local_port: self.next_local_port,
                 peer_port,
             };
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.conns.contains_key(&key) {
                 return key;
             }
@@ -575,11 +582,8 @@ impl Muxer {
                 let _ = ops.remove(Events::empty(&stream));
             }
         }
-        let mut want: Vec<(RawFd, EventSet)> = self
-            .pending
-            .keys()
-            .map(|fd| (*fd, EventSet::IN))
-            .collect();
+        let mut want: Vec<(RawFd, EventSet)> =
+            self.pending.keys().map(|fd| (*fd, EventSet::IN)).collect();
         want.extend(self.conns.values().map(|c| {
             let mut set = EventSet::empty();
             if c.wants_read() && !c.in_ready && !rx_starved {
@@ -666,7 +670,12 @@ mod tests {
             b"CONNECT 5 2",
             b"\xff\xfe",
         ] {
-            assert_eq!(parse_connect(bad), None, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                parse_connect(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
