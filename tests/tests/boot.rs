@@ -103,9 +103,21 @@ fn default_image_boots_and_bad_images_are_refused() {
         );
     }
     let r = by("streamed-console-2vcpu");
-    f.check(r, r.exit_code == 0, "the guest's exit status is the command's");
-    f.check(r, r.output.contains(" cpus=2 mem_mib="), "the readiness line arrives whole");
-    f.check(r, r.output.contains("cleave: guest exited with status 0"), "the end is reported");
+    f.check(
+        r,
+        r.exit_code == 0,
+        "the guest's exit status is the command's",
+    );
+    f.check(
+        r,
+        r.output.contains(" cpus=2 mem_mib="),
+        "the readiness line arrives whole",
+    );
+    f.check(
+        r,
+        r.output.contains("cleave: guest exited with status 0"),
+        "the end is reported",
+    );
 
     let r = by("selftest-1vcpu");
     let mem = r
