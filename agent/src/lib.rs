@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod devices;
+pub mod fork;
 pub mod host;
 pub mod image;
 pub mod rig;

@@ -38,6 +38,22 @@ pub enum Ending {
     Exit(u8),
     /// `cli; hlt`: stays halted until the host stops it.
     Halt,
+    /// Counts forever: `rcx` += 1, stores it at [`COUNTER_ADDR`], reads COM1's line
+    /// status ([`COUNT_STATUS_PORT`]), prints [`count_char`]`(rcx)` on COM1, repeat. What a fork test watches to see a clone
+    /// continue exactly where its template stopped.
+    Count,
+}
+
+/// The port [`Ending::Count`] reads once per count (COM1's line status register).
+pub const COUNT_STATUS_PORT: u16 = 0x3fd;
+
+/// Where [`Ending::Count`] stores its counter.
+pub const COUNTER_ADDR: u64 = 0x5000;
+
+/// The character [`Ending::Count`] prints for counter value `n`: 64 printable ASCII
+/// characters, cycling.
+pub fn count_char(n: u64) -> u8 {
+    b'0' + (n & 0x3f) as u8
 }
 
 /// The machine code.
@@ -63,6 +79,25 @@ pub fn program(ending: Ending) -> Vec<u8> {
             0xf4, // hlt (not reached)
         ]),
         Ending::Halt => code.extend_from_slice(&[0xfa, 0xf4]), // cli; hlt
+        Ending::Count => {
+            code.extend_from_slice(&[
+                0x31, 0xc9, // xor ecx, ecx
+                // loop:
+                0x48, 0xff, 0xc1, // inc rcx
+                0x48, 0x89, 0x0c, 0x25, // mov [COUNTER_ADDR], rcx
+            ]);
+            code.extend_from_slice(&(COUNTER_ADDR as u32).to_le_bytes());
+            code.extend_from_slice(&[
+                0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (line status, as a driver polls)
+                0xec, // in al, dx
+                0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+                0x89, 0xc8, // mov eax, ecx
+                0x24, 0x3f, // and al, 0x3f
+                0x04, b'0', // add al, '0'
+                0xee, // out dx, al
+                0xeb, 0xe3, // jmp loop (-29)
+            ]);
+        }
     }
     code
 }
@@ -142,5 +177,18 @@ mod tests {
         let exit = program(Ending::Exit(42));
         assert_eq!(&exit[exit.len() - 8..exit.len() - 6], &[0xb0, 42]);
         assert!(program(Ending::Halt).ends_with(&[0xfa, 0xf4]));
+    }
+
+    #[test]
+    fn count_loop_jumps_back_to_its_start() {
+        let code = program(Ending::Count);
+        let start = code
+            .windows(3)
+            .position(|w| w == [0x48, 0xff, 0xc1])
+            .unwrap();
+        let rel = code[code.len() - 1] as i8;
+        assert_eq!(code.len() as isize + rel as isize, start as isize);
+        assert_eq!(count_char(1), b'1');
+        assert_eq!(count_char(64), b'0');
     }
 }

@@ -23,6 +23,8 @@ pub enum SerialError {
     EventFd(std::io::Error),
     #[error("wiring the serial interrupt to IRQ {COM1_IRQ}: {0}")]
     Irqfd(kvm_ioctls::Error),
+    #[error("restoring the serial device from its saved state: {0}")]
+    State(String),
 }
 
 /// The UART's interrupt line: an eventfd registered as an irqfd.
@@ -44,14 +46,23 @@ pub struct Serial {
 impl Serial {
     /// A UART writing to `out`; with `vm`, its interrupt is wired to the in-kernel irqchip.
     pub fn new(out: ConsoleOut, vm: Option<&VmFd>) -> Result<Self, SerialError> {
+        Self::from_state(&SerialState::default(), out, vm)
+    }
+
+    /// A UART continuing from `state` (a fork of a template), wired like [`new`](Self::new).
+    pub fn from_state(
+        state: &SerialState,
+        out: ConsoleOut,
+        vm: Option<&VmFd>,
+    ) -> Result<Self, SerialError> {
         let evt = EventFd::new(EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         if let Some(vm) = vm {
             vm.register_irqfd(&evt, COM1_IRQ)
                 .map_err(SerialError::Irqfd)?;
         }
-        Ok(Self {
-            uart: Uart::new(IrqLine(evt), out),
-        })
+        let uart = Uart::from_state(state, IrqLine(evt), NoEvents, out)
+            .map_err(|e| SerialError::State(format!("{e:?}")))?;
+        Ok(Self { uart })
     }
 
     pub fn read(&mut self, offset: u8) -> u8 {

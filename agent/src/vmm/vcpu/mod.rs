@@ -52,6 +52,11 @@ impl Vcpu {
         Ok(Self { index, fd })
     }
 
+    /// Wraps a vCPU fd created elsewhere (a fork restores its state before wrapping).
+    pub fn from_fd(index: u8, fd: VcpuFd) -> Self {
+        Self { index, fd }
+    }
+
     pub fn index(&self) -> u8 {
         self.index
     }

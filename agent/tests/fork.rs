@@ -1,0 +1,364 @@
+//! Fork tests on /dev/kvm directly (any KVM, kvm_pvm included), with the tiny counting
+//! guest: a template is captured from a running guest and forks continue exactly where it
+//! stopped, with private memory, several at once, and nothing left behind.
+//!
+//! The guest ([`tiny::Ending::Count`]) counts in `rcx`, stores the count in memory and
+//! prints one character per count on COM1, so the console of template + fork must read as
+//! one unbroken count: a fork that lost or replayed an instruction shows up as a gap or a
+//! repeated character.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cleave_agent::devices::GuestEnd;
+use cleave_agent::fork::{self, SealedMemory, Template};
+use cleave_agent::host::kvm::KvmFlavour;
+use cleave_agent::vmm::config::MachineConfig;
+use cleave_agent::vmm::{self, tiny, Irqchip, RunningVm, Vm};
+use kvm_ioctls::{Kvm, VcpuExit};
+use vm_memory::{Bytes, GuestAddress};
+
+/// The tests count this process's fds, so they run one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn kvm() -> Option<Kvm> {
+    if !KvmFlavour::detect().has_ioctls() {
+        eprintln!("SKIP: no /dev/kvm on this host; these tests need KVM ioctls");
+        return None;
+    }
+    Some(vmm::open_kvm().expect("open /dev/kvm"))
+}
+
+/// A console that keeps the first bytes the guest printed, the last one, and a count.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Recorded>>);
+
+#[derive(Default)]
+struct Recorded {
+    head: Vec<u8>,
+    last: Option<u8>,
+    total: usize,
+}
+
+const HEAD_BYTES: usize = 4096;
+
+impl Recorder {
+    fn lock(&self) -> MutexGuard<'_, Recorded> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn total(&self) -> usize {
+        self.lock().total
+    }
+    fn wait_for(&self, bytes: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.total() < bytes {
+            assert!(
+                Instant::now() < deadline,
+                "guest printed only {} bytes",
+                self.total()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Write for Recorder {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut r = self.lock();
+        let room = HEAD_BYTES.saturating_sub(r.head.len()).min(buf.len());
+        r.head.extend_from_slice(&buf[..room]);
+        if let Some(&b) = buf.last() {
+            r.last = Some(b);
+        }
+        r.total += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the template had done when it was captured.
+struct Captured {
+    template: Template,
+    /// The last count the template printed: a fork's first character is for the next one.
+    last_printed: u64,
+}
+
+/// Boots the counting guest, lets it print `bytes` characters, stops and captures it.
+fn counting_template(kvm: &Kvm, vcpus: u64, bytes: usize) -> Captured {
+    let console = Recorder::default();
+    let machine = MachineConfig::new(32, vcpus).unwrap();
+    let vm = Vm::create(kvm, machine, Irqchip::InKernel, Box::new(console.clone())).unwrap();
+    tiny::load(vm.ram().memory(), tiny::Ending::Count).unwrap();
+    for vcpu in vm.vcpus() {
+        vcpu.configure_cpu(vm.supported_cpuid(), vcpus as u8)
+            .unwrap();
+    }
+    tiny::setup_vcpu(&vm.vcpus()[0]).unwrap();
+    let running = vm.start().unwrap();
+    console.wait_for(bytes);
+    let (end, vm) = running.stop_and_keep();
+    assert_eq!(end, GuestEnd::Stopped);
+    let template = fork::capture(kvm, vm).unwrap();
+
+    let rcx = template.state().vcpus[0].regs.rcx;
+    let last = console.lock().last.unwrap();
+    // The vCPU may have stopped just after `inc` (printed rcx - 1) or later (printed rcx).
+    let last_printed = if last == tiny::count_char(rcx) {
+        rcx
+    } else {
+        assert_eq!(last, tiny::count_char(rcx - 1), "rcx={rcx}");
+        rcx - 1
+    };
+    let stored = template_counter(&template);
+    assert!(
+        stored == rcx || stored + 1 == rcx,
+        "stored {stored}, rcx {rcx}"
+    );
+    Captured {
+        template,
+        last_printed,
+    }
+}
+
+fn template_counter(t: &Template) -> u64 {
+    let mut buf = [0u8; 8];
+    t.memory()
+        .file()
+        .read_exact_at(&mut buf, tiny::COUNTER_ADDR)
+        .unwrap();
+    u64::from_le_bytes(buf)
+}
+
+/// A fork of `c`, running, and its console.
+fn start_fork(kvm: &Kvm, c: &Captured) -> (RunningVm, Recorder) {
+    let console = Recorder::default();
+    let restored = fork::restore(kvm, &c.template, Box::new(console.clone())).unwrap();
+    (restored.vm.start().unwrap(), console)
+}
+
+/// Checks that the fork's console continues the template's count without a gap or a
+/// repeat, and that its memory and registers agree with what it printed.
+fn assert_continues(c: &Captured, console: &Recorder, vm: &Vm) {
+    let rec = console.lock();
+    assert!(!rec.head.is_empty(), "the fork printed nothing");
+    for (i, &b) in rec.head.iter().enumerate() {
+        let want = tiny::count_char(c.last_printed + 1 + i as u64);
+        assert_eq!(
+            b, want,
+            "fork byte {i}: got {:?}, want {:?} (template printed up to {})",
+            b as char, want as char, c.last_printed
+        );
+    }
+    let last_printed = c.last_printed + rec.total as u64;
+    let rcx = vm.vcpus()[0].fd().get_regs().unwrap().rcx;
+    assert!(
+        rcx == last_printed || rcx == last_printed + 1,
+        "rcx {rcx}, printed up to {last_printed}"
+    );
+    let stored: u64 = vm
+        .ram()
+        .memory()
+        .read_obj(GuestAddress(tiny::COUNTER_ADDR))
+        .unwrap();
+    assert!(
+        stored == rcx || stored + 1 == rcx,
+        "stored {stored}, rcx {rcx}"
+    );
+}
+
+#[test]
+fn a_fork_continues_exactly_where_the_template_stopped() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let c = counting_template(&kvm, 1, 500);
+    let before = template_counter(&c.template);
+
+    // Restored state is the captured state, before anything runs.
+    let restored = fork::restore(&kvm, &c.template, Box::new(std::io::sink())).unwrap();
+    let saved = &c.template.state().vcpus[0];
+    let fd = restored.vm.vcpus()[0].fd();
+    assert_eq!(fd.get_regs().unwrap(), saved.regs);
+    let sregs = fd.get_sregs().unwrap();
+    assert_eq!(
+        (sregs.cr0, sregs.cr3, sregs.cr4),
+        (saved.sregs.cr0, saved.sregs.cr3, saved.sregs.cr4)
+    );
+    assert_eq!(sregs.efer, saved.sregs.efer);
+    assert!(restored.timings.total() > Duration::ZERO);
+    drop(restored);
+
+    let (running, console) = start_fork(&kvm, &c);
+    console.wait_for(300);
+    let (end, vm) = running.stop_and_keep();
+    assert_eq!(end, GuestEnd::Stopped);
+    assert_continues(&c, &console, &vm);
+    assert!(vm.vcpus()[0].fd().get_regs().unwrap().rcx > c.last_printed + 300);
+    // The fork wrote its counter hundreds of times; the template's memory never saw it.
+    assert_eq!(template_counter(&c.template), before);
+}
+
+#[test]
+fn capture_completes_a_port_read_the_vmm_already_answered() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let machine = MachineConfig::new(32, 1).unwrap();
+    let mut vm = Vm::create(&kvm, machine, Irqchip::InKernel, Box::new(std::io::sink())).unwrap();
+    tiny::load(vm.ram().memory(), tiny::Ending::Count).unwrap();
+    vm.vcpus()[0]
+        .configure_cpu(vm.supported_cpuid(), 1)
+        .unwrap();
+    tiny::setup_vcpu(&vm.vcpus()[0]).unwrap();
+    // Run by hand up to the guest's `in` and answer it, but do not re-enter the guest: the
+    // state a stopped VM is in when its vCPU thread saw the stop flag after an exit.
+    loop {
+        match vm.vcpus_mut()[0].fd_mut().run().unwrap() {
+            VcpuExit::IoIn(port, data) if port == tiny::COUNT_STATUS_PORT => {
+                data[0] = 0x60;
+                break;
+            }
+            _ => {}
+        }
+    }
+    // KVM moves past an `in` only when it completes it, on the next KVM_RUN.
+    let at_in = vm.vcpus()[0].fd().get_regs().unwrap().rip;
+    let template = fork::capture(&kvm, vm).unwrap();
+    let regs = template.state().vcpus[0].regs;
+    assert_eq!(
+        regs.rip,
+        at_in + 1,
+        "captured at the `in`: a fork would read again"
+    );
+    assert_eq!(regs.rax & 0xff, 0x60, "the answer the VMM gave was lost");
+}
+
+#[test]
+fn template_memory_is_sealed_and_forks_writes_stay_private() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let c = counting_template(&kvm, 1, 100);
+    let memory = c.template.memory();
+    SealedMemory::from_sealed(memory.file().clone(), memory.size()).expect("sealed");
+    assert!(
+        memory.file().write_at(&[1], 0x6000).is_err(),
+        "memfd writable"
+    );
+
+    let a = fork::restore(&kvm, &c.template, Box::new(std::io::sink())).unwrap();
+    let b = fork::restore(&kvm, &c.template, Box::new(std::io::sink())).unwrap();
+    let marker = GuestAddress(0x6000);
+    a.vm.ram()
+        .memory()
+        .write_obj(0xa5a5_a5a5_u32, marker)
+        .unwrap();
+    b.vm.ram()
+        .memory()
+        .write_obj(0x5b5b_5b5b_u32, marker)
+        .unwrap();
+    assert_eq!(
+        a.vm.ram().memory().read_obj::<u32>(marker).unwrap(),
+        0xa5a5_a5a5
+    );
+    assert_eq!(
+        b.vm.ram().memory().read_obj::<u32>(marker).unwrap(),
+        0x5b5b_5b5b
+    );
+    let mut buf = [0u8; 4];
+    memory.file().read_exact_at(&mut buf, 0x6000).unwrap();
+    assert_eq!(buf, [0; 4], "a fork's write reached the template");
+    // A fork started after its sibling wrote still sees the template's bytes.
+    let c2 = fork::restore(&kvm, &c.template, Box::new(std::io::sink())).unwrap();
+    assert_eq!(c2.vm.ram().memory().read_obj::<u32>(marker).unwrap(), 0);
+}
+
+#[test]
+fn many_forks_run_at_once_each_from_the_same_point() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let c = counting_template(&kvm, 1, 200);
+    let before = template_counter(&c.template);
+    let forks: Vec<_> = (0..8).map(|_| start_fork(&kvm, &c)).collect();
+    for (_, console) in &forks {
+        console.wait_for(100);
+    }
+    let mut counters = Vec::new();
+    for (running, console) in forks {
+        let (end, vm) = running.stop_and_keep();
+        assert_eq!(end, GuestEnd::Stopped);
+        assert_continues(&c, &console, &vm);
+        counters.push(
+            vm.ram()
+                .memory()
+                .read_obj::<u64>(GuestAddress(tiny::COUNTER_ADDR))
+                .unwrap(),
+        );
+    }
+    // Each fork counted in its own memory (they ran for different lengths).
+    assert!(counters.iter().all(|&n| n > before + 50), "{counters:?}");
+    assert_eq!(template_counter(&c.template), before);
+}
+
+#[test]
+fn a_two_vcpu_machine_round_trips() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let c = counting_template(&kvm, 2, 100);
+    let state = c.template.state();
+    assert_eq!(state.vcpus.len(), 2);
+    let restored = fork::restore(&kvm, &c.template, Box::new(std::io::sink())).unwrap();
+    for (vcpu, saved) in restored.vm.vcpus().iter().zip(&state.vcpus) {
+        let fd = vcpu.fd();
+        assert_eq!(fd.get_regs().unwrap(), saved.regs, "vCPU {}", saved.index);
+        assert_eq!(fd.get_mp_state().unwrap().mp_state, saved.mp_state.mp_state);
+        let lapic = fd.get_lapic().unwrap();
+        // APIC ID (0x20) and the LVT/SVR registers come back as captured.
+        assert_eq!(lapic.regs[0x20..0x40], saved.lapic.regs[0x20..0x40]);
+        assert_eq!(lapic.regs[0xf0..0xf4], saved.lapic.regs[0xf0..0xf4]);
+        assert_eq!(lapic.regs[0x350..0x370], saved.lapic.regs[0x350..0x370]);
+    }
+}
+
+fn fd_census() -> (usize, usize) {
+    let mut fds = 0;
+    let mut memfds = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        fds += 1;
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            if target.to_string_lossy().starts_with("/memfd:") {
+                memfds += 1;
+            }
+        }
+    }
+    (fds, memfds)
+}
+
+#[test]
+fn destroying_forks_in_any_order_leaves_no_fds_or_memfds() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let start = fd_census();
+    let c = counting_template(&kvm, 1, 50);
+    let with_template = fd_census();
+    assert_eq!(with_template.1, start.1 + 1, "the template holds one memfd");
+
+    let mut forks: Vec<Option<(RunningVm, Recorder)>> =
+        (0..6).map(|_| Some(start_fork(&kvm, &c))).collect();
+    assert!(fd_census().0 > with_template.0);
+    for (_, console) in forks.iter().flatten() {
+        console.wait_for(10);
+    }
+    for i in [3, 0, 5, 1, 4, 2] {
+        let (running, _) = forks[i].take().unwrap();
+        assert_eq!(running.stop(), GuestEnd::Stopped);
+    }
+    assert_eq!(fd_census(), with_template, "forks left fds behind");
+    drop(c);
+    assert_eq!(fd_census(), start, "the template left fds behind");
+}
