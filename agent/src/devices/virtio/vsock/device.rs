@@ -230,6 +230,8 @@ impl Vsock {
         self.reset_event_pending = true;
         self.counts.transport_resets += 1;
         self.process_event_queue();
+        // Wake the event loop: it takes the closed streams out of epoll and closes them.
+        let _ = self.queue_evts[EVQ].write(1);
     }
 
     /// Delivers a pending event if the guest left a buffer for it.
