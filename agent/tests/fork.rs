@@ -206,6 +206,30 @@ fn a_fork_continues_exactly_where_the_template_stopped() {
 }
 
 #[test]
+fn a_shell_prepared_ahead_forks_the_same_and_only_for_its_template() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let c = counting_template(&kvm, 1, 100);
+    let other = counting_template(&kvm, 1, 10);
+    let shell = fork::prepare(&kvm, &c.template).unwrap();
+    let wrong = fork::prepare(&kvm, &other.template).unwrap();
+    assert!(matches!(
+        wrong.finish(&c.template, Box::new(std::io::sink())),
+        Err(fork::RestoreError::OtherTemplate)
+    ));
+    let console = Recorder::default();
+    let restored = shell
+        .finish(&c.template, Box::new(console.clone()))
+        .unwrap();
+    assert!(restored.timings.prepare() > Duration::ZERO);
+    assert!(restored.timings.finish() > Duration::ZERO);
+    let running = restored.vm.start().unwrap();
+    console.wait_for(100);
+    let (_, vm) = running.stop_and_keep();
+    assert_continues(&c, &console, &vm);
+}
+
+#[test]
 fn capture_completes_a_port_read_the_vmm_already_answered() {
     let _one = serial();
     let Some(kvm) = kvm() else { return };

@@ -12,7 +12,7 @@ pub mod sealed;
 pub mod state;
 
 pub use capture::{capture, CaptureError};
-pub use restore::{restore, RestoreError, RestoreTimings, Restored};
+pub use restore::{prepare, restore, RestoreError, RestoreTimings, Restored, Shell};
 pub use sealed::{SealError, SealedMemory};
 pub use state::MachineState;
 

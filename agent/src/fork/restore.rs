@@ -2,21 +2,26 @@
 //! shared until the fork writes them), with the captured state put back in an order KVM
 //! accepts, and its own devices. The result is a [`Vm`] ready to [`start`](Vm::start).
 //!
+//! Two phases. [`prepare`] builds a [`Shell`] (nothing in it depends on the request, so a
+//! pool can build shells ahead of time); [`Shell::finish`] restores the state into it.
 //! The order, and why:
 //! 1. `KVM_CREATE_VM`, TSS address.
 //! 2. Memory slot *before* `KVM_CREATE_IRQCHIP`: registering it afterwards costs ~100x
 //!    (measured: 7.4 ms instead of 0.06 ms).
-//! 3. Irqchip and PIT, then their saved state, then the clock.
-//! 4. Devices from their saved state (COM1 with its own irqfd and console).
-//! 5. vCPUs (after the irqchip, so each gets an in-kernel LAPIC), each restored as
-//!    Firecracker does: CPUID, MP state, registers, special registers (which also set the
-//!    APIC base), FPU/XSAVE, XCRs, debug registers, LAPIC, then MSRs (after the LAPIC,
-//!    or KVM ignores the TSC-deadline MSR), and pending events last.
+//! 3. Irqchip and PIT, then the vCPUs (after the irqchip, so each gets an in-kernel
+//!    LAPIC) with the template's CPUID, which KVM wants before any other vCPU state.
+//!    End of the shell: it holds nothing that changes with time.
+//! 4. PIT and irqchip state, then the clock.
+//! 5. Devices from their saved state (COM1 with its own irqfd and console).
+//! 6. Each vCPU, in Firecracker's order: MP state, registers, special registers
+//!    (which also set the APIC base), FPU/XSAVE, XCRs, debug registers, LAPIC, then MSRs
+//!    (after the LAPIC, or KVM ignores the TSC-deadline MSR), and pending events last.
 //!
 //! Teardown is not here: dropping a VM with a PIT costs 16–23 ms in the kernel, so a
 //! caller that cares drops forks off its fork path (a reaper thread, or the fork's own
 //! process exiting).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_clock_data, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -58,53 +63,70 @@ pub enum RestoreError {
     Memory(#[from] MemoryError),
     #[error("forking: {0}")]
     Serial(#[from] SerialError),
+    #[error("forking: the VM shell was prepared for a different template")]
+    OtherTemplate,
 }
 
 fn vm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> RestoreError {
     move |source| RestoreError::Vm { op, source }
 }
 
-/// Where the time of one fork went, step by step (in the order they run).
+/// Where the time of one fork went, step by step (in the order they run). The first five
+/// are the [`Shell`] ([`prepare`]), the last three [`Shell::finish`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoreTimings {
     /// `KVM_CREATE_VM` (+ mapping the run size) and `KVM_SET_TSS_ADDR`.
     pub create_vm: Duration,
     /// `mmap(MAP_PRIVATE)` of the memfd and `KVM_SET_USER_MEMORY_REGION`.
     pub map_memory: Duration,
-    /// `KVM_CREATE_IRQCHIP` and `KVM_CREATE_PIT2`.
+    /// `KVM_CREATE_IRQCHIP` (PIC, IO-APIC, default IRQ routing).
     pub irqchip: Duration,
-    /// `KVM_SET_IRQCHIP` x3, `KVM_SET_PIT2`, `KVM_SET_CLOCK`.
+    /// `KVM_CREATE_PIT2`.
+    pub pit: Duration,
+    /// `KVM_CREATE_VCPU` (+ mapping `kvm_run`) and `KVM_SET_CPUID2` (the template's CPU).
+    pub create_vcpus: Duration,
+    /// `KVM_SET_PIT2`, `KVM_SET_IRQCHIP` x3, `KVM_SET_CLOCK`.
     pub vm_state: Duration,
     /// Devices from their state, with their irqfds.
     pub devices: Duration,
-    /// `KVM_CREATE_VCPU` (+ mapping `kvm_run`).
-    pub create_vcpus: Duration,
     /// Every vCPU `KVM_SET_*`.
     pub vcpu_state: Duration,
 }
 
 impl RestoreTimings {
-    pub const STEP_NAMES: [&'static str; 7] = [
+    pub const STEP_NAMES: [&'static str; 8] = [
         "create_vm",
         "map_memory",
         "irqchip",
+        "pit",
+        "create_vcpus",
         "vm_state",
         "devices",
-        "create_vcpus",
         "vcpu_state",
     ];
 
     /// The steps in order, as [`STEP_NAMES`](Self::STEP_NAMES).
-    pub fn steps(&self) -> [Duration; 7] {
+    pub fn steps(&self) -> [Duration; 8] {
         [
             self.create_vm,
             self.map_memory,
             self.irqchip,
+            self.pit,
+            self.create_vcpus,
             self.vm_state,
             self.devices,
-            self.create_vcpus,
             self.vcpu_state,
         ]
+    }
+
+    /// Building the shell.
+    pub fn prepare(&self) -> Duration {
+        self.steps()[..5].iter().sum()
+    }
+
+    /// Restoring state into it.
+    pub fn finish(&self) -> Duration {
+        self.steps()[5..].iter().sum()
     }
 
     pub fn total(&self) -> Duration {
@@ -126,12 +148,33 @@ fn timed<T>(slot: &mut Duration, step: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Forks `template` into a new VM whose console writes to `console`.
+/// Forks `template` into a new VM whose console writes to `console`: [`prepare`] then
+/// [`Shell::finish`].
 pub fn restore(
     kvm: &Kvm,
     template: &Template,
     console: ConsoleOut,
 ) -> Result<Restored, RestoreError> {
+    prepare(kvm, template)?.finish(template, console)
+}
+
+/// A VM for one template with nothing of the template's state in it yet: created, its
+/// memory mapped and registered, irqchip, PIT and vCPUs made.
+///
+/// These are the slow, noisy steps: the memory slot, the irqchip's IRQ routing and the
+/// PIT's I/O ports each wait for a KVM SRCU grace period, which on a busy host can take
+/// milliseconds. None of them depends on the fork request, so a pool can make shells ahead
+/// of time and a fork only [`finish`](Shell::finish)es one.
+pub struct Shell {
+    // Drop order: vCPUs, then the VM, then the memory KVM points at.
+    vcpus: Vec<Vcpu>,
+    fd: VmFd,
+    ram: GuestRam,
+    timings: RestoreTimings,
+}
+
+/// Builds a [`Shell`] for `template`.
+pub fn prepare(kvm: &Kvm, template: &Template) -> Result<Shell, RestoreError> {
     let state = template.state();
     let memory = template.memory();
     let mut tm = RestoreTimings::default();
@@ -146,52 +189,87 @@ pub fn restore(
         ram.register(&fd)?;
         Ok(ram)
     })?;
-    timed(&mut tm.irqchip, || -> Result<(), RestoreError> {
-        fd.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
+    timed(&mut tm.irqchip, || fd.create_irq_chip()).map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
+    timed(&mut tm.pit, || {
+        fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(vm_err("KVM_CREATE_PIT2"))
+        })
+    })
+    .map_err(vm_err("KVM_CREATE_PIT2"))?;
+    let vcpus = timed(&mut tm.create_vcpus, || {
+        state
+            .vcpus
+            .iter()
+            .map(|v| {
+                let err = |op| {
+                    move |source| RestoreError::Vcpu {
+                        index: v.index,
+                        op,
+                        source,
+                    }
+                };
+                let vcpu_fd = fd
+                    .create_vcpu(u64::from(v.index))
+                    .map_err(err("KVM_CREATE_VCPU"))?;
+                vcpu_fd
+                    .set_cpuid2(&v.cpuid)
+                    .map_err(err("KVM_SET_CPUID2"))?;
+                Ok::<_, RestoreError>(Vcpu::from_fd(v.index, vcpu_fd))
+            })
+            .collect::<Result<Vec<_>, _>>()
     })?;
-    timed(&mut tm.vm_state, || restore_vm(&fd, &state.vm))?;
-    let serial = timed(&mut tm.devices, || {
-        Serial::from_state(&state.devices.serial, console, Some(&fd))
-    })?;
-    let vcpus = timed(
-        &mut tm.create_vcpus,
-        || -> Result<Vec<Vcpu>, RestoreError> {
-            state
-                .vcpus
-                .iter()
-                .map(|v| {
-                    fd.create_vcpu(u64::from(v.index))
-                        .map(|vcpu_fd| Vcpu::from_fd(v.index, vcpu_fd))
-                        .map_err(|source| RestoreError::Vcpu {
-                            index: v.index,
-                            op: "KVM_CREATE_VCPU",
-                            source,
-                        })
-                })
-                .collect()
-        },
-    )?;
-    timed(&mut tm.vcpu_state, || -> Result<(), RestoreError> {
-        for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
-            restore_vcpu(vcpu.fd(), saved)?;
-        }
-        Ok(())
-    })?;
-    let cpuid = state.vcpus[0].cpuid.clone();
-    let vm = Vm::from_parts(
+    Ok(Shell {
+        vcpus,
         fd,
         ram,
-        vcpus,
-        LegacyDevices::new(serial),
-        cpuid,
-        state.machine,
-    );
-    Ok(Restored { vm, timings: tm })
+        timings: tm,
+    })
+}
+
+impl Shell {
+    /// Puts `template`'s state into the shell and gives it its own devices: the fork, ready
+    /// to [`start`](Vm::start).
+    pub fn finish(
+        self,
+        template: &Template,
+        console: ConsoleOut,
+    ) -> Result<Restored, RestoreError> {
+        let Shell {
+            vcpus,
+            fd,
+            ram,
+            timings: mut tm,
+        } = self;
+        if !Arc::ptr_eq(ram.file(), template.memory().file()) {
+            return Err(RestoreError::OtherTemplate);
+        }
+        let state = template.state();
+        timed(&mut tm.vm_state, || restore_vm(&fd, &state.vm))?;
+        let serial = timed(&mut tm.devices, || {
+            Serial::from_state(&state.devices.serial, console, Some(&fd))
+        })?;
+        timed(&mut tm.vcpu_state, || -> Result<(), RestoreError> {
+            for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+                restore_vcpu(vcpu.fd(), saved)?;
+            }
+            Ok(())
+        })?;
+        let cpuid = state.vcpus[0].cpuid.clone();
+        let vm = Vm::from_parts(
+            fd,
+            ram,
+            vcpus,
+            LegacyDevices::new(serial),
+            cpuid,
+            state.machine,
+        );
+        Ok(Restored { vm, timings: tm })
+    }
+
+    pub fn timings(&self) -> &RestoreTimings {
+        &self.timings
+    }
 }
 
 fn restore_vm(fd: &VmFd, saved: &VmState) -> Result<(), RestoreError> {
@@ -215,7 +293,6 @@ fn restore_vm(fd: &VmFd, saved: &VmState) -> Result<(), RestoreError> {
 fn restore_vcpu(fd: &VcpuFd, saved: &VcpuState) -> Result<(), RestoreError> {
     let index = saved.index;
     let err = |op| move |source| RestoreError::Vcpu { index, op, source };
-    fd.set_cpuid2(&saved.cpuid).map_err(err("KVM_SET_CPUID2"))?;
     fd.set_mp_state(saved.mp_state)
         .map_err(err("KVM_SET_MP_STATE"))?;
     fd.set_regs(&saved.regs).map_err(err("KVM_SET_REGS"))?;
