@@ -168,7 +168,7 @@ fn main() -> Result<()> {
             first_exit.samples.push(ran);
         }
     }
-    drop(keep);
+    drop(alive);
 
     let mut out = std::io::stdout().lock();
     writeln!(
