@@ -7,12 +7,15 @@
 //! one unbroken count: a fork that lost or replayed an instruction shows up as a gap or a
 //! repeated character.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cleave_agent::devices::GuestEnd;
+use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, SealedMemory, Template};
 use cleave_agent::host::kvm::KvmFlavour;
 use cleave_agent::vmm::config::MachineConfig;
@@ -385,4 +388,85 @@ fn destroying_forks_in_any_order_leaves_no_fds_or_memfds() {
     assert_eq!(fd_census(), with_template, "forks left fds behind");
     drop(c);
     assert_eq!(fd_census(), start, "the template left fds behind");
+}
+
+fn memfds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with("/memfd:"))
+        .count()
+}
+
+#[test]
+fn forks_run_in_their_own_processes_and_leave_nothing_behind() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let c = counting_template(&kvm, 1, 100);
+    let with_template = fd_census();
+    let encoded = Encoded::new(&c.template).unwrap();
+    let exe = Path::new(env!("CARGO_BIN_EXE_cleave-fork-worker"));
+
+    let mut workers: Vec<Option<Worker>> = (0..4)
+        .map(|_| {
+            let mut w = Worker::spawn(exe).unwrap();
+            w.load(&encoded).unwrap();
+            Some(w)
+        })
+        .collect();
+    let mut pids = HashSet::new();
+    for w in workers.iter_mut().flatten() {
+        let ready = w.go().unwrap();
+        assert_eq!(ready.pid, w.pid());
+        assert_ne!(ready.pid, std::process::id());
+        assert!(pids.insert(ready.pid), "two forks in one process");
+        // The worker holds the template's memory and nothing else of ours.
+        assert_eq!(memfds_of(ready.pid), 1);
+    }
+    // Every fork's guest is running in its own process: its exit counters move.
+    for w in workers.iter_mut().flatten() {
+        let before = w.probe().unwrap().io_out;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while w.probe().unwrap().io_out <= before {
+            assert!(
+                Instant::now() < deadline,
+                "fork in {} is not running",
+                w.pid()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for i in [2, 0, 3, 1] {
+        let w = workers[i].take().unwrap();
+        let pid = w.pid();
+        let status = w.destroy().unwrap();
+        assert!(status.success(), "worker {pid}: {status}");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
+    drop(encoded);
+    assert_eq!(fd_census(), with_template, "workers left fds behind");
+}
+
+#[test]
+fn template_state_survives_the_wire_and_bad_states_are_refused() {
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let c = counting_template(&kvm, 2, 10);
+    let state = c.template.state();
+    let bytes = serde_json::to_vec(state).unwrap();
+    let back: fork::MachineState = serde_json::from_slice(&bytes).unwrap();
+    back.validate().unwrap();
+    assert_eq!(serde_json::to_vec(&back).unwrap(), bytes);
+    assert_eq!(back.vcpus[1].regs, state.vcpus[1].regs);
+    assert_eq!(
+        back.vcpus[0].msrs.as_slice(),
+        state.vcpus[0].msrs.as_slice()
+    );
+    let mut missing = back.clone();
+    missing.vcpus.pop();
+    assert!(missing.validate().is_err());
+    let mut swapped = back;
+    swapped.vcpus.swap(0, 1);
+    assert!(swapped.validate().unwrap_err().contains("vCPU state 0"));
 }

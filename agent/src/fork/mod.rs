@@ -5,11 +5,15 @@
 //! device) plus its guest memory, a memfd sealed so it can never change again
 //! ([`sealed`]). A fork maps that memfd `MAP_PRIVATE`: it shares every page with the
 //! template and its siblings until it writes one, and its writes stay its own.
+//!
+//! Each fork can run in its own process ([`worker`]): the parent passes the template's
+//! state and memfd to a `cleave-fork-worker`, which restores and runs the fork.
 
 pub mod capture;
 pub mod restore;
 pub mod sealed;
 pub mod state;
+pub mod worker;
 
 pub use capture::{capture, CaptureError};
 pub use restore::{prepare, restore, RestoreError, RestoreTimings, Restored, Shell};

@@ -2,23 +2,25 @@
 //!
 //! Everything here is a copy of what KVM or a device model handed out; nothing holds a file
 //! descriptor or a pointer, so a template's state can be cloned, compared and sent to
-//! another process as it is.
+//! another process as it is (serde; KVM's structs as their raw bytes, the few types
+//! without serde support through the adapters in [`wire`]).
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 
 use crate::vmm::config::MachineConfig;
 
 /// The floating-point and vector state: the whole XSAVE area where the host has it, the
 /// legacy FXSAVE-shaped state otherwise.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub enum FpuState {
     /// `kvm_xsave.region` (the struct itself is not `Clone`: it ends in a flexible array).
-    Xsave(Box<[u32; 1024]>),
-    Legacy(Box<kvm_fpu>),
+    Xsave(#[serde(with = "wire::xsave_region")] Box<[u32; 1024]>),
+    Legacy(#[serde(with = "wire::legacy_fpu")] Box<kvm_fpu>),
 }
 
 impl FpuState {
@@ -36,12 +38,14 @@ pub fn xsave_of(region: &[u32; 1024]) -> kvm_xsave {
 }
 
 /// One vCPU, as KVM reports it.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VcpuState {
     pub index: u8,
     /// The CPUID table the vCPU ran with (a fork must see the same CPU).
+    #[serde(with = "wire::cpuid")]
     pub cpuid: CpuId,
     /// Every MSR that this host's KVM both reads and writes back (see `capture`).
+    #[serde(with = "wire::msrs")]
     pub msrs: Msrs,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
@@ -56,7 +60,7 @@ pub struct VcpuState {
 }
 
 /// The in-kernel interrupt controllers and timer.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct IrqchipState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
@@ -65,7 +69,7 @@ pub struct IrqchipState {
 }
 
 /// VM-wide state.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
     pub irqchip: IrqchipState,
     /// The kvmclock value at capture; a fork's guest clock continues from here.
@@ -73,18 +77,43 @@ pub struct VmState {
 }
 
 /// Every device's state, one plain struct per device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
+    #[serde(with = "wire::SerialStateDef")]
     pub serial: SerialState,
 }
 
 /// The whole machine except its memory (which is the template's sealed memfd).
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct MachineState {
+    #[serde(with = "wire::machine")]
     pub machine: MachineConfig,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceState,
+}
+
+impl MachineState {
+    /// Checks what a decoded state must satisfy before anything is restored from it:
+    /// one vCPU state per vCPU of the machine, in index order.
+    pub fn validate(&self) -> Result<(), String> {
+        let want = usize::from(self.machine.vcpus.get());
+        if self.vcpus.len() != want {
+            return Err(format!(
+                "{} vCPU states for a {want}-vCPU machine",
+                self.vcpus.len()
+            ));
+        }
+        if let Some((i, v)) = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .find(|(i, v)| usize::from(v.index) != *i)
+        {
+            return Err(format!("vCPU state {i} is for vCPU {}", v.index));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for MachineState {
@@ -98,5 +127,131 @@ impl std::fmt::Debug for MachineState {
             )
             .field("devices", &self.devices)
             .finish_non_exhaustive()
+    }
+}
+
+/// serde adapters for the types that have no serde support of their own. Decoding
+/// validates: wrong lengths and out-of-range machine shapes are errors, not truncations.
+mod wire {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub mod cpuid {
+        use super::*;
+        use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+        pub fn serialize<S: Serializer>(v: &CpuId, s: S) -> Result<S::Ok, S::Error> {
+            v.as_slice().serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CpuId, D::Error> {
+            let entries = Vec::<kvm_cpuid_entry2>::deserialize(d)?;
+            CpuId::from_entries(&entries).map_err(|e| D::Error::custom(format!("CPUID: {e:?}")))
+        }
+    }
+
+    pub mod msrs {
+        use super::*;
+        use kvm_bindings::{kvm_msr_entry, Msrs};
+
+        pub fn serialize<S: Serializer>(v: &Msrs, s: S) -> Result<S::Ok, S::Error> {
+            v.as_slice().serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Msrs, D::Error> {
+            let entries = Vec::<kvm_msr_entry>::deserialize(d)?;
+            Msrs::from_entries(&entries).map_err(|e| D::Error::custom(format!("MSRs: {e:?}")))
+        }
+    }
+
+    pub mod xsave_region {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &[u32; 1024], s: S) -> Result<S::Ok, S::Error> {
+            v.as_slice().serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<[u32; 1024]>, D::Error> {
+            let words = Vec::<u32>::deserialize(d)?;
+            let len = words.len();
+            words
+                .into_boxed_slice()
+                .try_into()
+                .map_err(|_| D::Error::custom(format!("XSAVE area of {len} words, not 1024")))
+        }
+    }
+
+    pub mod legacy_fpu {
+        use super::*;
+        use kvm_bindings::kvm_fpu;
+
+        #[derive(Serialize, Deserialize)]
+        struct Fpu {
+            fpr: [[u8; 16]; 8],
+            fcw: u16,
+            fsw: u16,
+            ftwx: u8,
+            last_opcode: u16,
+            last_ip: u64,
+            last_dp: u64,
+            xmm: [[u8; 16]; 16],
+            mxcsr: u32,
+        }
+
+        pub fn serialize<S: Serializer>(v: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
+            Fpu {
+                fpr: v.fpr,
+                fcw: v.fcw,
+                fsw: v.fsw,
+                ftwx: v.ftwx,
+                last_opcode: v.last_opcode,
+                last_ip: v.last_ip,
+                last_dp: v.last_dp,
+                xmm: v.xmm,
+                mxcsr: v.mxcsr,
+            }
+            .serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<kvm_fpu>, D::Error> {
+            let f = Fpu::deserialize(d)?;
+            Ok(Box::new(kvm_fpu {
+                fpr: f.fpr,
+                fcw: f.fcw,
+                fsw: f.fsw,
+                ftwx: f.ftwx,
+                last_opcode: f.last_opcode,
+                last_ip: f.last_ip,
+                last_dp: f.last_dp,
+                xmm: f.xmm,
+                mxcsr: f.mxcsr,
+                ..Default::default()
+            }))
+        }
+    }
+
+    pub mod machine {
+        use super::*;
+        use crate::vmm::config::MachineConfig;
+
+        pub fn serialize<S: Serializer>(v: &MachineConfig, s: S) -> Result<S::Ok, S::Error> {
+            (v.mem.mib(), v.vcpus.get()).serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<MachineConfig, D::Error> {
+            let (mem_mib, vcpus) = <(u64, u8)>::deserialize(d)?;
+            MachineConfig::new(mem_mib, u64::from(vcpus)).map_err(D::Error::custom)
+        }
+    }
+
+    /// `vm_superio::serial::SerialState`, field for field.
+    #[derive(Serialize, Deserialize)]
+    #[serde(remote = "vm_superio::serial::SerialState")]
+    pub struct SerialStateDef {
+        pub baud_divisor_low: u8,
+        pub baud_divisor_high: u8,
+        pub interrupt_enable: u8,
+        pub interrupt_identification: u8,
+        pub line_control: u8,
+        pub line_status: u8,
+        pub modem_control: u8,
+        pub modem_status: u8,
+        pub scratch: u8,
+        pub in_buffer: Vec<u8>,
     }
 }

@@ -17,7 +17,7 @@ pub struct ExitStats {
 }
 
 /// A copy of the counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitCounts {
     pub io_in: u64,
     pub io_out: u64,

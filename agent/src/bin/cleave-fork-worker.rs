@@ -1,0 +1,41 @@
+//! `cleave-fork-worker`: runs one fork in its own process. The parent (the node agent, or
+//! a benchmark) starts it with a `SOCK_SEQPACKET` socket as stdin and drives it through
+//! `cleave_agent::fork::worker`; it is not meant to be started by hand.
+
+use std::process::ExitCode;
+
+use cleave_agent::fork::worker;
+
+fn main() -> ExitCode {
+    // Nothing but stdin/stdout/stderr may come from the parent: a stray inherited fd
+    // (another fork's eventfd, say) would cross the one-process-per-fork boundary.
+    // SAFETY: plain syscall; at this point no Rust object in this process owns an fd >= 3,
+    // so nothing is left holding a closed descriptor.
+    if unsafe { libc::close_range(3, libc::c_uint::MAX, 0) } != 0 {
+        eprintln!(
+            "cleave-fork-worker: closing inherited fds: {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::FAILURE;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let sock = match worker::socket_from_stdin() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cleave-fork-worker: stdin is not the parent's socket: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match worker::serve(sock) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cleave-fork-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! One process per fork. A worker is a small process (`cleave-fork-worker`) that gets a
+//! template — its state, and its sealed memfd passed with `SCM_RIGHTS` — over a
+//! `SOCK_SEQPACKET` socket on its stdin, prepares a VM [`Shell`](super::Shell) for it,
+//! and on `go` finishes and starts the fork. The fork's memory, vCPU and device fds live
+//! only in that process: a VMM escape in one fork sees no other fork's memory or fds.
+//!
+//! Messages are one packet each: a kind byte, then a JSON body. Parent → worker:
+//! `template` (body: [`MachineState`], one fd: the memfd), `go`, `probe`. Worker →
+//! parent: `prepared`, `ready` (body: [`ReadyReport`]), `status` (body: exit counts),
+//! `failed` (body: the error text). Closing the socket ends the fork: the worker stops
+//! the VM and exits, so teardown cost lands in that process, off everyone's fork path.
+
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use serde::{Deserialize, Serialize};
+
+use super::sealed::{SealError, SealedMemory};
+use super::state::MachineState;
+use super::{prepare, RestoreError, Template};
+use crate::vmm::control::ExitCounts;
+use crate::vmm::{self, VmmError};
+
+/// Largest packet either side accepts (a template's state is ~30 KB of JSON per vCPU).
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Template = 1,
+    Prepared = 2,
+    Go = 3,
+    Ready = 4,
+    Probe = 5,
+    Status = 6,
+    Failed = 7,
+}
+
+impl Kind {
+    fn from_byte(b: u8) -> Option<Kind> {
+        [
+            Kind::Template,
+            Kind::Prepared,
+            Kind::Go,
+            Kind::Ready,
+            Kind::Probe,
+            Kind::Status,
+            Kind::Failed,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == b)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("fork worker: creating its socket pair: {0}")]
+    Socket(nix::Error),
+    #[error("fork worker: starting {exe}: {source}")]
+    Spawn { exe: String, source: std::io::Error },
+    #[error("fork worker: sending {what}: {source}")]
+    Send {
+        what: &'static str,
+        source: nix::Error,
+    },
+    #[error("fork worker: receiving {what}: {source}")]
+    Recv {
+        what: &'static str,
+        source: nix::Error,
+    },
+    #[error("fork worker: the other side closed the socket while we waited for {0}")]
+    Closed(&'static str),
+    #[error("fork worker: malformed message while waiting for {what}: {why}")]
+    Protocol { what: &'static str, why: String },
+    #[error("fork worker failed: {0}")]
+    Remote(String),
+    #[error("fork worker: encoding the template state: {0}")]
+    Encode(serde_json::Error),
+    #[error("fork worker: the template state is invalid: {0}")]
+    BadState(String),
+    #[error("fork worker: {0}")]
+    Seal(#[from] SealError),
+    #[error("fork worker: opening KVM: {0}")]
+    Kvm(#[from] VmmError),
+    #[error("fork worker: {0}")]
+    Restore(#[from] RestoreError),
+    #[error("fork worker: waiting for it to exit: {0}")]
+    Wait(std::io::Error),
+}
+
+/// What a worker reports when its fork is ready to run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReadyReport {
+    pub pid: u32,
+    /// Building the shell, before the request.
+    pub prepare_us: u64,
+    /// Restoring state into it and starting the vCPUs, after the request.
+    pub finish_us: u64,
+}
+
+struct Message {
+    kind: Kind,
+    body: Vec<u8>,
+    fd: Option<OwnedFd>,
+}
+
+fn send(
+    sock: &OwnedFd,
+    kind: Kind,
+    body: &[u8],
+    fd: Option<&File>,
+    what: &'static str,
+) -> Result<(), WorkerError> {
+    let head = [kind as u8];
+    let iov = [IoSlice::new(&head), IoSlice::new(body)];
+    let fds = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage> = fds
+        .as_ref()
+        .map(|f| ControlMessage::ScmRights(f))
+        .into_iter()
+        .collect();
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(|source| WorkerError::Send { what, source })?;
+    Ok(())
+}
+
+/// Receives one packet; `Ok(None)` when the other side closed the socket.
+fn recv(sock: &OwnedFd, what: &'static str) -> Result<Option<Message>, WorkerError> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let (len, truncated, mut fds) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|source| WorkerError::Recv { what, source })?;
+        let mut fds = Vec::new();
+        for c in msg
+            .cmsgs()
+            .map_err(|source| WorkerError::Recv { what, source })?
+        {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: SCM_RIGHTS just installed `fd` in this process's table (close-on-
+                    // exec); nothing else refers to it, so the OwnedFd is its only owner.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let truncated = msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        (msg.bytes, truncated, fds)
+    };
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let protocol = |why: String| WorkerError::Protocol { what, why };
+    if truncated {
+        return Err(protocol(format!(
+            "longer than {MAX_MESSAGE} bytes or too many fds"
+        )));
+    }
+    if fds.len() > 1 {
+        return Err(protocol(format!(
+            "{} fds attached, at most 1 expected",
+            fds.len()
+        )));
+    }
+    let kind = Kind::from_byte(buf[0]).ok_or_else(|| protocol(format!("kind {}", buf[0])))?;
+    buf.truncate(len);
+    buf.remove(0);
+    Ok(Some(Message {
+        kind,
+        body: buf,
+        fd: fds.pop(),
+    }))
+}
+
+/// Receives a packet of `kind`; a `failed` packet becomes [`WorkerError::Remote`].
+fn expect(sock: &OwnedFd, kind: Kind, what: &'static str) -> Result<Message, WorkerError> {
+    let msg = recv(sock, what)?.ok_or(WorkerError::Closed(what))?;
+    if msg.kind == Kind::Failed {
+        return Err(WorkerError::Remote(
+            String::from_utf8_lossy(&msg.body).into_owned(),
+        ));
+    }
+    if msg.kind != kind {
+        return Err(WorkerError::Protocol {
+            what,
+            why: format!("got {:?}", msg.kind),
+        });
+    }
+    Ok(msg)
+}
+
+/// A template ready to hand to workers: its state encoded once.
+pub struct Encoded {
+    body: Vec<u8>,
+    memfd: Arc<File>,
+}
+
+impl Encoded {
+    pub fn new(template: &Template) -> Result<Self, WorkerError> {
+        Ok(Self {
+            body: serde_json::to_vec(template.state()).map_err(WorkerError::Encode)?,
+            memfd: template.memory().file().clone(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+}
+
+/// The parent's handle on one worker process.
+pub struct Worker {
+    sock: OwnedFd,
+    child: Child,
+}
+
+impl Worker {
+    /// Starts `exe` (the `cleave-fork-worker` binary) with its end of the socket as stdin.
+    pub fn spawn(exe: &Path) -> Result<Worker, WorkerError> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(WorkerError::Socket)?;
+        let child = Command::new(exe)
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|source| WorkerError::Spawn {
+                exe: exe.display().to_string(),
+                source,
+            })?;
+        Ok(Worker { sock: ours, child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Hands the worker a template and waits until it has prepared a shell for it.
+    pub fn load(&mut self, template: &Encoded) -> Result<(), WorkerError> {
+        send(
+            &self.sock,
+            Kind::Template,
+            &template.body,
+            Some(&template.memfd),
+            "the template",
+        )?;
+        expect(&self.sock, Kind::Prepared, "the prepared shell").map(drop)
+    }
+
+    /// The fork request: the worker restores and starts its fork.
+    pub fn go(&mut self) -> Result<ReadyReport, WorkerError> {
+        send(&self.sock, Kind::Go, &[], None, "go")?;
+        let msg = expect(&self.sock, Kind::Ready, "ready")?;
+        serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
+            what: "ready",
+            why: e.to_string(),
+        })
+    }
+
+    /// The running fork's exit counters (proof that its guest runs).
+    pub fn probe(&mut self) -> Result<ExitCounts, WorkerError> {
+        send(&self.sock, Kind::Probe, &[], None, "probe")?;
+        let msg = expect(&self.sock, Kind::Status, "status")?;
+        serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
+            what: "status",
+            why: e.to_string(),
+        })
+    }
+
+    /// Ends the fork: closes the socket (the worker stops its VM and exits) and reaps it.
+    pub fn destroy(self) -> Result<ExitStatus, WorkerError> {
+        let Worker { sock, mut child } = self;
+        drop(sock);
+        child.wait().map_err(WorkerError::Wait)
+    }
+
+    /// Closes the socket without waiting: the worker tears its VM down on its own time.
+    /// Reap the returned child later.
+    pub fn release(self) -> Child {
+        self.child
+    }
+}
+
+/// The worker's side, run by `cleave-fork-worker` with the socket as `sock`. Returns when
+/// the parent closes the socket (after stopping the fork) or on the first error (after
+/// telling the parent why).
+pub fn serve(sock: OwnedFd) -> Result<(), WorkerError> {
+    let result = serve_inner(&sock);
+    if let Err(e) = &result {
+        let _ = send(
+            &sock,
+            Kind::Failed,
+            e.to_string().as_bytes(),
+            None,
+            "the error",
+        );
+    }
+    result
+}
+
+fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
+    let msg = expect(sock, Kind::Template, "the template")?;
+    let memfd = msg.fd.ok_or_else(|| WorkerError::Protocol {
+        what: "the template",
+        why: "no memfd attached".into(),
+    })?;
+    let state: MachineState =
+        serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
+            what: "the template",
+            why: e.to_string(),
+        })?;
+    state.validate().map_err(WorkerError::BadState)?;
+    // Only a sealed memfd of the right size is mapped: the template stays immutable
+    // whatever the sender did.
+    let memory = SealedMemory::from_sealed(Arc::new(File::from(memfd)), state.machine.mem.bytes())?;
+    let template = Template::new(memory, state);
+    let kvm = vmm::open_kvm()?;
+    let t = Instant::now();
+    let shell = prepare(&kvm, &template)?;
+    let prepare_us = micros(t.elapsed());
+    send(sock, Kind::Prepared, &[], None, "prepared")?;
+
+    expect(sock, Kind::Go, "go")?;
+    let t = Instant::now();
+    let restored = shell.finish(&template, Box::new(std::io::sink()))?;
+    let running = restored.vm.start()?;
+    let report = ReadyReport {
+        pid: std::process::id(),
+        prepare_us,
+        finish_us: micros(t.elapsed()),
+    };
+    let body = serde_json::to_vec(&report).map_err(WorkerError::Encode)?;
+    send(sock, Kind::Ready, &body, None, "ready")?;
+
+    while let Some(msg) = recv(sock, "a request")? {
+        match msg.kind {
+            Kind::Probe => {
+                let body = serde_json::to_vec(&running.exits()).map_err(WorkerError::Encode)?;
+                send(sock, Kind::Status, &body, None, "status")?;
+            }
+            other => {
+                return Err(WorkerError::Protocol {
+                    what: "a request",
+                    why: format!("{other:?} after go"),
+                })
+            }
+        }
+    }
+    let end = running.stop();
+    tracing::debug!(%end, "fork ended");
+    Ok(())
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The worker's socket: its stdin, as the parent set it up.
+pub fn socket_from_stdin() -> std::io::Result<OwnedFd> {
+    std::io::stdin().as_fd().try_clone_to_owned()
+}
