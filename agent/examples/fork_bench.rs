@@ -5,14 +5,23 @@
 //! captured from the tiny counting guest. Teardown is timed separately: it is not on the
 //! fork path (a fork's process exits, or a reaper drops it).
 //!
+//! Then the same with one process per fork (`cleave-fork-worker`, built beside this
+//! example by `cargo build --release -p cleave-agent --bins --examples`): a fresh process
+//! per request, and a pool of pre-started workers that already hold the template and a
+//! prepared shell.
+//!
 //! `cargo run --release -p cleave-agent --example fork_bench -- [--forks N] [--mem-mib M]
-//! [--alive K]` (K: how many forks stay alive at once; the oldest is dropped first).
+//! [--alive K] [--workers N] [--pool P]` (K: how many in-process forks stay alive at once;
+//! `--workers 0` skips the process measurements).
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::path::PathBuf;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, RestoreTimings, Template};
 use cleave_agent::vmm::config::MachineConfig;
 use cleave_agent::vmm::{self, tiny, Irqchip, Vm};
@@ -23,6 +32,8 @@ struct Args {
     mem_mib: u64,
     alive: usize,
     warmup: usize,
+    workers: usize,
+    pool: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -31,6 +42,8 @@ fn parse_args() -> Result<Args> {
         mem_mib: 256,
         alive: 1,
         warmup: 20,
+        workers: 1000,
+        pool: 32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -45,6 +58,8 @@ fn parse_args() -> Result<Args> {
             "--mem-mib" => args.mem_mib = value()? as u64,
             "--alive" => args.alive = value()?.max(1),
             "--warmup" => args.warmup = value()?,
+            "--workers" => args.workers = value()?,
+            "--pool" => args.pool = value()?.max(1),
             other => bail!("unknown argument {other}; see the file's header for usage"),
         }
     }
@@ -194,6 +209,129 @@ fn main() -> Result<()> {
         &mut prepare,
         &mut first_exit,
         &mut teardown,
+    ] {
+        writeln!(out, "{}", col.row())?;
+    }
+    drop(out);
+    if args.workers > 0 {
+        workers(&template, &args)?;
+    }
+    Ok(())
+}
+
+/// `cleave-fork-worker` beside this example's directory (target/<profile>/).
+fn worker_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|examples| examples.parent())
+        .context("locating the target directory")?;
+    let worker = dir.join("cleave-fork-worker");
+    if !worker.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p cleave-agent --bins --examples",
+            worker.display()
+        );
+    }
+    Ok(worker)
+}
+
+/// Reaps released workers (their VM teardown runs in their own process) once there are
+/// more than `keep`.
+fn reap(children: &mut VecDeque<Child>, keep: usize) -> Result<()> {
+    while children.len() > keep {
+        if let Some(mut c) = children.pop_front() {
+            c.wait()?;
+        }
+    }
+    Ok(())
+}
+
+fn workers(template: &Template, args: &Args) -> Result<()> {
+    let exe = worker_exe()?;
+    let encoded = Encoded::new(template)?;
+    let n = args.workers;
+    let mut spawn = Column::new("fresh: spawn()", n);
+    let mut load = Column::new(
+        "fresh: template → prepared (exec, decode, verify seals, prepare)",
+        n,
+    );
+    let mut go = Column::new("fresh: go → ready (finish, start)", n);
+    let mut fresh = Column::new("**fresh process: request → ready**", n);
+    let mut pooled = Column::new("**pre-started pool: request → ready**", n);
+    let mut in_worker = Column::new("(pool: finish + start inside the worker)", n);
+    let mut released: VecDeque<Child> = VecDeque::new();
+
+    for i in 0..args.warmup + n {
+        let record = i >= args.warmup;
+        let t0 = Instant::now();
+        let mut w = Worker::spawn(&exe)?;
+        let t1 = Instant::now();
+        w.load(&encoded)?;
+        let t2 = Instant::now();
+        w.go()?;
+        let t3 = Instant::now();
+        released.push_back(w.release());
+        reap(&mut released, 64)?;
+        if record {
+            spawn.samples.push(t1 - t0);
+            load.samples.push(t2 - t1);
+            go.samples.push(t3 - t2);
+            fresh.samples.push(t3 - t0);
+        }
+    }
+
+    let mut pool: VecDeque<Worker> = VecDeque::with_capacity(args.pool);
+    let mut done = 0;
+    while done < args.warmup + n {
+        // Refill (off the measured path, as a pool does between requests).
+        while pool.len() < args.pool {
+            let mut w = Worker::spawn(&exe)?;
+            w.load(&encoded)?;
+            pool.push_back(w);
+        }
+        while let Some(mut w) = pool.pop_front() {
+            let t = Instant::now();
+            let ready = w.go()?;
+            let took = t.elapsed();
+            if done >= args.warmup {
+                pooled.samples.push(took);
+                in_worker
+                    .samples
+                    .push(Duration::from_micros(ready.finish_us));
+            }
+            released.push_back(w.release());
+            reap(&mut released, 64)?;
+            done += 1;
+            if done == args.warmup + n {
+                break;
+            }
+        }
+    }
+    for w in pool {
+        released.push_back(w.release());
+    }
+    reap(&mut released, 0)?;
+
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\none process per fork: {n} fresh workers, {n} from a pool of {} (state {} bytes JSON)",
+        args.pool,
+        encoded.len()
+    )?;
+    writeln!(
+        out,
+        "| step | mean µs | p50 µs | p90 µs | p99 µs | max µs |"
+    )?;
+    writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
+    for col in [
+        &mut spawn,
+        &mut load,
+        &mut go,
+        &mut fresh,
+        &mut pooled,
+        &mut in_worker,
     ] {
         writeln!(out, "{}", col.row())?;
     }

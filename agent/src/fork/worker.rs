@@ -133,9 +133,13 @@ fn send(
     Ok(())
 }
 
-/// Receives one packet; `Ok(None)` when the other side closed the socket.
-fn recv(sock: &OwnedFd, what: &'static str) -> Result<Option<Message>, WorkerError> {
-    let mut buf = vec![0u8; MAX_MESSAGE];
+/// Largest packet other than a template (requests, reports, errors).
+const MAX_SMALL_MESSAGE: usize = 64 << 10;
+
+/// Receives one packet of at most `max` bytes; `Ok(None)` when the other side closed the
+/// socket.
+fn recv(sock: &OwnedFd, max: usize, what: &'static str) -> Result<Option<Message>, WorkerError> {
+    let mut buf = vec![0u8; max];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
     let (len, truncated, mut fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -169,9 +173,7 @@ fn recv(sock: &OwnedFd, what: &'static str) -> Result<Option<Message>, WorkerErr
     }
     let protocol = |why: String| WorkerError::Protocol { what, why };
     if truncated {
-        return Err(protocol(format!(
-            "longer than {MAX_MESSAGE} bytes or too many fds"
-        )));
+        return Err(protocol(format!("longer than {max} bytes or too many fds")));
     }
     if fds.len() > 1 {
         return Err(protocol(format!(
@@ -191,7 +193,12 @@ fn recv(sock: &OwnedFd, what: &'static str) -> Result<Option<Message>, WorkerErr
 
 /// Receives a packet of `kind`; a `failed` packet becomes [`WorkerError::Remote`].
 fn expect(sock: &OwnedFd, kind: Kind, what: &'static str) -> Result<Message, WorkerError> {
-    let msg = recv(sock, what)?.ok_or(WorkerError::Closed(what))?;
+    let max = if kind == Kind::Template {
+        MAX_MESSAGE
+    } else {
+        MAX_SMALL_MESSAGE
+    };
+    let msg = recv(sock, max, what)?.ok_or(WorkerError::Closed(what))?;
     if msg.kind == Kind::Failed {
         return Err(WorkerError::Remote(
             String::from_utf8_lossy(&msg.body).into_owned(),
@@ -345,7 +352,17 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     let prepare_us = micros(t.elapsed());
     send(sock, Kind::Prepared, &[], None, "prepared")?;
 
-    expect(sock, Kind::Go, "go")?;
+    // A pool may retire a prepared worker without using it: closing is not an error then.
+    match recv(sock, MAX_SMALL_MESSAGE, "go")? {
+        None => return Ok(()),
+        Some(m) if m.kind == Kind::Go => {}
+        Some(m) => {
+            return Err(WorkerError::Protocol {
+                what: "go",
+                why: format!("got {:?}", m.kind),
+            })
+        }
+    }
     let t = Instant::now();
     let restored = shell.finish(&template, Box::new(std::io::sink()))?;
     let running = restored.vm.start()?;
@@ -357,7 +374,7 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     let body = serde_json::to_vec(&report).map_err(WorkerError::Encode)?;
     send(sock, Kind::Ready, &body, None, "ready")?;
 
-    while let Some(msg) = recv(sock, "a request")? {
+    while let Some(msg) = recv(sock, MAX_SMALL_MESSAGE, "a request")? {
         match msg.kind {
             Kind::Probe => {
                 let body = serde_json::to_vec(&running.exits()).map_err(WorkerError::Encode)?;
