@@ -10,7 +10,7 @@ use std::io::Write;
 use kvm_ioctls::VmFd;
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial as Uart, Trigger};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -55,7 +55,8 @@ impl Serial {
         out: ConsoleOut,
         vm: Option<&VmFd>,
     ) -> Result<Self, SerialError> {
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(SerialError::EventFd)?;
+        // Close-on-exec: a worker process started later must not inherit this VM's IRQ line.
+        let evt = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(SerialError::EventFd)?;
         if let Some(vm) = vm {
             vm.register_irqfd(&evt, COM1_IRQ)
                 .map_err(SerialError::Irqfd)?;
