@@ -136,38 +136,31 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     } = prepare(args.mem, args.vcpus, || args.image())?;
     let cmdline = args.cmdline();
 
-    let start = Instant::now();
-    if args.selftest {
-        let (console, writer) = Console::new(None, Some(guest_boot::READY_PREFIX));
-        let vm = vmm::boot_linux(
-            &kvm,
-            machine,
-            &image.kernel,
-            &image.initrd,
-            &cmdline,
-            Box::new(writer),
-            None,
-        )
-        .context("booting the guest")?;
-        selftest(vm, console, start, Duration::from_secs(args.timeout))
+    // The self-test keeps the console to itself (shown only on failure); a plain boot
+    // streams it.
+    let (console, writer) = if args.selftest {
+        Console::new(None, Some(guest_boot::READY_PREFIX))
     } else {
-        let (_console, writer) = Console::new(Some(Box::new(std::io::stdout())), None);
-        let vm = vmm::boot_linux(
-            &kvm,
-            machine,
-            &image.kernel,
-            &image.initrd,
-            &cmdline,
-            Box::new(writer),
-            None,
-        )
-        .context("booting the guest")?;
-        let end = vm.wait(None).unwrap_or(crate::devices::GuestEnd::Stopped);
-        let end_code = end.exit_code();
-        vm.stop();
-        eprintln!("cleave: {end}");
-        Ok(super::exit_code(end_code))
+        Console::new(Some(Box::new(std::io::stdout())), None)
+    };
+    let start = Instant::now();
+    let vm = vmm::boot_linux(
+        &kvm,
+        machine,
+        &image.kernel,
+        &image.initrd,
+        &cmdline,
+        Box::new(writer),
+        None,
+    )
+    .context("booting the guest")?;
+    if args.selftest {
+        return selftest(vm, console, start, Duration::from_secs(args.timeout));
     }
+    let end = vm.wait(None).unwrap_or(crate::devices::GuestEnd::Stopped);
+    vm.stop();
+    eprintln!("cleave: {end}");
+    Ok(super::exit_code(end.exit_code()))
 }
 
 fn selftest(

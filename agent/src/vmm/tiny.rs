@@ -8,7 +8,6 @@
 use kvm_bindings::kvm_regs;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout;
 use super::vcpu::{gdt, Vcpu, VcpuError};
 
 /// Where the code is loaded and starts.
@@ -120,39 +119,17 @@ pub fn load(mem: &GuestMemoryMmap, ending: Ending) -> Result<(), VcpuError> {
             .map_err(err)?;
         }
     }
-    for (i, e) in gdt_table().iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(layout::BOOT_GDT_START + 8 * i as u64))
-            .map_err(err)?;
-    }
+    gdt::write(mem, &gdt::flat_table(gdt::CODE64))?;
     mem.write_slice(&program(ending), GuestAddress(CODE_START))
         .map_err(err)
-}
-
-fn gdt_table() -> [u64; 4] {
-    [
-        0,
-        gdt::entry(gdt::CODE64, 0, 0xfffff),
-        gdt::entry(gdt::DATA, 0, 0xfffff),
-        gdt::entry(gdt::TSS, 0, 0x67),
-    ]
 }
 
 /// Puts `vcpu` in 64-bit mode at [`CODE_START`].
 pub fn setup_vcpu(vcpu: &Vcpu) -> Result<(), VcpuError> {
     let fd = vcpu.fd();
-    let table = gdt_table();
+    let table = gdt::flat_table(gdt::CODE64);
     let mut sregs = fd.get_sregs().map_err(VcpuError::kvm("KVM_GET_SREGS"))?;
-    let code = gdt::segment(1, table[1]);
-    let data = gdt::segment(2, table[2]);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = gdt::segment(3, table[3]);
-    sregs.gdt.base = layout::BOOT_GDT_START;
-    sregs.gdt.limit = (table.len() * 8 - 1) as u16;
+    gdt::load_flat(&mut sregs, &table);
     sregs.cr3 = PML4_START;
     sregs.cr4 = X86_CR4_PAE;
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;

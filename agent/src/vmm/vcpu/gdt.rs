@@ -1,6 +1,10 @@
 //! Global descriptor table entries and the KVM segments that describe them.
 
-use kvm_bindings::kvm_segment;
+use kvm_bindings::{kvm_segment, kvm_sregs};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::VcpuError;
+use crate::vmm::layout;
 
 /// Flat 32-bit code, execute/read (PVH entry).
 pub const CODE32: u16 = 0xc09b;
@@ -49,6 +53,39 @@ pub fn segment(index: u16, entry: u64) -> kvm_segment {
         unusable: u8::from(present == 0),
         padding: 0,
     }
+}
+
+/// The boot GDT: null, flat code with `code_flags`, flat data, TSS.
+pub fn flat_table(code_flags: u16) -> [u64; 4] {
+    [
+        0,
+        entry(code_flags, 0, 0xfffff),
+        entry(DATA, 0, 0xfffff),
+        entry(TSS, 0, 0x67),
+    ]
+}
+
+/// Writes `table` to guest memory at [`layout::BOOT_GDT_START`].
+pub fn write(mem: &GuestMemoryMmap, table: &[u64; 4]) -> Result<(), VcpuError> {
+    for (i, e) in table.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(layout::BOOT_GDT_START + 8 * i as u64))
+            .map_err(|e| VcpuError::GuestMemory(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Points the segment registers and GDTR of `sregs` at a [`flat_table`] in guest memory.
+pub fn load_flat(sregs: &mut kvm_sregs, table: &[u64; 4]) {
+    let data = segment(2, table[2]);
+    sregs.cs = segment(1, table[1]);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(3, table[3]);
+    sregs.gdt.base = layout::BOOT_GDT_START;
+    sregs.gdt.limit = (table.len() * 8 - 1) as u16;
 }
 
 #[cfg(test)]

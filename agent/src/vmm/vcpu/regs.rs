@@ -2,11 +2,10 @@
 
 use kvm_bindings::{kvm_fpu, kvm_regs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::gdt;
 use super::VcpuError;
-use crate::vmm::layout;
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
@@ -19,29 +18,10 @@ pub fn setup_pvh(
     entry: GuestAddress,
     start_info: GuestAddress,
 ) -> Result<(), VcpuError> {
-    let table = [
-        0,
-        gdt::entry(gdt::CODE32, 0, 0xfffff),
-        gdt::entry(gdt::DATA, 0, 0xfffff),
-        gdt::entry(gdt::TSS, 0, 0x67),
-    ];
-    for (i, e) in table.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(layout::BOOT_GDT_START + 8 * i as u64))
-            .map_err(|e| VcpuError::GuestMemory(e.to_string()))?;
-    }
-
+    let table = gdt::flat_table(gdt::CODE32);
+    gdt::write(mem, &table)?;
     let mut sregs = vcpu.get_sregs().map_err(VcpuError::kvm("KVM_GET_SREGS"))?;
-    let code = gdt::segment(1, table[1]);
-    let data = gdt::segment(2, table[2]);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = gdt::segment(3, table[3]);
-    sregs.gdt.base = layout::BOOT_GDT_START;
-    sregs.gdt.limit = (table.len() * 8 - 1) as u16;
+    gdt::load_flat(&mut sregs, &table);
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
