@@ -259,6 +259,8 @@ fn check_bad_exec(c: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+type Check<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
+
 fn checks() -> anyhow::Result<bool> {
     let vm = boot(512, 2).context("booting the guest")?;
     println!(
@@ -267,7 +269,7 @@ fn checks() -> anyhow::Result<bool> {
         vm.ready_after().as_secs_f64() * 1e3
     );
     let c = vm.client();
-    let list: Vec<(&str, Box<dyn Fn() -> anyhow::Result<()> + '_>)> = vec![
+    let list: Vec<(&str, Check<'_>)> = vec![
         ("output-64mib", Box::new(|| check_output_64mib(c))),
         ("concurrent-64", Box::new(|| check_concurrent_64(&vm))),
         ("stdin-roundtrip", Box::new(|| check_stdin_roundtrip(c))),
