@@ -47,6 +47,17 @@ fn control_channel_end_to_end() {
             "runtime-dir-removed",
             format!("{cleave} run -- true && ls -A /run/cleave | wc -l"),
         ),
+        // SIGTERM to `cleave run` goes to the command in the guest; the VM still ends
+        // cleanly and its directory is removed.
+        Scenario::new(
+            "forward-sigterm",
+            format!(
+                "{cleave} run -- sh -c 'trap \"echo got-term; exit 5\" TERM; echo ready; \
+                 while true; do sleep 1; done' > /tmp/fwd 2>&1 & pid=$!; \
+                 for i in $(seq 600); do grep -q ready /tmp/fwd && break; sleep 0.2; done; \
+                 kill -TERM $pid; wait $pid; echo \"rc=$?\"; cat /tmp/fwd; ls -A /run/cleave | wc -l"
+            ),
+        ),
         Scenario::new("probe", format!("{probe} check")),
     ];
     let (place, results) = run_batch(&scenarios, Duration::from_secs(1800));
@@ -123,6 +134,19 @@ fn control_channel_end_to_end() {
     f.check(
         r,
         r.output.trim() == "0",
+        "the VM's private directory is gone",
+    );
+
+    let r = by("forward-sigterm");
+    f.check(
+        r,
+        r.output.contains("rc=5"),
+        "the command's trap decided the exit code",
+    );
+    f.check(r, r.output.contains("got-term"), "the command got SIGTERM");
+    f.check(
+        r,
+        r.output.trim_end().ends_with('0'),
         "the VM's private directory is gone",
     );
 

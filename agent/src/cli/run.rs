@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use cleave_guest::protocol::{ExecRequest, ExitReport, ExitStatus, OutputEvent};
+use cleave_guest::protocol::{
+    Client, ClientError, ExecRequest, ExitReport, ExitStatus, OutputEvent,
+};
+use nix::sys::signal::{SigSet, Signal};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::boot::{default_image, prepare, Prepared, BASE_CMDLINE};
 use crate::vmm::agent_vm::AgentVm;
@@ -51,6 +55,10 @@ pub fn exit_code_of(report: &ExitReport) -> i32 {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Before any thread exists, so every thread inherits the mask: these signals are
+    // for the command in the guest, and the VM must be torn down (its runtime directory
+    // removed) rather than the process killed.
+    let signals = block_forwarded_signals();
     let Prepared {
         machine,
         image,
@@ -68,31 +76,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ms = vm.ready_after().as_secs_f64() * 1e3,
         "guest agent ready"
     );
+    if let Some(sig) = next_signal(&signals, Duration::ZERO) {
+        // Interrupted while booting: nothing ran; end cleanly.
+        vm.stop();
+        return Ok(super::exit_code(128 + sig));
+    }
 
     let mut req = ExecRequest::new(args.command.iter().cloned());
     req.timeout_ms = args.timeout.map(|s| s.saturating_mul(1000));
     let stdin: Box<dyn Read + Send> = Box::new(std::io::stdin());
     let started = Instant::now();
-    let (report, out, err) = if args.json {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let report = vm.client().exec(req, Some(stdin), |ev| match ev {
-            OutputEvent::Stdout(d) => out.extend_from_slice(d),
-            OutputEvent::Stderr(d) => err.extend_from_slice(d),
-            OutputEvent::Exited(_) => {}
-        });
-        (report, out, err)
-    } else {
-        let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-        let report = vm.client().exec(req, Some(stdin), |ev| {
-            // A closed stdout (`| head`) must not stop the command's exit from arriving.
-            let _ = match ev {
-                OutputEvent::Stdout(d) => stdout.write_all(d).and_then(|_| stdout.flush()),
-                OutputEvent::Stderr(d) => stderr.write_all(d),
-                OutputEvent::Exited(_) => Ok(()),
-            };
-        });
-        (report, Vec::new(), Vec::new())
-    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+    let report = exec_forwarding_signals(vm.client(), req, stdin, &signals, |ev| {
+        // A closed stdout (`| head`) must not stop the command's exit from arriving.
+        let _ = match (args.json, ev) {
+            (true, OutputEvent::Stdout(d)) => out.write_all(d),
+            (true, OutputEvent::Stderr(d)) => err.write_all(d),
+            (false, OutputEvent::Stdout(d)) => stdout.write_all(d).and_then(|_| stdout.flush()),
+            (false, OutputEvent::Stderr(d)) => stderr.write_all(d),
+            (_, OutputEvent::Exited(_)) => Ok(()),
+        };
+    });
     let ms = started.elapsed().as_secs_f64() * 1e3;
     let report = match report {
         Ok(r) => r,
@@ -128,6 +133,80 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{obj}");
     }
     Ok(super::exit_code(exit_code_of(&report)))
+}
+
+/// Host signals that go to the command's process group in the guest.
+const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+
+fn block_forwarded_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    if let Err(e) = set.thread_block() {
+        tracing::warn!(error = %e, "cannot block SIGINT/SIGTERM; they will kill cleave outright");
+    }
+    set
+}
+
+/// A pending signal of `set`, waiting up to `timeout`.
+fn next_signal(set: &SigSet, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` is a valid, initialised signal set and `ts` a valid timespec; a null
+    // siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
+}
+
+/// Runs `req` with `stdin` wired, handing every event to `on_event`, while a watcher
+/// thread forwards SIGINT/SIGTERM/SIGHUP to the command's process group in the guest.
+fn exec_forwarding_signals(
+    client: &Client,
+    mut req: ExecRequest,
+    stdin: Box<dyn Read + Send>,
+    signals: &SigSet,
+    mut on_event: impl FnMut(&OutputEvent),
+) -> Result<ExitReport, ClientError> {
+    req.stdin = true;
+    let mut handle = client.start_exec(req)?;
+    let mut w = handle.stdin_writer();
+    let mut src = stdin;
+    // Not joined: a terminal stdin may block forever; the exit does not wait for it.
+    std::thread::Builder::new()
+        .name("cleave-run-stdin".into())
+        .spawn(move || {
+            if std::io::copy(&mut src, &mut w).is_ok() {
+                let _ = w.close();
+            }
+        })?;
+    let id = handle.id();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Acquire) {
+                if let Some(sig) = next_signal(signals, Duration::from_millis(100)) {
+                    if let Err(e) = client.signal(id, sig) {
+                        tracing::warn!(error = %e, "forwarding signal {sig} to the command");
+                    }
+                }
+            }
+        });
+        let result = loop {
+            match handle.next_event() {
+                Ok(OutputEvent::Exited(x)) => {
+                    on_event(&OutputEvent::Exited(x));
+                    break Ok(x);
+                }
+                Ok(ev) => on_event(&ev),
+                Err(e) => break Err(e),
+            }
+        };
+        done.store(true, Ordering::Release);
+        result
+    })
 }
 
 #[cfg(test)]
