@@ -116,7 +116,12 @@ fn parse(output: &str, scenarios: &[Scenario]) -> Vec<Outcome> {
             Outcome {
                 name: sc.name.clone(),
                 exit_code: code,
-                output: output[b..e].to_owned(),
+                // The end marker starts on a line of its own; the newline that ended the
+                // scenario's last line is not part of its output.
+                output: output[b..e]
+                    .strip_suffix('\n')
+                    .unwrap_or(&output[b..e])
+                    .to_owned(),
             }
         })
         .collect()
