@@ -21,7 +21,8 @@ pub struct Interrupt {
 impl Interrupt {
     /// A line whose eventfd is wired to `gsi` on `vm` (none: unwired, for unit tests).
     pub fn new(vm: Option<&VmFd>, gsi: u32) -> std::io::Result<Self> {
-        let irqfd = EventFd::new(EFD_NONBLOCK)?;
+        // Close-on-exec: a forked worker must not inherit another VM's interrupt line.
+        let irqfd = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         if let Some(vm) = vm {
             vm.register_irqfd(&irqfd, gsi)
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;

@@ -76,7 +76,7 @@ pub struct Vsock {
 impl Vsock {
     pub fn new(config: &VsockConfig, interrupt: Arc<Interrupt>) -> Result<Self, VsockError> {
         let queue_evts = (0..QUEUE_SIZES.len())
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<Result<Vec<_>, _>>()
             .map_err(VsockError::Fd)?;
         let mut timer = TimerFd::new().map_err(|e| VsockError::Fd(e.into()))?;
