@@ -66,7 +66,7 @@ fn is_executable(path: &Path) -> bool {
 /// the script to run and the nonce its markers carry. `mitigations=off`: the
 /// rig is a throwaway test machine, and under emulation the speculation
 /// mitigations cost a measurable share of its boot (≈15%).
-pub fn kernel_cmdline(script: &Path, nonce: &str) -> Result<String, RigError> {
+pub fn kernel_cmdline(script: &Path, nonce: &str, keep: &[PathBuf]) -> Result<String, RigError> {
     let script = script.to_str().filter(|s| {
         // The kernel splits its command line at whitespace and treats quotes.
         s.bytes()
@@ -78,9 +78,28 @@ pub fn kernel_cmdline(script: &Path, nonce: &str) -> Result<String, RigError> {
                 .into(),
         ));
     };
-    Ok(format!(
+    let mut line = format!(
         "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off cleave.rig_nonce={nonce} cleave.rig_cmd={script}"
-    ))
+    );
+    if !keep.is_empty() {
+        let mut list = Vec::new();
+        for dir in keep {
+            match dir.to_str() {
+                Some(d) if d.bytes().all(|b| b.is_ascii_graphic() && !b",'\"".contains(&b)) => {
+                    list.push(d)
+                }
+                _ => {
+                    return Err(RigError::BadCommand(format!(
+                        "{} must be printable ASCII without spaces, commas or quotes to be shared with the rig; move it",
+                        dir.display()
+                    )))
+                }
+            }
+        }
+        line.push_str(" cleave.rig_keep=");
+        line.push_str(&list.join(","));
+    }
+    Ok(line)
 }
 
 /// Arguments for qemu-system-x86_64 (without the program name).
@@ -158,10 +177,10 @@ mod tests {
 
     #[test]
     fn cmdline_names_script_and_nonce() {
-        let line = kernel_cmdline(Path::new("/c/rig/runs/x/cmd.sh"), "ab12").unwrap();
+        let line = kernel_cmdline(Path::new("/c/rig/runs/x/cmd.sh"), "ab12", &[]).unwrap();
         assert!(line.ends_with("cleave.rig_nonce=ab12 cleave.rig_cmd=/c/rig/runs/x/cmd.sh"));
         assert!(line.contains("quiet"));
-        assert!(kernel_cmdline(Path::new("/a b/cmd.sh"), "ab12").is_err());
-        assert!(kernel_cmdline(Path::new("/a\"b/cmd.sh"), "ab12").is_err());
+        assert!(kernel_cmdline(Path::new("/a b/cmd.sh"), "ab12", &[]).is_err());
+        assert!(kernel_cmdline(Path::new("/a\"b/cmd.sh"), "ab12", &[]).is_err());
     }
 }

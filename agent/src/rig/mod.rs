@@ -23,7 +23,7 @@ mod supervise;
 
 use std::ffi::OsString;
 use std::io::{Read as _, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::RigError;
@@ -130,7 +130,13 @@ pub fn run(cmd: &RigCommand, out: &mut dyn Write) -> Result<RigOutcome, RigError
         &format!("{}-{nonce}", std::process::id()),
     )?;
     let script_path = run_dir.write_script(&text)?;
-    let cmdline = launch::kernel_cmdline(&script_path, &nonce)?;
+    let program = cmd.argv.first().map(Path::new).filter(|p| p.is_absolute());
+    let keep = script::exposed_dirs(
+        [cmd.cwd.as_path(), cache.as_path()]
+            .into_iter()
+            .chain(program),
+    );
+    let cmdline = launch::kernel_cmdline(&script_path, &nonce, &keep)?;
     let args = launch::qemu_args(&image, machine, &cmdline);
     tracing::info!(
         kernel = %image.debian_kernel,

@@ -13,7 +13,30 @@ use super::RigCommand;
 
 /// Host directories the rig replaces with its own filesystems: a path under
 /// them is not what the command would see inside.
-const HIDDEN_IN_RIG: &[&str] = &["/tmp", "/run", "/proc", "/sys", "/dev", "/var/tmp"];
+const HIDDEN_IN_RIG: &[&str] = &["/run", "/proc", "/sys", "/dev"];
+
+/// Scratch directories the rig replaces with its own tmpfs, but from which it
+/// re-exposes (read-only, at the same path) the directories a command needs,
+/// so that e.g. a checkout under /tmp runs there too.
+const SCRATCH: &[&str] = &["/tmp", "/var/tmp"];
+
+/// The directory the rig must re-expose for `path` to be visible: the
+/// top-level entry under a scratch directory (`/tmp/ci/x/y` → `/tmp/ci`).
+pub fn exposed_dir(path: &Path) -> Option<PathBuf> {
+    SCRATCH.iter().find_map(|scratch| {
+        let rest = path.strip_prefix(scratch).ok()?;
+        let first = rest.components().next()?;
+        Some(Path::new(scratch).join(first))
+    })
+}
+
+/// Every directory [`exposed_dir`] asks for among `paths`, once each.
+pub fn exposed_dirs<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = paths.into_iter().filter_map(exposed_dir).collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
 
 /// Quotes `arg` for a POSIX shell: `'...'`, with each `'` written as `'\''`.
 pub fn shell_quote(arg: &[u8]) -> Vec<u8> {
@@ -41,6 +64,12 @@ pub fn check_visible(what: &str, path: &Path) -> Result<(), RigError> {
     if !path.is_absolute() {
         return Err(RigError::BadCommand(format!(
             "the {what} {} is not an absolute path",
+            path.display()
+        )));
+    }
+    if SCRATCH.iter().any(|s| path == Path::new(s)) {
+        return Err(RigError::BadCommand(format!(
+            "the {what} {} is the rig's own scratch directory; use a directory inside it or elsewhere",
             path.display()
         )));
     }
@@ -226,13 +255,33 @@ mod tests {
         assert!(render(&cmd(&[b"ls"], &[("BAD NAME", "x")])).is_err());
         assert!(render(&cmd(&[b"ls"], &[("1X", "x")])).is_err());
         let mut hidden = cmd(&[b"ls"], &[]);
-        hidden.cwd = PathBuf::from("/tmp/work");
+        hidden.cwd = PathBuf::from("/run/work");
         let err = render(&hidden).unwrap_err().to_string();
-        assert!(err.contains("/tmp"), "{err}");
-        assert!(render(&cmd(&[b"/tmp/prog"], &[])).is_err());
+        assert!(err.contains("/run"), "{err}");
+        assert!(render(&cmd(&[b"/proc/prog"], &[])).is_err());
+        hidden.cwd = PathBuf::from("/tmp");
+        assert!(render(&hidden).is_err());
+        // Under a scratch directory is fine: the rig re-exposes it.
+        hidden.cwd = PathBuf::from("/tmp/ci/checkout");
+        assert!(render(&hidden).is_ok());
         let mut relative = cmd(&[b"ls"], &[]);
         relative.cwd = PathBuf::from("work");
         assert!(render(&relative).is_err());
+    }
+
+    #[test]
+    fn scratch_paths_expose_their_top_level_directory() {
+        let paths = [
+            Path::new("/tmp/ci/tests"),
+            Path::new("/tmp/ci/target/debug/cleave"),
+            Path::new("/var/tmp/x"),
+            Path::new("/work/main"),
+            Path::new("/tmp"),
+        ];
+        assert_eq!(
+            exposed_dirs(paths),
+            vec![PathBuf::from("/tmp/ci"), PathBuf::from("/var/tmp/x")]
+        );
     }
 
     #[test]
