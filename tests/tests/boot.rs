@@ -73,7 +73,7 @@ fn default_image_boots_and_bad_images_are_refused() {
         Scenario::new("absurd-vcpus", format!("{cleave} boot --vcpus 1000")),
         Scenario::new("malformed-pin", format!("{cleave} boot {}", pinned(&k, "abc", &i, &is))),
     ];
-    let (place, results) = run_batch(&scenarios, Duration::from_secs(1200));
+    let (place, results) = run_batch(&scenarios, Duration::from_secs(600));
     eprintln!("ran {} scenarios on the {place:?}", results.len());
 
     let mut f = Failures::default();

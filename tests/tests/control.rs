@@ -60,7 +60,7 @@ fn control_channel_end_to_end() {
         ),
         Scenario::new("probe", format!("{probe} check")),
     ];
-    let (place, results) = run_batch(&scenarios, Duration::from_secs(1800));
+    let (place, results) = run_batch(&scenarios, Duration::from_secs(600));
     eprintln!("ran {} scenarios on the {place:?}", results.len());
     let mut f = Failures::default();
     let by = |n: &str| results.iter().find(|r| r.name == n).unwrap();
