@@ -24,14 +24,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_clock_data, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use super::state::{xsave_of, FpuState, VcpuState, VmState};
 use super::Template;
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
 use crate::devices::LegacyDevices;
-use crate::vmm::layout;
+use crate::vmm;
 use crate::vmm::memory::{GuestRam, MemoryError, Sharing};
 use crate::vmm::vcpu::Vcpu;
 use crate::vmm::Vm;
@@ -65,6 +65,15 @@ pub enum RestoreError {
     Serial(#[from] SerialError),
     #[error("forking: the VM shell was prepared for a different template")]
     OtherTemplate,
+}
+
+impl From<vmm::KvmCallError> for RestoreError {
+    fn from(e: vmm::KvmCallError) -> Self {
+        RestoreError::Vm {
+            op: e.op,
+            source: e.source,
+        }
+    }
 }
 
 fn vm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> RestoreError {
@@ -178,25 +187,14 @@ pub fn prepare(kvm: &Kvm, template: &Template) -> Result<Shell, RestoreError> {
     let state = template.state();
     let memory = template.memory();
     let mut tm = RestoreTimings::default();
-    let fd = timed(&mut tm.create_vm, || -> Result<VmFd, RestoreError> {
-        let fd = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-        Ok(fd)
-    })?;
+    let fd = timed(&mut tm.create_vm, || vmm::create_vm_fd(kvm))?;
     let ram = timed(&mut tm.map_memory, || -> Result<GuestRam, RestoreError> {
         let ram = GuestRam::map(memory.file().clone(), memory.size(), Sharing::Private)?;
         ram.register(&fd)?;
         Ok(ram)
     })?;
-    timed(&mut tm.irqchip, || fd.create_irq_chip()).map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
-    timed(&mut tm.pit, || {
-        fd.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-    })
-    .map_err(vm_err("KVM_CREATE_PIT2"))?;
+    timed(&mut tm.irqchip, || vmm::create_irqchip(&fd))?;
+    timed(&mut tm.pit, || vmm::create_pit(&fd))?;
     let vcpus = timed(&mut tm.create_vcpus, || {
         state
             .vcpus
