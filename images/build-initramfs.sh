@@ -64,14 +64,8 @@ trap 'rm -rf "$tmp"' EXIT
 list=$tmp/list
 {
   for d in bin dev dev/pts etc proc root run sys tmp usr; do echo "dir $d 755"; done
-  echo "nod dev/console 600 c 5 1"
-  echo "nod dev/null 666 c 1 3"
   echo "file init 755 $guest"
-  echo "file bin/busybox 755 $busybox"
-  for applet in $("$busybox" --list); do
-    case "$applet" in busybox | init) continue ;; esac
-    echo "slink bin/$applet busybox"
-  done
+  newc_busybox_base "$busybox"
   # Scripts say #!/usr/bin/env or #!/sbin/...: one /bin serves them all.
   echo "slink sbin bin"
   echo "slink usr/bin ../bin"

@@ -70,3 +70,17 @@ newc_write() {
 newc_sort() {
   LC_ALL=C sort -t ' ' -k2,2 -o "$1" "$1"
 }
+
+# newc_busybox_base BUSYBOX: list lines for what every initramfs of ours has: the
+# console and null device nodes, BUSYBOX as /bin/busybox and a /bin symlink for each of
+# its applets (except init: /init is the image's own).
+newc_busybox_base() {
+  local busybox=$1 applet
+  echo "nod dev/console 600 c 5 1"
+  echo "nod dev/null 666 c 1 3"
+  echo "file bin/busybox 755 $busybox"
+  for applet in $("$busybox" --list); do
+    case "$applet" in busybox | init) continue ;; esac
+    echo "slink bin/$applet busybox"
+  done
+}

@@ -180,14 +180,8 @@ for m in "${order[@]}"; do echo "$m ${MODULE_PARAMS[$m]:-}"; done >"$tmp/modules
 list=$tmp/list
 {
   for d in bin dev etc host lib lib/modules proc sys tmp; do echo "dir $d 755"; done
-  echo "nod dev/console 600 c 5 1"
-  echo "nod dev/null 666 c 1 3"
   echo "file init 755 $here/init"
-  echo "file bin/busybox 755 $busybox"
-  for applet in $("$busybox" --list); do
-    case "$applet" in busybox | init) continue ;; esac
-    echo "slink bin/$applet busybox"
-  done
+  newc_busybox_base "$busybox"
   echo "file lib/modules/order 644 $tmp/modules.order"
   for m in "${order[@]}"; do echo "file lib/modules/$m.ko 644 $tmp/mods/$m.ko"; done
 } >"$list"
