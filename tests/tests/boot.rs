@@ -57,6 +57,12 @@ fn default_image_boots_and_bad_images_are_refused() {
                  set +e; RUST_LOG=info CLEAVE_CACHE=$c {cleave} boot --selftest"
             ),
         ),
+        // `cleave run` boots through the same checks; a command must never run in a guest
+        // booted from a file that fails its pin. (Reuses the tampered cache made above.)
+        Scenario::new(
+            "run-tampered-cached-kernel",
+            format!("RUST_LOG=info CLEAVE_CACHE=/tmp/tampered-cache {cleave} run -- echo ran-in-guest"),
+        ),
         Scenario::new(
             "missing-kernel",
             format!("{cleave} boot {}", pinned("/nonexistent/vmlinux", &ks, &i, &is)),
@@ -137,6 +143,7 @@ fn default_image_boots_and_bad_images_are_refused() {
         ("kernel-digest-mismatch", "kernel", ZEROS),
         ("initrd-digest-mismatch", "initramfs", ZEROS),
         ("tampered-cached-kernel", "kernel", ks.as_str()),
+        ("run-tampered-cached-kernel", "kernel", ks.as_str()),
     ] {
         let r = by(name);
         f.check(r, r.exit_code != 0, "refused");
@@ -154,6 +161,13 @@ fn default_image_boots_and_bad_images_are_refused() {
         );
         f.check(r, !r.output.contains("creating VM"), "no VM was created");
     }
+    let r = by("run-tampered-cached-kernel");
+    f.check(
+        r,
+        !r.output.contains("ran-in-guest"),
+        "the command never ran",
+    );
+
     let r = by("missing-kernel");
     f.check(
         r,
