@@ -52,7 +52,7 @@ fn main() {
     let reseed = Arc::new(KernelReseed {
         device: "/nonexistent".into(),
         set_clock: false,
-        force_fail: true,
+        test_mode: cleave_guest::reseed::TestMode::Fail,
     });
     let server = Server::new(ServerConfig::new(GateMode::Open, reseed), Reaper::start());
     let (host, guest) = UnixStream::pair().unwrap();

@@ -8,6 +8,10 @@ pub const READY_PREFIX: &str = "cleave-guest: ready";
 /// `cleave.selftest=1`: print the readiness line, then end the guest with status 0.
 pub const FLAG_SELFTEST: &str = "cleave.selftest";
 
+/// `cleave.template=1`: this boot will be captured as a template, so the agent's reseed
+/// gate starts closed (exec and files only after a successful reseed).
+pub const FLAG_TEMPLATE: &str = "cleave.template";
+
 /// `cleave.hostname=NAME`: the guest's hostname (default [`DEFAULT_HOSTNAME`]).
 pub const FLAG_HOSTNAME: &str = "cleave.hostname";
 

@@ -23,9 +23,38 @@ use nix::time::{clock_settime, ClockId};
 
 use crate::protocol::{ReseedReply, ReseedRequest, WallTime};
 
-/// The kernel command line flag that makes [`KernelReseed`] fail on
-/// purpose. For the integration tests of the host's gate only.
-pub const TEST_FAIL_FLAG: &str = "cleave.test_fail_reseed=1";
+/// `cleave.test_reseed=fail|hang|wrong-nonce` on the kernel command line
+/// makes [`KernelReseed`] misbehave on purpose, one way each gate failure
+/// the host must catch. For the integration tests of the host's gate only:
+/// every mode can only make a reseed fail, never pass one that did not.
+pub const TEST_RESEED_FLAG: &str = "cleave.test_reseed";
+
+/// How a reseed misbehaves for the host gate's tests ([`TEST_RESEED_FLAG`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TestMode {
+    /// Behave: the real reseed.
+    #[default]
+    Off,
+    /// Skip the ioctls and report `reseeded: false`.
+    Fail,
+    /// Never answer.
+    Hang,
+    /// Reseed for real, but echo a different nonce.
+    WrongNonce,
+}
+
+impl TestMode {
+    /// The mode the kernel command line asks for; unknown values are [`TestMode::Off`]
+    /// (a typo must not silently weaken anything, and `Off` is the strict path).
+    pub fn from_cmdline(cmdline: &str) -> TestMode {
+        match crate::boot::cmdline_value(cmdline, TEST_RESEED_FLAG) {
+            Some("fail") => TestMode::Fail,
+            Some("hang") => TestMode::Hang,
+            Some("wrong-nonce") => TestMode::WrongNonce,
+            _ => TestMode::Off,
+        }
+    }
+}
 
 /// `_IOW('R', 0x03, int[2])`
 const RNDADDENTROPY: libc::c_ulong = nix::request_code_write!(b'R', 0x03, 8) as libc::c_ulong;
@@ -44,7 +73,9 @@ pub enum ReseedError {
     TooLarge(usize),
     #[error("clock_settime(CLOCK_REALTIME): {0}")]
     Clock(Errno),
-    #[error("reseed failure forced for tests ({TEST_FAIL_FLAG} on the kernel command line)")]
+    #[error(
+        "reseed failure forced for tests ({TEST_RESEED_FLAG}=fail on the kernel command line)"
+    )]
     Forced,
 }
 
@@ -62,9 +93,9 @@ pub struct KernelReseed {
     /// Step `CLOCK_REALTIME` to the host's time. Off only where the agent
     /// is not the guest's (tests on a development host).
     pub set_clock: bool,
-    /// Fail without calling the ioctls. For tests only: the lead's main
-    /// sets it when the kernel command line has [`TEST_FAIL_FLAG`].
-    pub force_fail: bool,
+    /// Misbehave on purpose. For tests only: the agent's main sets it from
+    /// [`TEST_RESEED_FLAG`] on the kernel command line.
+    pub test_mode: TestMode,
 }
 
 impl KernelReseed {
@@ -73,14 +104,20 @@ impl KernelReseed {
         KernelReseed {
             device: PathBuf::from("/dev/random"),
             set_clock: true,
-            force_fail: false,
+            test_mode: TestMode::Off,
         }
     }
 }
 
 impl Reseed for KernelReseed {
     fn reseed(&self, req: &ReseedRequest) -> ReseedReply {
-        let crng = if self.force_fail {
+        if self.test_mode == TestMode::Hang {
+            tracing::warn!("reseed: {TEST_RESEED_FLAG}=hang, never answering");
+            loop {
+                std::thread::park();
+            }
+        }
+        let crng = if self.test_mode == TestMode::Fail {
             Err(ReseedError::Forced)
         } else {
             open_device(&self.device).and_then(|f| credit_and_reseed(&f, &req.entropy))
@@ -99,20 +136,17 @@ impl Reseed for KernelReseed {
             tracing::error!("clock step failed: {e}");
             detail.push(e.to_string());
         }
+        let mut nonce = req.nonce;
+        if self.test_mode == TestMode::WrongNonce {
+            nonce[0] ^= 0xff;
+        }
         ReseedReply {
             reseeded: crng.is_ok(),
-            nonce: req.nonce,
+            nonce,
             clock_set: self.set_clock && clock.is_ok(),
             detail: detail.join("; "),
         }
     }
-}
-
-/// True when the kernel command line asks for forced reseed failures.
-pub fn test_fail_requested(cmdline: &str) -> bool {
-    cmdline
-        .split_ascii_whitespace()
-        .any(|w| w == TEST_FAIL_FLAG)
 }
 
 fn open_device(path: &std::path::Path) -> Result<File, ReseedError> {
@@ -180,7 +214,7 @@ mod tests {
         let r = KernelReseed {
             device: f.path().to_path_buf(),
             set_clock: false,
-            force_fail: false,
+            test_mode: TestMode::Off,
         }
         .reseed(&request());
         assert!(!r.reseeded);
@@ -204,7 +238,7 @@ mod tests {
         let r = KernelReseed {
             device: PathBuf::from("/nonexistent/cleave-random"),
             set_clock: false,
-            force_fail: false,
+            test_mode: TestMode::Off,
         }
         .reseed(&request());
         assert!(!r.reseeded);
@@ -220,22 +254,38 @@ mod tests {
         let r = KernelReseed {
             device: PathBuf::from("/dev/random"),
             set_clock: false,
-            force_fail: true,
+            test_mode: TestMode::Fail,
         }
         .reseed(&request());
         assert!(!r.reseeded);
-        assert!(r.detail.contains(TEST_FAIL_FLAG), "{}", r.detail);
+        assert!(r.detail.contains(TEST_RESEED_FLAG), "{}", r.detail);
     }
 
     #[test]
-    fn the_test_flag_is_read_from_the_command_line() {
-        assert!(test_fail_requested(
-            "console=ttyS0 cleave.test_fail_reseed=1 quiet"
-        ));
-        assert!(!test_fail_requested(
-            "console=ttyS0 cleave.test_fail_reseed=0"
-        ));
-        assert!(!test_fail_requested("xcleave.test_fail_reseed=1"));
+    fn wrong_nonce_mode_changes_only_the_nonce() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let r = KernelReseed {
+            device: f.path().to_path_buf(),
+            set_clock: false,
+            test_mode: TestMode::WrongNonce,
+        }
+        .reseed(&request());
+        assert_ne!(r.nonce, request().nonce);
+        assert!(!r.reseeded, "a regular file still cannot credit");
+    }
+
+    #[test]
+    fn the_test_mode_is_read_from_the_command_line() {
+        let m = TestMode::from_cmdline;
+        assert_eq!(
+            m("console=ttyS0 cleave.test_reseed=fail quiet"),
+            TestMode::Fail
+        );
+        assert_eq!(m("cleave.test_reseed=hang"), TestMode::Hang);
+        assert_eq!(m("cleave.test_reseed=wrong-nonce"), TestMode::WrongNonce);
+        assert_eq!(m("cleave.test_reseed=bogus"), TestMode::Off);
+        assert_eq!(m("xcleave.test_reseed=fail"), TestMode::Off);
+        assert_eq!(m("console=ttyS0"), TestMode::Off);
     }
 
     #[test]

@@ -60,6 +60,7 @@ fn body() -> impl Strategy<Value = Body> {
             limit
         })),
         Just(Body::Shutdown),
+        Just(Body::Quiesce),
         (
             prop::collection::vec(any::<u8>(), 32..100),
             any::<[u8; 16]>(),

@@ -27,7 +27,7 @@ fn harmless_reseed() -> Arc<dyn Reseed> {
     Arc::new(KernelReseed {
         device: path,
         set_clock: false,
-        force_fail: false,
+        test_mode: cleave_guest::reseed::TestMode::Off,
     })
 }
 
@@ -405,6 +405,28 @@ fn the_gate_refuses_work_until_a_reseed_succeeds() {
     assert!(r.reseeded);
     let (x, _, _) = run(&c, ExecRequest::new(["true"]));
     assert_eq!(x.status, ExitStatus::Code(0));
+}
+
+#[test]
+fn quiesce_closes_an_open_gate_and_names_what_still_runs() {
+    // This test process is not a guest: the development host has other processes (at
+    // least this test's own parent), so quiesce refuses and names them, and the gate is
+    // closed whatever the answer.
+    let c = Client::new(server(ServerConfig::new(
+        GateMode::Open,
+        Arc::new(Succeeds),
+    )))
+    .unwrap();
+    let (x, _, _) = run(&c, ExecRequest::new(["true"]));
+    assert_eq!(x.status, ExitStatus::Code(0));
+    let e = remote(c.quiesce(T).unwrap_err());
+    assert_eq!(e.code, ErrorCode::Busy);
+    assert!(e.message.contains("besides the agent still run"), "{e}");
+    let e = remote(
+        c.exec_collect(ExecRequest::new(["true"]), None)
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, ErrorCode::NotReady, "quiesce must close the gate");
 }
 
 #[test]

@@ -22,13 +22,66 @@ const CID_ANY: u32 = u32::MAX;
 
 fn main() {
     if nix::unistd::getpid() != Pid::from_raw(1) {
-        eprintln!("cleave-guest: this is a guest's init and must run as PID 1");
-        std::process::exit(2);
+        std::process::exit(tool(std::env::args().skip(1).collect()));
     }
     if let Err(e) = run() {
         eprintln!("cleave-guest: fatal: {e}");
         end_guest(1);
     }
+}
+
+/// Run as anything but PID 1, the binary is a small tool for commands in the guest:
+/// `getrandom N` prints N bytes from getrandom(2) in hex (busybox has no way to call it,
+/// and the fork tests compare it across forks).
+fn tool(args: Vec<String>) -> i32 {
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["getrandom", n] => match n.parse::<usize>() {
+            Ok(n) if (1..=4096).contains(&n) => {
+                let mut buf = vec![0u8; n];
+                match nix_getrandom(&mut buf) {
+                    Ok(()) => {
+                        let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+                        println!("{hex}");
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("cleave-guest getrandom: {e}");
+                        1
+                    }
+                }
+            }
+            _ => {
+                eprintln!("cleave-guest getrandom: N must be 1..=4096, not {n:?}");
+                2
+            }
+        },
+        _ => {
+            eprintln!(
+                "cleave-guest: this is a guest's init and must run as PID 1 \
+                 (as a tool: cleave-guest getrandom N)"
+            );
+            2
+        }
+    }
+}
+
+/// Fills `buf` from getrandom(2), blocking until the CRNG is ready.
+fn nix_getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes for the call.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }
 
 fn run() -> Result<(), init::InitError> {
@@ -85,7 +138,7 @@ fn run() -> Result<(), init::InitError> {
 }
 
 /// Listens on [`boot::AGENT_VSOCK_PORT`] and serves each connection on its own thread.
-/// A cold boot serves at once ([`GateMode::Open`]); templates (a later step) start closed.
+/// A cold boot serves at once ([`GateMode::Open`]); a template boot starts closed.
 fn serve_vsock(reaper: Reaper, cmdline: &str) -> nix::Result<()> {
     let listener = socket(
         AddressFamily::Vsock,
@@ -100,8 +153,15 @@ fn serve_vsock(reaper: Reaper, cmdline: &str) -> nix::Result<()> {
     listen(&listener, Backlog::new(64)?)?;
 
     let mut reseeder = KernelReseed::guest_default();
-    reseeder.force_fail = reseed::test_fail_requested(cmdline);
-    let mut config = ServerConfig::new(GateMode::Open, Arc::new(reseeder));
+    reseeder.test_mode = reseed::TestMode::from_cmdline(cmdline);
+    // A boot that will be captured as a template starts closed (and so does every fork
+    // of it); a boot used as one sandbox as it is serves at once.
+    let gate = if cmdline_flag(cmdline, boot::FLAG_TEMPLATE) {
+        GateMode::RequireReseed
+    } else {
+        GateMode::Open
+    };
+    let mut config = ServerConfig::new(gate, Arc::new(reseeder));
     config.on_shutdown = Some(Arc::new(|| end_guest(0)));
     let server = Server::new(config, reaper);
 

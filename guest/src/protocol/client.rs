@@ -152,6 +152,13 @@ impl Client {
         }
     }
 
+    /// Closes the agent's reseed gate and checks that only the agent runs: the
+    /// last request before a template is captured. An error names the
+    /// processes still running.
+    pub fn quiesce(&self, timeout: Duration) -> Result<(), ClientError> {
+        self.call(Body::Quiesce, OK, Some(timeout)).map(drop)
+    }
+
     /// Delivers `signal` to the process group of the exec `target`.
     pub fn signal(&self, target: RequestId, signal: i32) -> Result<(), ClientError> {
         let body = Body::Signal(SignalRequest { target, signal });

@@ -43,6 +43,10 @@ pub enum Body {
     ReadFile(ReadFileRequest),
     Shutdown,
     Reseed(ReseedRequest),
+    /// Before a template is captured: close the reseed gate and confirm that
+    /// no process but the agent runs. Ends with `Ok`, or an error naming the
+    /// processes still running (the gate stays closed either way).
+    Quiesce,
     // Streams.
     /// A chunk of an exec's stdin (host → guest).
     Stdin(Vec<u8>),
@@ -61,7 +65,7 @@ pub enum Body {
     Stderr(Vec<u8>),
     /// Ends an exec.
     Exited(ExitReport),
-    /// Ends a `signal` or `shutdown` request.
+    /// Ends a `signal`, `shutdown` or `quiesce` request.
     Ok,
     /// Ends a `write_file`.
     WriteDone {
@@ -313,6 +317,7 @@ mod kind {
     pub const READ_FILE: u8 = 0x05;
     pub const SHUTDOWN: u8 = 0x06;
     pub const RESEED: u8 = 0x07;
+    pub const QUIESCE: u8 = 0x08;
     pub const STDIN: u8 = 0x10;
     pub const EOF: u8 = 0x11;
     pub const FILE_DATA: u8 = 0x12;
@@ -340,6 +345,7 @@ impl Body {
             Body::ReadFile(_) => kind::READ_FILE,
             Body::Shutdown => kind::SHUTDOWN,
             Body::Reseed(_) => kind::RESEED,
+            Body::Quiesce => kind::QUIESCE,
             Body::Stdin(_) => kind::STDIN,
             Body::Eof => kind::EOF,
             Body::FileData(_) => kind::FILE_DATA,
@@ -409,7 +415,7 @@ impl Body {
                 w.bytes(f.path.as_os_str().as_bytes());
                 w.u64(f.limit);
             }
-            Body::Shutdown | Body::Eof | Body::Ok => {}
+            Body::Shutdown | Body::Quiesce | Body::Eof | Body::Ok => {}
             Body::Reseed(r) => {
                 w.bytes(&r.entropy);
                 w.raw(&r.nonce);
@@ -488,6 +494,7 @@ impl Body {
                 limit: r.u64("limit")?,
             }),
             kind::SHUTDOWN => Body::Shutdown,
+            kind::QUIESCE => Body::Quiesce,
             kind::RESEED => {
                 let entropy = r.bytes("entropy")?;
                 if !(MIN_RESEED_ENTROPY..=MAX_RESEED_ENTROPY).contains(&entropy.len()) {
@@ -568,6 +575,7 @@ pub fn kind_name(kind: u8) -> Option<&'static str> {
         kind::READ_FILE => "read_file",
         kind::SHUTDOWN => "shutdown",
         kind::RESEED => "reseed",
+        kind::QUIESCE => "quiesce",
         kind::STDIN => "stdin",
         kind::EOF => "eof",
         kind::FILE_DATA => "file_data",

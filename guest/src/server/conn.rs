@@ -106,6 +106,17 @@ impl Conn {
                 tracing::info!(reseeded = reply.reseeded, "reseed");
                 self.send(id, Body::Reseeded(reply));
             }
+            Body::Quiesce => {
+                // Closed before looking: a template must never be captured open.
+                self.server.gate.record(false);
+                match super::quiesce::user_processes() {
+                    Ok(p) if p.is_empty() => {
+                        self.send(id, Body::Ok);
+                    }
+                    Ok(p) => self.error(id, ErrorCode::Busy, super::quiesce::describe(&p)),
+                    Err(e) => self.error(id, ErrorCode::Io, format!("reading /proc: {e}")),
+                }
+            }
             Body::Shutdown => match self.server.config.on_shutdown.clone() {
                 Some(hook) => {
                     self.send(id, Body::Ok);

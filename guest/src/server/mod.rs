@@ -6,12 +6,14 @@
 //! - [`spawn`]: `posix_spawn` in a new session, registered with the [`Reaper`].
 //! - [`files`]: `write_file` / `read_file`.
 //! - [`gate`]: the reseed gate.
+//! - [`quiesce`]: closing the gate and checking that only the agent runs (templates).
 //! - [`reaper`]: the process-wide owner of `waitpid`.
 
 mod conn;
 mod exec;
 mod files;
 pub mod gate;
+pub mod quiesce;
 pub mod reaper;
 mod spawn;
 
