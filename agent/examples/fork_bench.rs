@@ -159,7 +159,7 @@ fn main() -> Result<()> {
         let record = i >= args.warmup;
 
         let t = Instant::now();
-        let restored = fork::restore(&kvm, &template, Box::new(std::io::sink()))?;
+        let restored = fork::restore(&kvm, &template, Box::new(std::io::sink()), None)?;
         let cold_path = t.elapsed();
         let mut vm = restored.vm;
         let ran = first_run(&mut vm)?;
@@ -167,7 +167,7 @@ fn main() -> Result<()> {
 
         let shell = fork::prepare(&kvm, &template)?;
         let t = Instant::now();
-        let warm_fork = shell.finish(&template, Box::new(std::io::sink()))?;
+        let warm_fork = shell.finish(&template, Box::new(std::io::sink()), None)?;
         let warm_path = t.elapsed();
         let mut wvm = warm_fork.vm;
         first_run(&mut wvm)?;

@@ -41,11 +41,6 @@ pub enum CaptureError {
          created with `Irqchip::InKernel`"
     )]
     NoIrqchip(kvm_ioctls::Error),
-    #[error(
-        "capturing the template: the VM has a vsock device, whose state capture is not \
-         wired yet; create the template without one"
-    )]
-    Vsock,
     #[error("capturing the template: building the MSR list: {0}")]
     MsrList(String),
     #[error(transparent)]
@@ -63,9 +58,6 @@ fn vcpu_err(index: u8, op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Captur
 /// Captures `vm` (stopped: [`crate::vmm::RunningVm::stop_and_keep`]) and seals its memory.
 pub fn capture(kvm: &Kvm, mut vm: Vm) -> Result<Template, CaptureError> {
     let t = Instant::now();
-    if vm.vsock().is_some() {
-        return Err(CaptureError::Vsock);
-    }
     let candidates = kvm
         .get_msr_index_list()
         .map_err(vm_err("KVM_GET_MSR_INDEX_LIST"))?;
@@ -86,6 +78,7 @@ pub fn capture(kvm: &Kvm, mut vm: Vm) -> Result<Template, CaptureError> {
         let legacy = vm.devices().lock().unwrap_or_else(|e| e.into_inner());
         DeviceState {
             serial: legacy.serial.state(),
+            vsock: vm.vsock_state(),
         }
     };
     let state = MachineState {

@@ -12,7 +12,10 @@
 //!    LAPIC) with the template's CPUID, which KVM wants before any other vCPU state.
 //!    End of the shell: it holds nothing that changes with time.
 //! 4. PIT and irqchip state, then the clock.
-//! 5. Devices from their saved state (COM1 with its own irqfd and console).
+//! 5. Devices from their saved state (COM1 with its own irqfd and console; the vsock
+//!    device on the fork's own socket, at the template's address and IRQ, followed by a
+//!    transport-reset event so the guest drops the template's connections and keeps its
+//!    listeners).
 //! 6. Each vCPU, in Firecracker's order: MP state, registers, special registers
 //!    (which also set the APIC base), FPU/XSAVE, XCRs, debug registers, LAPIC, then MSRs
 //!    (after the LAPIC, or KVM ignores the TSC-deadline MSR), and pending events last.
@@ -30,6 +33,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use super::state::{xsave_of, FpuState, VcpuState, VmState};
 use super::Template;
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
+use crate::devices::virtio::vsock::VsockConfig;
 use crate::devices::LegacyDevices;
 use crate::vmm;
 use crate::vmm::memory::{GuestRam, MemoryError, Sharing};
@@ -65,6 +69,13 @@ pub enum RestoreError {
     Serial(#[from] SerialError),
     #[error("forking: the VM shell was prepared for a different template")]
     OtherTemplate,
+    #[error(
+        "forking: the template has a vsock device but no socket path was given for the \
+         fork's (or one was given for a template without)"
+    )]
+    VsockMismatch,
+    #[error("forking: {0}")]
+    Device(#[from] vmm::VmmError),
 }
 
 impl From<vmm::KvmCallError> for RestoreError {
@@ -157,14 +168,16 @@ fn timed<T>(slot: &mut Duration, step: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Forks `template` into a new VM whose console writes to `console`: [`prepare`] then
+/// Forks `template` into a new VM whose console writes to `console` (and whose vsock
+/// device, if the template has one, listens on `vsock`): [`prepare`] then
 /// [`Shell::finish`].
 pub fn restore(
     kvm: &Kvm,
     template: &Template,
     console: ConsoleOut,
+    vsock: Option<&VsockConfig>,
 ) -> Result<Restored, RestoreError> {
-    prepare(kvm, template)?.finish(template, console)
+    prepare(kvm, template)?.finish(template, console, vsock)
 }
 
 /// A VM for one template with nothing of the template's state in it yet: created, its
@@ -232,6 +245,7 @@ impl Shell {
         self,
         template: &Template,
         console: ConsoleOut,
+        vsock: Option<&VsockConfig>,
     ) -> Result<Restored, RestoreError> {
         let Shell {
             vcpus,
@@ -243,6 +257,11 @@ impl Shell {
             return Err(RestoreError::OtherTemplate);
         }
         let state = template.state();
+        let vsock = match (&state.devices.vsock, vsock) {
+            (Some(saved), Some(config)) => Some((saved, config)),
+            (None, None) => None,
+            _ => return Err(RestoreError::VsockMismatch),
+        };
         timed(&mut tm.vm_state, || restore_vm(&fd, &state.vm))?;
         let serial = timed(&mut tm.devices, || {
             Serial::from_state(&state.devices.serial, console, Some(&fd))
@@ -254,7 +273,7 @@ impl Shell {
             Ok(())
         })?;
         let cpuid = state.vcpus[0].cpuid.clone();
-        let vm = Vm::from_parts(
+        let mut vm = Vm::from_parts(
             fd,
             ram,
             vcpus,
@@ -262,6 +281,16 @@ impl Shell {
             cpuid,
             state.machine,
         );
+        if let Some((saved, config)) = vsock {
+            let t = Instant::now();
+            vm.restore_vsock(config, saved)?;
+            if let Some(dev) = vm.vsock() {
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send_transport_reset();
+            }
+            tm.devices += t.elapsed();
+        }
         Ok(Restored { vm, timings: tm })
     }
 

@@ -12,6 +12,7 @@ use kvm_bindings::{
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 
+use crate::devices::virtio::vsock::SavedVsock;
 use crate::vmm::config::MachineConfig;
 
 /// The floating-point and vector state: the whole XSAVE area where the host has it, the
@@ -81,6 +82,8 @@ pub struct VmState {
 pub struct DeviceState {
     #[serde(with = "wire::SerialStateDef")]
     pub serial: SerialState,
+    /// The vsock device and its transport, when the machine has one.
+    pub vsock: Option<SavedVsock>,
 }
 
 /// The whole machine except its memory (which is the template's sealed memfd).

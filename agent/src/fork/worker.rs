@@ -364,7 +364,7 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
         }
     }
     let t = Instant::now();
-    let restored = shell.finish(&template, Box::new(std::io::sink()))?;
+    let restored = shell.finish(&template, Box::new(std::io::sink()), None)?;
     let running = restored.vm.start()?;
     let report = ReadyReport {
         pid: std::process::id(),

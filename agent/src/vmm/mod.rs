@@ -25,14 +25,14 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::vsock::device::VsockError;
-use crate::devices::virtio::vsock::{Vsock, VsockConfig};
+use crate::devices::virtio::vsock::{SavedVsock, Vsock, VsockConfig};
 use crate::devices::virtio::Interrupt;
 use crate::devices::{GuestEnd, LegacyDevices};
 use config::MachineConfig;
 use control::{ExitCounts, RunControl};
 use event_loop::{EventLoop, Subscriber};
 use memory::{GuestRam, MemoryError};
-use mmio::MmioBus;
+use mmio::{MmioBus, MmioSlot};
 use vcpu::{Vcpu, VcpuError};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,16 @@ pub enum VmmError {
     VirtioIrq { irq: u32, source: std::io::Error },
     #[error("no room for another virtio device (IRQs 5..=23 are all in use)")]
     NoMmioSlot,
+    #[error(
+        "restoring the vsock device: it was at {saved_base:#x} on IRQ {saved_irq}, but the \
+         next free slot is {base:#x} on IRQ {irq}"
+    )]
+    SlotMismatch {
+        saved_base: u64,
+        saved_irq: u32,
+        base: u64,
+        irq: u32,
+    },
     #[error("starting the device event loop: {0}")]
     EventLoop(std::io::Error),
 }
@@ -127,6 +137,13 @@ pub enum Irqchip {
     None,
 }
 
+/// The vsock device, its transport, and where the guest finds them.
+struct VsockSlot {
+    device: Arc<Mutex<Vsock>>,
+    transport: Arc<Mutex<MmioTransport>>,
+    slot: MmioSlot,
+}
+
 /// A VM that has not started running.
 pub struct Vm {
     // Drop order: vCPUs, then the VM, then the memory KVM was pointed at.
@@ -139,7 +156,7 @@ pub struct Vm {
     subscribers: Vec<Subscriber>,
     /// `virtio_mmio.device=` arguments announcing the devices to the guest kernel.
     device_args: Vec<String>,
-    vsock: Option<Arc<Mutex<Vsock>>>,
+    vsock: Option<VsockSlot>,
     supported_cpuid: CpuId,
     machine: MachineConfig,
 }
@@ -209,20 +226,79 @@ impl Vm {
     /// announces it on the command line.
     pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<(), VmmError> {
         let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
-        let interrupt =
-            Interrupt::new(Some(&self.fd), slot.irq).map_err(|source| VmmError::VirtioIrq {
-                irq: slot.irq,
-                source,
-            })?;
-        let vsock = Arc::new(Mutex::new(Vsock::new(config, Arc::new(interrupt))?));
+        let interrupt = self.virtio_interrupt(slot)?;
+        let vsock = Arc::new(Mutex::new(Vsock::new(config, interrupt)?));
         let transport = MmioTransport::new(vsock.clone(), self.ram.memory().clone())?;
-        transport.register_ioevents(&self.fd, slot.base)?;
-        self.mmio.push(Arc::new(Mutex::new(transport)));
         self.device_args
             .push(MmioTransport::cmdline_arg(slot.base, slot.irq));
-        self.subscribers.push(vsock.clone());
-        self.vsock = Some(vsock);
+        self.place_vsock(slot, vsock, transport)
+    }
+
+    /// Puts back a vsock device as a template left it (a fork), on its own socket
+    /// (`config`), at the address and IRQ the guest already knows. It has no connections;
+    /// call [`Vsock::send_transport_reset`] before the fork runs so the guest drops its own.
+    pub fn restore_vsock(
+        &mut self,
+        config: &VsockConfig,
+        saved: &SavedVsock,
+    ) -> Result<(), VmmError> {
+        let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
+        if (slot.base, slot.irq) != (saved.base, saved.irq) {
+            return Err(VmmError::SlotMismatch {
+                saved_base: saved.base,
+                saved_irq: saved.irq,
+                base: slot.base,
+                irq: slot.irq,
+            });
+        }
+        let interrupt = self.virtio_interrupt(slot)?;
+        let mem = self.ram.memory().clone();
+        let vsock = Arc::new(Mutex::new(Vsock::restore(
+            config,
+            interrupt,
+            &saved.device,
+            mem.clone(),
+        )?));
+        let transport = MmioTransport::restore(vsock.clone(), mem, &saved.transport)?;
+        self.place_vsock(slot, vsock, transport)
+    }
+
+    fn virtio_interrupt(&self, slot: MmioSlot) -> Result<Arc<Interrupt>, VmmError> {
+        Interrupt::new(Some(&self.fd), slot.irq)
+            .map(Arc::new)
+            .map_err(|source| VmmError::VirtioIrq {
+                irq: slot.irq,
+                source,
+            })
+    }
+
+    /// Wires a vsock device's queue notifications and puts it on the bus and event loop.
+    fn place_vsock(
+        &mut self,
+        slot: MmioSlot,
+        device: Arc<Mutex<Vsock>>,
+        transport: MmioTransport,
+    ) -> Result<(), VmmError> {
+        transport.register_ioevents(&self.fd, slot.base)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio.push(transport.clone());
+        self.subscribers.push(device.clone());
+        self.vsock = Some(VsockSlot {
+            device,
+            transport,
+            slot,
+        });
         Ok(())
+    }
+
+    /// The vsock device's state with its transport's (a stopped VM being captured).
+    pub fn vsock_state(&self) -> Option<SavedVsock> {
+        self.vsock.as_ref().map(|v| SavedVsock {
+            base: v.slot.base,
+            irq: v.slot.irq,
+            transport: lock(&v.transport).state(),
+            device: lock(&v.device).state(),
+        })
     }
 
     /// Loads a Linux kernel and initramfs for the PVH entry and configures every vCPU.
@@ -277,7 +353,7 @@ impl Vm {
     }
     /// The vsock device, if the VM has one (for a transport reset after a fork).
     pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
-        self.vsock.as_ref()
+        self.vsock.as_ref().map(|v| &v.device)
     }
 
     /// Starts one thread per vCPU.
@@ -438,6 +514,10 @@ impl Drop for RunningVm {
             self.join_all();
         }
     }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn kick_signal() -> i32 {

@@ -50,6 +50,11 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Puts back a saved status (a restored device) without raising the line.
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }

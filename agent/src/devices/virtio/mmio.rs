@@ -8,11 +8,13 @@
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
-use virtio_queue::{Queue, QueueState, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::interrupt::INT_CONFIG;
 use super::log_limit::LogLimit;
+use super::queue_state::QueueSnapshot;
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Each device gets one 4 KiB window.
@@ -59,7 +61,7 @@ pub mod status {
 }
 
 /// Everything the transport itself holds, as one plain value (for snapshots).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioState {
     pub device_status: u32,
     pub device_features_sel: u32,
@@ -69,7 +71,7 @@ pub struct MmioState {
     pub config_generation: u32,
     pub interrupt_status: u32,
     /// The queues as the driver configured them (before activation they live here).
-    pub queues: Vec<QueueState>,
+    pub queues: Vec<QueueSnapshot>,
 }
 
 /// One virtio device behind its register window.
@@ -96,6 +98,8 @@ pub enum MmioError {
     },
     #[error("queue {index} has an invalid maximum size {size}")]
     QueueSize { index: usize, size: u16 },
+    #[error("restoring the virtio-mmio transport: {0}")]
+    Restore(String),
 }
 
 impl MmioTransport {
@@ -157,8 +161,48 @@ impl MmioTransport {
             queue_sel: self.queue_sel,
             config_generation: self.config_generation,
             interrupt_status: lock(&self.device).interrupt().status(),
-            queues: self.queues.iter().map(Queue::state).collect(),
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
         }
+    }
+
+    /// A transport for `device` as `state` left it (a fork of a template): the driver's
+    /// settings and queue registers back, without activating anything (the device comes
+    /// back active from its own state).
+    pub fn restore(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        state: &MmioState,
+    ) -> Result<Self, MmioError> {
+        let mut t = MmioTransport::new(device, mem)?;
+        if state.queues.len() != t.queues.len() {
+            return Err(MmioError::Restore(format!(
+                "{} saved queues for a device with {}",
+                state.queues.len(),
+                t.queues.len()
+            )));
+        }
+        for (i, (q, saved)) in t.queues.iter_mut().zip(&state.queues).enumerate() {
+            if saved.max_size != q.max_size() {
+                return Err(MmioError::Restore(format!(
+                    "queue {i}: saved maximum size {} but the device offers {}",
+                    saved.max_size,
+                    q.max_size()
+                )));
+            }
+            *q = saved
+                .to_queue()
+                .map_err(|e| MmioError::Restore(format!("queue {i}: {e:?}")))?;
+        }
+        t.device_status = state.device_status;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.acked_features = state.acked_features;
+        t.queue_sel = state.queue_sel;
+        t.config_generation = state.config_generation;
+        lock(&t.device)
+            .interrupt()
+            .set_status(state.interrupt_status);
+        Ok(t)
     }
 
     pub fn device_status(&self) -> u32 {

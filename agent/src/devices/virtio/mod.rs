@@ -3,6 +3,7 @@
 //! - [`mmio`]: the transport: the register file a driver programs, one 4 KiB window per
 //!   device in the MMIO gap, announced on the kernel command line.
 //! - [`interrupt`]: a device's interrupt line (an irqfd) and its interrupt status.
+//! - [`queue_state`]: a queue's state as plain, serializable data.
 //! - [`vsock`]: virtio-vsock with Firecracker's hybrid Unix-socket host side.
 //!
 //! A device is driven from two sides: the vCPU threads touch the transport (register
@@ -12,6 +13,7 @@
 pub mod interrupt;
 pub mod log_limit;
 pub mod mmio;
+pub mod queue_state;
 pub mod vsock;
 
 use vm_memory::GuestMemoryMmap;

@@ -16,6 +16,7 @@ use super::unix::Muxer;
 use super::VsockConfig;
 use crate::devices::virtio::interrupt::INT_USED_RING;
 use crate::devices::virtio::log_limit::LogLimit;
+use crate::devices::virtio::queue_state::QueueSnapshot;
 use crate::devices::virtio::{
     ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
@@ -51,6 +52,8 @@ struct Active {
 pub enum VsockError {
     #[error("creating the vsock device's eventfds/timer: {0}")]
     Fd(std::io::Error),
+    #[error("restoring the vsock device: {0}")]
+    Restore(String),
     #[error("binding the vsock socket {path}: {source}")]
     Bind {
         path: std::path::PathBuf,
@@ -126,8 +129,48 @@ impl Vsock {
             queues: self
                 .active
                 .as_ref()
-                .map(|a| a.queues.iter().map(Queue::state).collect()),
+                .map(|a| a.queues.iter().map(QueueSnapshot::of).collect()),
         }
+    }
+
+    /// A device as `state` left it, on a new socket (`config`): active with the saved
+    /// queues when the driver had started it. It has no connections; a fork follows this
+    /// with [`send_transport_reset`](Self::send_transport_reset) so the guest drops its own.
+    pub fn restore(
+        config: &VsockConfig,
+        interrupt: Arc<Interrupt>,
+        state: &VsockState,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, VsockError> {
+        if state.guest_cid != config.guest_cid {
+            return Err(VsockError::Restore(format!(
+                "the saved device has CID {} but this one is configured with {}",
+                state.guest_cid, config.guest_cid
+            )));
+        }
+        let mut dev = Vsock::new(config, interrupt)?;
+        if let Some(saved) = &state.queues {
+            if saved.len() != QUEUE_SIZES.len() {
+                return Err(VsockError::Restore(format!(
+                    "{} saved queues, the device has {}",
+                    saved.len(),
+                    QUEUE_SIZES.len()
+                )));
+            }
+            let queues = saved
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    q.to_queue()
+                        .ok()
+                        .filter(|q| q.is_valid(&mem))
+                        .ok_or_else(|| VsockError::Restore(format!("saved queue {i} is invalid")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            dev.acked_features = state.acked_features;
+            dev.active = Some(Active { mem, queues });
+        }
+        Ok(dev)
     }
 
     /// Takes every packet the guest queued on TX and acts on it.

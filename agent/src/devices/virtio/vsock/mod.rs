@@ -19,7 +19,7 @@ pub mod unix;
 use std::path::PathBuf;
 
 pub use device::Vsock;
-pub use state::VsockState;
+pub use state::{SavedVsock, VsockState};
 
 /// The host's CID: where every guest packet must go.
 pub const HOST_CID: u64 = 2;
