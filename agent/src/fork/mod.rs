@@ -10,6 +10,7 @@
 //! state and memfd to a `cleave-fork-worker`, which restores and runs the fork.
 
 pub mod capture;
+pub mod gate;
 pub mod restore;
 pub mod sealed;
 pub mod state;

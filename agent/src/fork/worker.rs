@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use super::sealed::{SealError, SealedMemory};
 use super::state::MachineState;
 use super::{prepare, RestoreError, Template};
+use crate::devices::virtio::vsock::VsockConfig;
 use crate::vmm::control::ExitCounts;
+use crate::vmm::runtime_dir::RuntimeDir;
 use crate::vmm::{self, VmmError};
 
 /// Largest packet either side accepts (a template's state is ~30 KB of JSON per vCPU).
@@ -93,14 +95,19 @@ pub enum WorkerError {
     Kvm(#[from] VmmError),
     #[error("fork worker: {0}")]
     Restore(#[from] RestoreError),
+    #[error("fork worker: {0}")]
+    RuntimeDir(#[from] crate::vmm::runtime_dir::RuntimeDirError),
     #[error("fork worker: waiting for it to exit: {0}")]
     Wait(std::io::Error),
 }
 
 /// What a worker reports when its fork is ready to run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadyReport {
     pub pid: u32,
+    /// The fork's hybrid-vsock socket (in the worker's own runtime directory), when the
+    /// template has a vsock device.
+    pub vsock: Option<std::path::PathBuf>,
     /// Building the shell, before the request.
     pub prepare_us: u64,
     /// Restoring state into it and starting the vCPUs, after the request.
@@ -346,6 +353,18 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     // whatever the sender did.
     let memory = SealedMemory::from_sealed(Arc::new(File::from(memfd)), state.machine.mem.bytes())?;
     let template = Template::new(memory, state);
+    // The fork's socket lives in a directory of this process's own, removed when it exits.
+    let vsock = match &template.state().devices.vsock {
+        Some(saved) => {
+            let dir = RuntimeDir::create()?;
+            let config = VsockConfig {
+                guest_cid: saved.device.guest_cid,
+                uds_path: dir.vsock_path(),
+            };
+            Some((dir, config))
+        }
+        None => None,
+    };
     let kvm = vmm::open_kvm()?;
     let t = Instant::now();
     let shell = prepare(&kvm, &template)?;
@@ -364,10 +383,12 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
         }
     }
     let t = Instant::now();
-    let restored = shell.finish(&template, Box::new(std::io::sink()), None)?;
+    let config = vsock.as_ref().map(|(_, c)| c);
+    let restored = shell.finish(&template, Box::new(std::io::sink()), config)?;
     let running = restored.vm.start()?;
     let report = ReadyReport {
         pid: std::process::id(),
+        vsock: config.map(|c| c.uds_path.clone()),
         prepare_us,
         finish_us: micros(t.elapsed()),
     };
@@ -390,6 +411,7 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     }
     let end = running.stop();
     tracing::debug!(%end, "fork ended");
+    drop(vsock);
     Ok(())
 }
 

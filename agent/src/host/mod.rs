@@ -1,4 +1,5 @@
 //! Facts about the host this agent runs on.
 
+pub mod entropy;
 pub mod kvm;
 pub mod paths;
