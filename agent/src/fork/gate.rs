@@ -95,23 +95,16 @@ pub fn pass(socket: &Path, timeout: Duration) -> Result<Passed, GateError> {
             return Err(GateError::Timeout(timeout));
         };
         let client = Client::new(stream).map_err(|e| GateError::Protocol(e.to_string()))?;
-        let nonce = entropy::array::<16>().map_err(GateError::Entropy)?;
-        let mut bytes = vec![0u8; ENTROPY_BYTES];
-        entropy::fill(&mut bytes).map_err(GateError::Entropy)?;
-        let req = ReseedRequest {
-            entropy: bytes,
-            nonce,
-            time: WallTime::now(),
-        };
         let left = deadline.saturating_duration_since(Instant::now());
-        match client.reseed(req, left) {
-            Ok(reply) => {
-                return judge(nonce, &reply).map(|()| Passed {
+        match exchange(&client, left) {
+            Ok(Ok(reply)) => {
+                return Ok(Passed {
                     client,
                     reply,
                     attempts,
                 })
             }
+            Ok(Err(e)) => return Err(e),
             Err(ClientError::Closed | ClientError::Io(_)) => {
                 tracing::debug!(attempts, "reseed connection dropped (transport reset); retrying");
                 std::thread::sleep(Duration::from_millis(5));
@@ -123,6 +116,42 @@ pub fn pass(socket: &Path, timeout: Duration) -> Result<Passed, GateError> {
             }
         }
     }
+}
+
+/// Reseeds the agent on an open connection (a template's warm-up, before it runs a
+/// command) and judges the answer like the gate does.
+pub fn reseed(client: &Client, timeout: Duration) -> Result<ReseedReply, GateError> {
+    match exchange(client, timeout) {
+        Ok(verdict) => verdict,
+        Err(ClientError::Timeout(_)) => Err(GateError::Timeout(timeout)),
+        Err(ClientError::Remote(e)) => Err(GateError::Refused(e)),
+        Err(e) => Err(GateError::Protocol(e.to_string())),
+    }
+}
+
+/// One reseed request with fresh entropy and nonce; the outer error is the connection's,
+/// the inner the verdict on the answer.
+fn exchange(
+    client: &Client,
+    timeout: Duration,
+) -> Result<Result<ReseedReply, GateError>, ClientError> {
+    let fresh = || -> std::io::Result<([u8; 16], Vec<u8>)> {
+        let nonce = entropy::array::<16>()?;
+        let mut bytes = vec![0u8; ENTROPY_BYTES];
+        entropy::fill(&mut bytes)?;
+        Ok((nonce, bytes))
+    };
+    let (nonce, bytes) = match fresh() {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(GateError::Entropy(e))),
+    };
+    let req = ReseedRequest {
+        entropy: bytes,
+        nonce,
+        time: WallTime::now(),
+    };
+    let reply = client.reseed(req, timeout)?;
+    Ok(judge(nonce, &reply).map(|()| reply))
 }
 
 /// The verdict on an answer: our nonce, reseeded, clock set — in that order, so a stale

@@ -10,10 +10,13 @@
 //! state and memfd to a `cleave-fork-worker`, which restores and runs the fork.
 
 pub mod capture;
+pub mod freeze;
 pub mod gate;
 pub mod restore;
+pub mod sandbox;
 pub mod sealed;
 pub mod state;
+pub mod store;
 pub mod worker;
 
 pub use capture::{capture, CaptureError};

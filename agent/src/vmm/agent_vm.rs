@@ -38,7 +38,8 @@ pub enum AgentVmError {
 /// runtime directory.
 pub struct AgentVm {
     // Drop order: the client, then the VM, then the directory its socket lives in.
-    client: Client,
+    /// `None` only after [`AgentVm::stop_quiet`] closed it.
+    client: Option<Client>,
     vm: Option<RunningVm>,
     console: Console,
     dir: RuntimeDir,
@@ -90,7 +91,7 @@ impl AgentVm {
             .hello(left.max(Duration::from_secs(1)))
             .map_err(AgentVmError::Hello)?;
         Ok(AgentVm {
-            client,
+            client: Some(client),
             vm: Some(vm),
             console,
             dir,
@@ -100,7 +101,9 @@ impl AgentVm {
     }
 
     pub fn client(&self) -> &Client {
-        &self.client
+        self.client
+            .as_ref()
+            .expect("the client is only taken by stop_quiet, which consumes self")
     }
 
     pub fn hello(&self) -> &HelloReply {
@@ -142,6 +145,25 @@ impl AgentVm {
     /// The last bytes the guest printed on its console.
     pub fn console_tail(&self) -> String {
         self.console.tail()
+    }
+
+    /// Closes the agent connection, waits (up to `settle`) until the guest has closed its
+    /// side too (so no connection is half open in its memory), then stops the vCPUs and
+    /// hands back the stopped VM: what a template is captured from.
+    pub fn stop_quiet(mut self, settle: Duration) -> (GuestEnd, super::Vm) {
+        drop(self.client.take());
+        let vm = self.vm.take().expect("the VM is only taken on drop or here");
+        let deadline = Instant::now() + settle;
+        while Instant::now() < deadline {
+            let open = vm
+                .vsock()
+                .map_or(0, |v| v.lock().unwrap_or_else(|e| e.into_inner()).muxer().connection_count());
+            if open == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vm.stop_and_keep()
     }
 
     /// Stops the VM and returns why it ended.

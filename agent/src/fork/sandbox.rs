@@ -1,0 +1,169 @@
+//! A sandbox: one fork of a template, running in its own worker process, that has passed
+//! its reseed gate. The only way to a [`Sandbox`] — and so to its agent's [`Client`] — is
+//! [`Sandbox::start`], which destroys the fork when the gate fails.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use cleave_guest::protocol::{Client, ReseedReply};
+
+use super::gate::{self, GateError};
+use super::worker::{Encoded, ReadyReport, Worker, WorkerError};
+
+/// The worker binary's name; it is installed next to `cleave`.
+pub const WORKER_EXE: &str = "cleave-fork-worker";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("the template has no vsock device, so its forks cannot be reached; recreate it")]
+    NoVsock,
+    #[error("fork (worker pid {pid}): {source}")]
+    Gate {
+        pid: u32,
+        #[source]
+        source: GateError,
+    },
+    #[error(
+        "cannot find {WORKER_EXE} next to {cleave} ({source}); build it with `cargo build \
+         --bins` or install it beside cleave"
+    )]
+    NoWorkerExe {
+        cleave: String,
+        source: std::io::Error,
+    },
+}
+
+impl ForkError {
+    /// The gate's reason when the gate failed (`--json`).
+    pub fn gate_reason(&self) -> Option<&'static str> {
+        match self {
+            ForkError::Gate { source, .. } => Some(source.reason()),
+            _ => None,
+        }
+    }
+}
+
+/// The `cleave-fork-worker` beside the running executable.
+pub fn worker_exe() -> Result<PathBuf, ForkError> {
+    let not_found = |cleave: String, source| ForkError::NoWorkerExe { cleave, source };
+    let me = std::env::current_exe().map_err(|e| not_found("cleave".into(), e))?;
+    let exe = me.with_file_name(WORKER_EXE);
+    std::fs::metadata(&exe).map_err(|e| not_found(me.display().to_string(), e))?;
+    Ok(exe)
+}
+
+/// A worker process with a template loaded and a VM shell prepared: the part of a fork
+/// that can happen before anyone asks for one.
+pub struct Prepared {
+    worker: Worker,
+}
+
+impl Prepared {
+    pub fn new(exe: &std::path::Path, template: &Encoded) -> Result<Prepared, WorkerError> {
+        let mut worker = Worker::spawn(exe)?;
+        match worker.load(template) {
+            Ok(()) => Ok(Prepared { worker }),
+            Err(e) => {
+                let _ = worker.destroy();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A running fork whose gate passed.
+pub struct Sandbox {
+    // Drop order: the connection, then the worker (closing its socket ends the fork).
+    client: Client,
+    worker: Option<Worker>,
+    ready: ReadyReport,
+    reseed: ReseedReply,
+    fork_time: Duration,
+    gate_attempts: u32,
+}
+
+impl Sandbox {
+    /// Resumes the prepared fork and runs its gate within `gate_timeout`. On any failure
+    /// the worker is destroyed (its VM stopped, its process reaped) before this returns.
+    pub fn start(prepared: Prepared, gate_timeout: Duration) -> Result<Sandbox, ForkError> {
+        let t = Instant::now();
+        let mut worker = prepared.worker;
+        let ready = match worker.go() {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = worker.destroy();
+                return Err(e.into());
+            }
+        };
+        let Some(socket) = ready.vsock.clone() else {
+            let _ = worker.destroy();
+            return Err(ForkError::NoVsock);
+        };
+        match gate::pass(&socket, gate_timeout) {
+            Ok(passed) => Ok(Sandbox {
+                client: passed.client,
+                worker: Some(worker),
+                ready,
+                reseed: passed.reply,
+                fork_time: t.elapsed(),
+                gate_attempts: passed.attempts,
+            }),
+            Err(source) => {
+                let pid = worker.pid();
+                tracing::warn!(pid, reason = source.reason(), "fork failed its reseed gate; destroying it");
+                let _ = worker.destroy();
+                Err(ForkError::Gate { pid, source })
+            }
+        }
+    }
+
+    /// The agent's connection (after the gate).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// A name for the fork: its worker's pid.
+    pub fn id(&self) -> String {
+        format!("fork-{}", self.ready.pid)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.ready.pid
+    }
+
+    /// Request → gate passed: worker restore and start, then the reseed round trip.
+    pub fn fork_time(&self) -> Duration {
+        self.fork_time
+    }
+
+    pub fn ready_report(&self) -> &ReadyReport {
+        &self.ready
+    }
+
+    pub fn reseed_reply(&self) -> &ReseedReply {
+        &self.reseed
+    }
+
+    pub fn gate_attempts(&self) -> u32 {
+        self.gate_attempts
+    }
+
+    /// Ends the fork: closes the connection and the worker's socket, and reaps the worker
+    /// (which stops its VM and removes its runtime directory first).
+    pub fn destroy(mut self) -> Result<ExitStatus, WorkerError> {
+        let worker = self.worker.take().expect("taken only here or on drop");
+        drop(self);
+        worker.destroy()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            let _ = w.destroy();
+        }
+    }
+}
