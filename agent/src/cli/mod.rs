@@ -2,8 +2,10 @@
 
 mod boot;
 mod dns;
+mod forks;
 mod rig;
 mod run;
+mod template;
 
 pub use boot::BASE_CMDLINE;
 
@@ -31,8 +33,12 @@ enum Command {
     Dns(dns::DnsCommand),
     /// Run a cleave command inside the KVM rig, e.g. `cleave rig -- boot --selftest`.
     Rig(rig::RigArgs),
-    /// Boot the default image and run one command in it: `cleave run -- uname -a`.
+    /// Boot the default image and run one command in it: `cleave run -- uname -a`; or run
+    /// it in N forks of a template: `cleave run --forks 3 -- head -c 16 /dev/urandom`.
     Run(run::RunArgs),
+    /// Templates to fork from: `cleave template create|ls|rm`.
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
 }
 
 /// Logs go to stderr as structured lines; `RUST_LOG` picks the level (default: warnings).
@@ -54,6 +60,7 @@ pub fn main() -> ExitCode {
         Command::Dns(cmd) => dns::run(cmd),
         Command::Rig(args) => rig::run(args),
         Command::Run(args) => run::run(args),
+        Command::Template(cmd) => template::run(cmd),
     };
     match result {
         Ok(code) => code,

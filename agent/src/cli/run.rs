@@ -1,6 +1,7 @@
 //! `cleave run [--mem --vcpus] [--json] -- CMD ARGS...`: boot the default image, run one
 //! command in the guest over vsock with this terminal's stdin/stdout/stderr, and exit
-//! with its exit code (128+N when signal N ended it).
+//! with its exit code (128+N when signal N ended it). With `--forks N` the command runs in
+//! N forks of a template instead (`super::forks`).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -16,20 +17,32 @@ use nix::sys::signal::{SigSet, Signal};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::boot::{default_image, prepare, Prepared, BASE_CMDLINE};
+use crate::fork::store::TemplateName;
 use crate::vmm::agent_vm::AgentVm;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
-    mem: u64,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    vcpus: u64,
+    /// Guest memory in MiB [default: 256]. With --forks: only when the template is created.
+    #[arg(long, value_name = "MIB")]
+    mem: Option<u64>,
+    /// Number of vCPUs [default: 1]. With --forks: only when the template is created.
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u64>,
     /// Print one JSON object {"id","exit_code","signal","stdout","stderr","ms"} instead of
-    /// streaming the output.
+    /// streaming the output (with --forks: one per fork, with "reseeded" and "fork_ms").
     #[arg(long)]
     json: bool,
+    /// Run the command in N forks of a template (created first if it does not exist), each
+    /// reseeded before anything runs in it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    forks: Option<u32>,
+    /// With --forks: the template to fork.
+    #[arg(long, value_name = "NAME", default_value = TemplateName::DEFAULT, requires = "forks")]
+    template: TemplateName,
+    /// With --forks: destroy a fork whose reseed has not been confirmed within this many
+    /// milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "forks")]
+    gate_timeout_ms: u64,
     /// Kill the command's whole process group after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
@@ -55,6 +68,19 @@ pub fn exit_code_of(report: &ExitReport) -> i32 {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if let Some(forks) = args.forks {
+        return super::forks::run(super::forks::ForksRequest {
+            forks,
+            template: args.template,
+            mem: args.mem,
+            vcpus: args.vcpus,
+            json: args.json,
+            timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
+            gate_timeout: Duration::from_millis(args.gate_timeout_ms),
+            boot_timeout: args.boot_timeout,
+            command: args.command,
+        });
+    }
     // Before any thread exists, so every thread inherits the mask: these signals are
     // for the command in the guest, and the VM must be torn down (its runtime directory
     // removed) rather than the process killed.
@@ -63,7 +89,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         machine,
         image,
         kvm,
-    } = prepare(args.mem, args.vcpus, default_image)?;
+    } = prepare(
+        args.mem.unwrap_or(256),
+        args.vcpus.unwrap_or(1),
+        default_image,
+    )?;
     let vm = AgentVm::boot(
         &kvm,
         machine,
@@ -234,7 +264,7 @@ mod tests {
         let t = T::try_parse_from(["run", "--json", "--mem", "128", "--", "sh", "-c", "exit 7"])
             .unwrap();
         assert!(t.run.json);
-        assert_eq!(t.run.mem, 128);
+        assert_eq!(t.run.mem, Some(128));
         assert_eq!(t.run.command, ["sh", "-c", "exit 7"]);
         assert!(T::try_parse_from(["run"]).is_err(), "CMD is required");
     }

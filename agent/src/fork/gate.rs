@@ -43,7 +43,9 @@ pub enum GateError {
          stale or forged answer); the fork was destroyed"
     )]
     WrongNonce,
-    #[error("reseed gate: the guest agent could not set its clock ({detail}); the fork was destroyed")]
+    #[error(
+        "reseed gate: the guest agent could not set its clock ({detail}); the fork was destroyed"
+    )]
     ClockNotSet { detail: String },
     #[error("reseed gate: no answer from the guest agent within {0:?}; the fork was destroyed")]
     Timeout(Duration),
@@ -106,7 +108,10 @@ pub fn pass(socket: &Path, timeout: Duration) -> Result<Passed, GateError> {
             }
             Ok(Err(e)) => return Err(e),
             Err(ClientError::Closed | ClientError::Io(_)) => {
-                tracing::debug!(attempts, "reseed connection dropped (transport reset); retrying");
+                tracing::debug!(
+                    attempts,
+                    "reseed connection dropped (transport reset); retrying"
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(ClientError::Timeout(_)) => return Err(GateError::Timeout(timeout)),

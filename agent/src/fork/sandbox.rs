@@ -113,7 +113,11 @@ impl Sandbox {
             }),
             Err(source) => {
                 let pid = worker.pid();
-                tracing::warn!(pid, reason = source.reason(), "fork failed its reseed gate; destroying it");
+                tracing::warn!(
+                    pid,
+                    reason = source.reason(),
+                    "fork failed its reseed gate; destroying it"
+                );
                 let _ = worker.destroy();
                 Err(ForkError::Gate { pid, source })
             }

@@ -114,7 +114,9 @@ pub enum StoreError {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("template {name}: {what} is damaged: {why} (remove it with `cleave template rm {name}`)")]
+    #[error(
+        "template {name}: {what} is damaged: {why} (remove it with `cleave template rm {name}`)"
+    )]
     Damaged {
         name: TemplateName,
         what: &'static str,
@@ -371,7 +373,11 @@ fn write_sparse(memory: &SealedMemory, path: &Path) -> Result<(), StoreError> {
         .map_err(io_err("sizing", path))?;
     let copied =
         copy_pages(memory.file(), &file, memory.size()).map_err(io_err("writing", path))?;
-    tracing::debug!(bytes = copied, size = memory.size(), "template memory written");
+    tracing::debug!(
+        bytes = copied,
+        size = memory.size(),
+        "template memory written"
+    );
     Ok(())
 }
 
@@ -407,9 +413,22 @@ mod tests {
         for good in ["default", "a", "py3.12", "x_y-z", "0abc"] {
             assert!(good.parse::<TemplateName>().is_ok(), "{good}");
         }
-        for bad in ["", "..", ".x", "-x", "A", "a/b", "a b", &"x".repeat(64), "é"] {
+        for bad in [
+            "",
+            "..",
+            ".x",
+            "-x",
+            "A",
+            "a/b",
+            "a b",
+            &"x".repeat(64),
+            "é",
+        ] {
             let e = bad.parse::<TemplateName>().unwrap_err();
-            assert!(e.to_string().contains("not a valid template name"), "{bad}: {e}");
+            assert!(
+                e.to_string().contains("not a valid template name"),
+                "{bad}: {e}"
+            );
         }
         assert!(serde_json::from_str::<TemplateName>("\"../etc\"").is_err());
     }
@@ -429,7 +448,10 @@ mod tests {
     fn memory_round_trips_sparse_and_sealed() {
         let size = 8 << 20;
         // One page of data, one explicitly zeroed page (not copied), one at the end.
-        let src = memfd_with(&[(0x3000, 0xaa), (0x10_0000, 0), (size - PAGE as u64, 7)], size);
+        let src = memfd_with(
+            &[(0x3000, 0xaa), (0x10_0000, 0), (size - PAGE as u64, 7)],
+            size,
+        );
         let src = SealedMemory::seal(Arc::new(src), size).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
@@ -443,7 +465,10 @@ mod tests {
         src.file().read_exact_at(&mut a, 0).unwrap();
         back.file().read_exact_at(&mut b, 0).unwrap();
         assert!(a == b, "memory differs after the round trip");
-        assert!(back.file().write_all_at(&[1], 0).is_err(), "loaded memory is sealed");
+        assert!(
+            back.file().write_all_at(&[1], 0).is_err(),
+            "loaded memory is sealed"
+        );
     }
 
     #[test]
@@ -468,7 +493,10 @@ mod tests {
         assert!(store.list().unwrap().is_empty());
         let name: TemplateName = "nope".parse().unwrap();
         let e = store.load(&name).map(drop).unwrap_err();
-        assert!(e.to_string().contains("cleave template create --name nope"), "{e}");
+        assert!(
+            e.to_string().contains("cleave template create --name nope"),
+            "{e}"
+        );
         let e = store.remove(&name).unwrap_err();
         assert!(matches!(e, StoreError::NotFound { .. }));
         // A damaged meta is skipped by ls and named by load.

@@ -152,12 +152,18 @@ impl AgentVm {
     /// hands back the stopped VM: what a template is captured from.
     pub fn stop_quiet(mut self, settle: Duration) -> (GuestEnd, super::Vm) {
         drop(self.client.take());
-        let vm = self.vm.take().expect("the VM is only taken on drop or here");
+        let vm = self
+            .vm
+            .take()
+            .expect("the VM is only taken on drop or here");
         let deadline = Instant::now() + settle;
         while Instant::now() < deadline {
-            let open = vm
-                .vsock()
-                .map_or(0, |v| v.lock().unwrap_or_else(|e| e.into_inner()).muxer().connection_count());
+            let open = vm.vsock().map_or(0, |v| {
+                v.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .muxer()
+                    .connection_count()
+            });
             if open == 0 {
                 break;
             }

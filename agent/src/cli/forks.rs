@@ -1,0 +1,223 @@
+//! `cleave run --forks N [--json] -- CMD`: fork N sandboxes from a template (creating the
+//! default one when it does not exist), run CMD in each, and print each one's result.
+//!
+//! Each fork runs in its own worker process. Workers are started and handed the template
+//! first (the part of a fork that needs no request); then every fork is resumed, gated
+//! and used on a thread of its own, and destroyed as soon as its command ends.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use cleave_guest::protocol::{ExecRequest, ExitStatus};
+
+use super::boot::default_image;
+use super::template::{create, CreateArgs};
+use crate::fork::sandbox::{worker_exe, ForkError, Prepared, Sandbox};
+use crate::fork::store::{TemplateName, TemplateStore};
+use crate::fork::worker::Encoded;
+
+/// What `run --forks` needs.
+pub struct ForksRequest {
+    pub forks: u32,
+    pub template: TemplateName,
+    /// Used only when the template is created here.
+    pub mem: Option<u64>,
+    pub vcpus: Option<u64>,
+    pub json: bool,
+    pub timeout_ms: Option<u64>,
+    pub gate_timeout: Duration,
+    pub boot_timeout: u64,
+    pub command: Vec<OsString>,
+}
+
+/// One fork's outcome.
+struct Outcome {
+    id: String,
+    fork_ms: Option<f64>,
+    reseeded: bool,
+    result: Result<(ExitStatus, Vec<u8>, Vec<u8>), anyhow::Error>,
+    /// Why the gate refused the fork, when it did.
+    gate_reason: Option<&'static str>,
+}
+
+pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
+    let store = TemplateStore::default_location();
+    let template = if store.exists(&req.template) {
+        let (t, meta) = store.load(&req.template)?;
+        for (flag, asked, has) in [
+            ("--mem", req.mem, meta.mem_mib),
+            ("--vcpus", req.vcpus, u64::from(meta.vcpus)),
+        ] {
+            if asked.is_some_and(|a| a != has) {
+                anyhow::bail!(
+                    "template {} has {flag} {has}; {flag} applies only when a template is \
+                     created: leave it out, or remove the template (`cleave template rm {}`)",
+                    req.template,
+                    req.template
+                );
+            }
+        }
+        t
+    } else {
+        eprintln!("cleave: no template {}; creating it", req.template);
+        let args = CreateArgs {
+            name: req.template.clone(),
+            mem: req.mem.unwrap_or(256),
+            vcpus: req.vcpus.unwrap_or(1),
+            boot_timeout: req.boot_timeout,
+            test_reseed: None,
+            warmup: Vec::new(),
+        };
+        create(&store, &args, default_image)?.0
+    };
+    let encoded = Encoded::new(&template)?;
+    let exe = worker_exe()?;
+    let prepared: Vec<_> = (0..req.forks)
+        .map(|_| Prepared::new(&exe, &encoded))
+        .collect();
+    let outcomes: Vec<Outcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = prepared
+            .into_iter()
+            .map(|p| s.spawn(|| one_fork(p, &req)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| Outcome {
+                    id: "?".into(),
+                    fork_ms: None,
+                    reseeded: false,
+                    result: Err(anyhow::anyhow!("the fork's thread panicked")),
+                    gate_reason: None,
+                })
+            })
+            .collect()
+    });
+    report(&req, &outcomes)
+}
+
+fn one_fork(
+    prepared: Result<Prepared, crate::fork::worker::WorkerError>,
+    req: &ForksRequest,
+) -> Outcome {
+    let failed = |id: String, e: anyhow::Error, gate_reason| Outcome {
+        id,
+        fork_ms: None,
+        reseeded: false,
+        result: Err(e),
+        gate_reason,
+    };
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => return failed("-".into(), anyhow::Error::new(e), None),
+    };
+    let sandbox = match Sandbox::start(prepared, req.gate_timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            let id = match &e {
+                ForkError::Gate { pid, .. } => format!("fork-{pid}"),
+                _ => "-".into(),
+            };
+            let reason = e.gate_reason();
+            return failed(id, anyhow::Error::new(e), reason);
+        }
+    };
+    let mut exec = ExecRequest::new(req.command.iter().cloned());
+    exec.timeout_ms = req.timeout_ms;
+    let result = sandbox
+        .client()
+        .exec_collect(exec, None)
+        .map(|(x, out, err)| (x.status, out, err))
+        .context("running the command in the fork");
+    let outcome = Outcome {
+        id: sandbox.id(),
+        fork_ms: Some(sandbox.fork_time().as_secs_f64() * 1e3),
+        reseeded: sandbox.reseed_reply().reseeded,
+        result,
+        gate_reason: None,
+    };
+    if let Err(e) = sandbox.destroy() {
+        tracing::warn!(error = %e, "destroying a fork");
+    }
+    outcome
+}
+
+fn round3(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> {
+    let mut code = 0;
+    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
+    for (i, o) in outcomes.iter().enumerate() {
+        let (exit_code, signal) = match &o.result {
+            Ok((ExitStatus::Code(c), _, _)) => (Some(*c), None),
+            Ok((ExitStatus::Signal(n), _, _)) => (None, Some(*n)),
+            Err(_) => (None, None),
+        };
+        let this = match (&o.result, exit_code, signal) {
+            (Err(_), _, _) => 1,
+            (_, Some(c), _) => c,
+            (_, _, Some(n)) => 128 + n,
+            _ => 1,
+        };
+        if code == 0 {
+            code = this;
+        }
+        if req.json {
+            let (out, err) = match &o.result {
+                Ok((_, out, err)) => (
+                    String::from_utf8_lossy(out).into_owned(),
+                    String::from_utf8_lossy(err).into_owned(),
+                ),
+                Err(_) => (String::new(), String::new()),
+            };
+            let obj = serde_json::json!({
+                "id": o.id,
+                "fork": i + 1,
+                "exit_code": exit_code,
+                "signal": signal,
+                "stdout": out,
+                "stderr": err,
+                "reseeded": o.reseeded,
+                "fork_ms": o.fork_ms.map(round3),
+                "error": o.result.as_ref().err().map(|e| format!("{e:#}")),
+                "gate_failure": o.gate_reason,
+            });
+            writeln!(stdout, "{obj}")?;
+            continue;
+        }
+        match &o.result {
+            Ok((status, out, err)) => {
+                writeln!(
+                    stdout,
+                    "--- fork {}/{} {}: reseeded, ready in {:.2} ms, {} ---",
+                    i + 1,
+                    outcomes.len(),
+                    o.id,
+                    o.fork_ms.unwrap_or(0.0),
+                    match status {
+                        ExitStatus::Code(c) => format!("exit {c}"),
+                        ExitStatus::Signal(n) => format!("signal {n}"),
+                    }
+                )?;
+                stdout.write_all(out)?;
+                stderr.write_all(err)?;
+            }
+            Err(e) => {
+                writeln!(
+                    stdout,
+                    "--- fork {}/{} {}: failed ---",
+                    i + 1,
+                    outcomes.len(),
+                    o.id
+                )?;
+                writeln!(stderr, "cleave: fork {}: {e:#}", i + 1)?;
+            }
+        }
+    }
+    Ok(super::exit_code(code))
+}

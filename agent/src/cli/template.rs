@@ -1,0 +1,210 @@
+//! `cleave template create|ls|rm`: templates of the default image, kept in the template
+//! store (`fork::store`) for `cleave run --forks`.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use super::boot::{default_image, prepare, Prepared, BASE_CMDLINE};
+use crate::fork::freeze::{freeze, FreezeOptions};
+use crate::fork::store::{TemplateMeta, TemplateName, TemplateStore};
+use crate::fork::Template;
+use crate::image::ImageSpec;
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// Boot the default image, quiesce it and capture it as a template.
+    Create(CreateArgs),
+    /// List the templates.
+    Ls,
+    /// Remove a template.
+    Rm {
+        /// The template's name.
+        name: TemplateName,
+    },
+}
+
+/// How a template guest misbehaves at its reseed, for the gate's tests.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestReseed {
+    Fail,
+    Hang,
+    WrongNonce,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CreateArgs {
+    /// The template's name.
+    #[arg(long, default_value = TemplateName::DEFAULT)]
+    pub name: TemplateName,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u64,
+    /// Give up if the guest agent is not ready within this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub boot_timeout: u64,
+    /// For tests of the fork gate only: the template's agent answers every reseed wrongly
+    /// this way, so every fork of it must be refused.
+    #[arg(long, value_enum, hide = true)]
+    pub test_reseed: Option<TestReseed>,
+    /// A warm-up command run in the template before it is captured (it must exit 0 and
+    /// leave no process behind).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "WARMUP"
+    )]
+    pub warmup: Vec<OsString>,
+}
+
+pub fn run(cmd: TemplateCommand) -> anyhow::Result<ExitCode> {
+    let store = TemplateStore::default_location();
+    match cmd {
+        TemplateCommand::Create(args) => {
+            if store.exists(&args.name) {
+                anyhow::bail!(
+                    "a template named {} exists already (remove it with `cleave template rm {}`)",
+                    args.name,
+                    args.name
+                );
+            }
+            create(&store, &args, default_image)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TemplateCommand::Ls => {
+            list(&store)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TemplateCommand::Rm { name } => {
+            store.remove(&name)?;
+            println!("removed template {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Boots, captures and saves a template; prints what it did.
+pub fn create(
+    store: &TemplateStore,
+    args: &CreateArgs,
+    image: impl FnOnce() -> anyhow::Result<ImageSpec>,
+) -> anyhow::Result<(Template, TemplateMeta)> {
+    let spec = image()?;
+    let spec_for_meta = spec.clone();
+    let Prepared {
+        machine,
+        image,
+        kvm,
+    } = prepare(args.mem, args.vcpus, || Ok(spec))?;
+    let mut cmdline = BASE_CMDLINE.to_string();
+    if let Some(mode) = args.test_reseed {
+        let v = match mode {
+            TestReseed::Fail => "fail",
+            TestReseed::Hang => "hang",
+            TestReseed::WrongNonce => "wrong-nonce",
+        };
+        cmdline.push_str(&format!(" {}={v}", cleave_guest::reseed::TEST_RESEED_FLAG));
+    }
+    let opts = FreezeOptions {
+        machine,
+        cmdline,
+        warmup: (!args.warmup.is_empty()).then(|| args.warmup.clone()),
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+    };
+    let frozen =
+        freeze(&kvm, &image, &opts).with_context(|| format!("creating template {}", args.name))?;
+    if let Some((_, out, err)) = &frozen.warmup {
+        std::io::stdout().write_all(out)?;
+        std::io::stderr().write_all(err)?;
+    }
+    let meta = TemplateMeta {
+        name: args.name.clone(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        mem_mib: machine.mem.mib(),
+        vcpus: machine.vcpus.get(),
+        kernel_sha256: spec_for_meta.kernel.sha256.to_string(),
+        initrd_sha256: spec_for_meta.initrd.sha256.to_string(),
+        cmdline: opts.guest_cmdline(),
+        warmup: opts
+            .warmup
+            .as_ref()
+            .map(|w| w.iter().map(|a| a.to_string_lossy().into_owned()).collect()),
+    };
+    store.save(&frozen.template, &meta)?;
+    eprintln!(
+        "cleave: template {}: {} MiB, {} vCPU(s); agent ready after {:.0} ms, quiesced and \
+         captured in {:.0} ms; {:.1} MiB in {}",
+        meta.name,
+        meta.mem_mib,
+        meta.vcpus,
+        frozen.boot.as_secs_f64() * 1e3,
+        frozen.capture.as_secs_f64() * 1e3,
+        store.disk_usage(&meta.name) as f64 / (1 << 20) as f64,
+        store.dir().join(meta.name.as_str()).display(),
+    );
+    Ok((frozen.template, meta))
+}
+
+fn list(store: &TemplateStore) -> anyhow::Result<()> {
+    let all = store.list()?;
+    if all.is_empty() {
+        eprintln!(
+            "no templates in {} (create one with `cleave template create`)",
+            store.dir().display()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>8} {:>5} {:>10} {:>12}  KERNEL",
+        "NAME", "MEM_MIB", "VCPUS", "DISK_MIB", "AGE"
+    );
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for m in all {
+        println!(
+            "{:<20} {:>8} {:>5} {:>10.1} {:>12}  {}",
+            m.name.as_str(),
+            m.mem_mib,
+            m.vcpus,
+            store.disk_usage(&m.name) as f64 / (1 << 20) as f64,
+            format!("{}s", now.saturating_sub(m.created)),
+            &m.kernel_sha256[..12.min(m.kernel_sha256.len())],
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct T {
+        #[command(subcommand)]
+        cmd: TemplateCommand,
+    }
+
+    #[test]
+    fn parses_create_with_a_warmup_and_refuses_bad_names() {
+        let t =
+            T::try_parse_from(["t", "create", "--name", "py", "--", "sh", "-c", "true"]).unwrap();
+        let TemplateCommand::Create(c) = t.cmd else {
+            panic!("not create")
+        };
+        assert_eq!(c.name.as_str(), "py");
+        assert_eq!(c.warmup, ["sh", "-c", "true"]);
+        let e = T::try_parse_from(["t", "rm", "../x"]).unwrap_err();
+        assert!(e.to_string().contains("not a valid template name"), "{e}");
+    }
+}
