@@ -20,7 +20,8 @@ pub enum ForkError {
     Worker(#[from] WorkerError),
     #[error("the template has no vsock device, so its forks cannot be reached; recreate it")]
     NoVsock,
-    #[error("fork (worker pid {pid}): {source}")]
+    /// Shown with its source (`{:#}` / the error chain): the gate's reason.
+    #[error("fork (worker pid {pid}) was refused by the reseed gate")]
     Gate {
         pid: u32,
         #[source]

@@ -1,0 +1,235 @@
+//! cleave-fork-probe: drives forks of a stored template through the agent library, for
+//! what `cleave run --forks` does not show, and for the fork benchmarks. Runs wherever a
+//! Linux-capable KVM is (the rig on kvm_pvm hosts).
+//!
+//! - `gate-closed TEMPLATE`: resumes a fork *without* the host's gate and tries to run a
+//!   command before and after a reseed; passes only if the guest refused both (with a
+//!   template whose reseed fails, no command can ever run in a fork, whatever the host
+//!   does).
+//! - `bench TEMPLATE FORKS COLD`: fork → ready (gate passed) over FORKS sequential forks
+//!   beside cold boot → ready over COLD boots of the same image; JSON.
+//! - `idle TEMPLATE N...`: for each N, N idle forks at once: unique memory per fork
+//!   (worker private memory, guest pages copied included) and creation rate; JSON.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use cleave_agent::cli::BASE_CMDLINE;
+use cleave_agent::devices::virtio::vsock::hybrid;
+use cleave_agent::fork::gate;
+use cleave_agent::fork::sandbox::{worker_exe, Prepared, Sandbox};
+use cleave_agent::fork::store::{TemplateMeta, TemplateStore};
+use cleave_agent::fork::worker::{Encoded, Worker};
+use cleave_agent::host::{kvm, paths};
+use cleave_agent::image::Manifest;
+use cleave_agent::vmm::agent_vm::AgentVm;
+use cleave_agent::vmm::config::MachineConfig;
+use cleave_agent::vmm::open_kvm;
+use cleave_guest::boot::AGENT_VSOCK_PORT;
+use cleave_guest::protocol::{Client, ClientError, ErrorCode, ExecRequest};
+
+fn load(name: &str) -> anyhow::Result<(Encoded, TemplateMeta)> {
+    let store = TemplateStore::default_location();
+    let (t, meta) = store.load(&name.parse()?)?;
+    Ok((Encoded::new(&t)?, meta))
+}
+
+fn refused(r: Result<(cleave_guest::protocol::ExitReport, Vec<u8>, Vec<u8>), ClientError>) -> anyhow::Result<()> {
+    match r {
+        Err(ClientError::Remote(e)) if e.code == ErrorCode::NotReady => Ok(()),
+        other => bail!("expected NotReady, got {other:?}"),
+    }
+}
+
+fn gate_closed(template: &str) -> anyhow::Result<()> {
+    let (encoded, _) = load(template)?;
+    let mut worker = Worker::spawn(&worker_exe()?)?;
+    worker.load(&encoded)?;
+    let ready = worker.go()?;
+    let socket = ready.vsock.context("the fork has no vsock socket")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stream = hybrid::connect(&socket, AGENT_VSOCK_PORT, deadline)?;
+    let c = Client::new(stream)?;
+    let marker = ExecRequest::new(["sh", "-c", "echo RAN"]);
+    refused(c.exec_collect(marker.clone(), None)).context("exec before any reseed")?;
+    match gate::reseed(&c, Duration::from_secs(30)) {
+        Ok(_) => bail!("the reseed passed; this check needs a template made with --test-reseed fail"),
+        Err(e) => println!("gate-closed: reseed refused as expected: {e}"),
+    }
+    refused(c.exec_collect(marker, None)).context("exec after a failed reseed")?;
+    drop(c);
+    let status = worker.destroy()?;
+    println!("gate-closed: ok (both execs refused; worker exited {status})");
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn stats(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(f64::total_cmp);
+    serde_json::json!({
+        "n": v.len(),
+        "p50": percentile(&v, 0.5),
+        "p99": percentile(&v, 0.99),
+        "min": v[0],
+        "max": v[v.len() - 1],
+    })
+}
+
+fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
+    let (encoded, meta) = load(template)?;
+    let exe = worker_exe()?;
+    let gate_timeout = Duration::from_secs(30);
+    // Fork → ready: the worker is started and handed the template beforehand (a pool's
+    // job); the clock runs from the request (go) to the gate passing.
+    let mut fork_ms = Vec::with_capacity(forks);
+    let mut restore_ms = Vec::with_capacity(forks);
+    for _ in 0..forks {
+        let p = Prepared::new(&exe, &encoded)?;
+        let s = Sandbox::start(p, gate_timeout)?;
+        fork_ms.push(s.fork_time().as_secs_f64() * 1e3);
+        restore_ms.push(s.ready_report().finish_us as f64 / 1e3);
+        s.destroy()?;
+    }
+    // Cold boot → ready of the same image and machine shape, in this process.
+    kvm::require_linux_capable()?;
+    let image = Manifest::load(&paths::default_image_manifest())?
+        .spec()
+        .load_verified()?;
+    let kvm = open_kvm()?;
+    let machine = MachineConfig::new(meta.mem_mib, u64::from(meta.vcpus))?;
+    let mut cold_ms = Vec::with_capacity(cold);
+    for _ in 0..cold {
+        let vm = AgentVm::boot(&kvm, machine, &image, BASE_CMDLINE, Duration::from_secs(120))?;
+        cold_ms.push(vm.ready_after().as_secs_f64() * 1e3);
+        vm.stop();
+    }
+    let (f50, c50) = {
+        let mut f = fork_ms.clone();
+        let mut c = cold_ms.clone();
+        f.sort_by(f64::total_cmp);
+        c.sort_by(f64::total_cmp);
+        (percentile(&f, 0.5), percentile(&c, 0.5))
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "template": template,
+            "mem_mib": meta.mem_mib,
+            "vcpus": meta.vcpus,
+            "fork_to_ready_ms": stats(fork_ms),
+            "worker_restore_and_start_ms": stats(restore_ms),
+            "cold_boot_to_ready_ms": stats(cold_ms),
+            "cold_over_fork_p50": c50 / f50,
+        })
+    );
+    Ok(())
+}
+
+/// `Private_Clean + Private_Dirty` and `Pss` of a process, in KiB.
+fn private_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("Private_Clean:") + field("Private_Dirty:"), field("Pss:")))
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|r| r.split_whitespace().next().and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
+    let (encoded, meta) = load(template)?;
+    let exe = worker_exe()?;
+    let mut rows = Vec::new();
+    for &n in counts {
+        let before = mem_available_kib();
+        let t = Instant::now();
+        let prepared = (0..n)
+            .map(|_| Prepared::new(&exe, &encoded))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prepare_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let forks = prepared
+            .into_iter()
+            .map(|p| Sandbox::start(p, Duration::from_secs(60)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let start_s = t.elapsed().as_secs_f64();
+        // Let them go idle before measuring.
+        std::thread::sleep(Duration::from_secs(2));
+        let mut private = 0u64;
+        let mut pss = 0u64;
+        for f in &forks {
+            let (p, s) = private_kib(f.pid())?;
+            private += p;
+            pss += s;
+        }
+        let host_used = before.saturating_sub(mem_available_kib());
+        rows.push(serde_json::json!({
+            "forks": n,
+            "unique_kib_per_fork": private as f64 / n as f64,
+            "pss_kib_per_fork": pss as f64 / n as f64,
+            "host_mem_used_kib_per_fork": host_used as f64 / n as f64,
+            "prepare_per_s": n as f64 / prepare_s,
+            "start_per_s": n as f64 / start_s,
+            "create_per_s": n as f64 / (prepare_s + start_s),
+        }));
+        for f in forks {
+            f.destroy()?;
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"template": template, "mem_mib": meta.mem_mib, "rows": rows})
+    );
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let num = |s: &str| s.parse::<usize>().with_context(|| format!("{s:?} is not a number"));
+    let result = match a[..] {
+        ["gate-closed", t] => gate_closed(t),
+        ["bench", t, forks, cold] => num(forks)
+            .and_then(|f| num(cold).map(|c| (f, c)))
+            .and_then(|(f, c)| {
+                ensure!(f > 0 && c > 0, "FORKS and COLD must be at least 1");
+                bench(t, f, c)
+            }),
+        ["idle", t, ref counts @ ..] if !counts.is_empty() => counts
+            .iter()
+            .map(|c| num(c))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|c| idle(t, &c)),
+        _ => {
+            eprintln!(
+                "usage: cleave-fork-probe gate-closed TEMPLATE | bench TEMPLATE FORKS COLD | \
+                 idle TEMPLATE N..."
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cleave-fork-probe: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

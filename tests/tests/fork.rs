@@ -1,0 +1,240 @@
+//! Forks of real Linux guests under a real KVM (the rig on kvm_pvm hosts), from the CLI a
+//! user types: templates created, listed and removed; 16 forks whose `/dev/urandom` and
+//! `getrandom` differ from each other and from the template's own read before capture;
+//! the reseed gate's three failure cases (reseeded: false, no answer, wrong nonce), each
+//! reaped with no command run in it; memory writes private to each fork; nothing left
+//! behind. One rig boot for all.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cleave_tests::{cleave_bin, run_batch, sh_quote, Failures, Outcome, Scenario};
+
+fn fork_probe_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cleave-fork-probe"))
+}
+
+/// Templates go to a runtime directory of the test's own (the rig's /tmp, or the host's).
+const RUNTIME: &str = "/tmp/cleave-fork-test";
+/// Prints 64 bytes of /dev/urandom and 64 of getrandom(2), one hex line each.
+const READ: &str = "head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; /init getrandom 64";
+
+fn json_lines(r: &Outcome) -> Vec<serde_json::Value> {
+    r.output
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The 128-hex-digit lines in `s` (64-byte reads).
+fn reads(s: &str) -> Vec<String> {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| l.len() == 128 && l.chars().all(|c| c.is_ascii_hexdigit()))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn forks_end_to_end() {
+    let env = format!("export XDG_RUNTIME_DIR={RUNTIME}; mkdir -p {RUNTIME};");
+    let cleave = format!(
+        "{env} timeout 300 {}",
+        sh_quote(&cleave_bin().to_string_lossy())
+    );
+    let probe = format!(
+        "{env} timeout 300 {}",
+        sh_quote(&fork_probe_bin().to_string_lossy())
+    );
+    let read = sh_quote(READ);
+    let mut scenarios = vec![
+        Scenario::new(
+            "template-create",
+            format!("{cleave} template create --name rnd --mem 128 -- sh -c {read}"),
+        ),
+        Scenario::new(
+            "forks-16",
+            format!("{cleave} run --forks 16 --template rnd --json -- sh -c {read}"),
+        ),
+        Scenario::new(
+            "forks-human",
+            format!(
+                "{cleave} run --forks 3 --template rnd -- sh -c 'head -c 16 /dev/urandom | od -An -tx1'"
+            ),
+        ),
+        // Each fork writes a file and 16 MiB into its guest RAM; later forks see none of it.
+        Scenario::new(
+            "isolation",
+            format!(
+                "{cleave} run --forks 2 --template rnd -- sh -c 'test -e /tmp/mark && echo SEEN; \
+                 echo mine > /tmp/mark; dd if=/dev/urandom of=/tmp/fill bs=1M count=16 2>/dev/null; \
+                 cat /tmp/mark' && \
+                 {cleave} run --forks 1 --template rnd -- sh -c 'for f in /tmp/mark /tmp/fill; do \
+                 test -e $f && echo SEEN $f || echo CLEAN $f; done'"
+            ),
+        ),
+    ];
+    for mode in ["fail", "hang", "wrong-nonce"] {
+        scenarios.push(Scenario::new(
+            &format!("gate-{mode}"),
+            format!(
+                "{cleave} template create --name g-{mode} --mem 128 --test-reseed {mode} && \
+                 {cleave} run --forks 2 --template g-{mode} --gate-timeout-ms 3000 --json -- \
+                 sh -c 'echo RAN'"
+            ),
+        ));
+    }
+    scenarios.extend([
+        Scenario::new("gate-closed", format!("{probe} gate-closed g-fail")),
+        Scenario::new(
+            "mem-mismatch",
+            format!("{cleave} run --forks 1 --template rnd --mem 512 -- true"),
+        ),
+        Scenario::new(
+            "ls-rm",
+            format!(
+                "{cleave} template ls; {cleave} template rm g-hang; {cleave} template ls; \
+                 {cleave} template rm g-hang; echo rc=$?; {cleave} template create --name 'Bad/x'; \
+                 echo rc=$?"
+            ),
+        ),
+        Scenario::new(
+            "no-leftovers",
+            format!(
+                "{env} ls -A {RUNTIME}/cleave; ps -eo comm | grep -c '^cleave-fork-wor'; \
+                 rm -rf {RUNTIME}"
+            ),
+        ),
+        // The README's path: no template yet, `run --forks` makes the default one.
+        Scenario::new(
+            "auto-default",
+            format!(
+                "export XDG_RUNTIME_DIR=/tmp/cleave-fork-auto; mkdir -p $XDG_RUNTIME_DIR; \
+                 timeout 300 {} run --forks 2 --json -- true; echo rc=$?; \
+                 ls $XDG_RUNTIME_DIR/cleave/templates; rm -rf $XDG_RUNTIME_DIR",
+                sh_quote(&cleave_bin().to_string_lossy())
+            ),
+        ),
+    ]);
+    let (place, results) = run_batch(&scenarios, Duration::from_secs(900));
+    eprintln!("ran {} scenarios on the {place:?}", results.len());
+    let mut f = Failures::default();
+    let by = |n: &str| results.iter().find(|r| r.name == n).unwrap();
+
+    let r = by("template-create");
+    let template_reads = reads(&r.output);
+    f.check(r, r.exit_code == 0, "template create exits 0");
+    f.check(
+        r,
+        template_reads.len() == 2,
+        "the warm-up printed the template's urandom and getrandom reads",
+    );
+
+    let r = by("forks-16");
+    let forks = json_lines(r);
+    f.check(r, r.exit_code == 0, "exits 0");
+    f.check(r, forks.len() == 16, "one JSON object per fork");
+    f.check(
+        r,
+        forks.iter().all(|o| o["reseeded"] == true && o["exit_code"] == 0),
+        "every fork reseeded and exited 0",
+    );
+    f.check(
+        r,
+        forks.iter().all(|o| o["fork_ms"].as_f64().is_some_and(|ms| ms > 0.0)),
+        "every fork reports fork_ms",
+    );
+    let mut all: Vec<String> = forks
+        .iter()
+        .flat_map(|o| reads(o["stdout"].as_str().unwrap_or("")))
+        .collect();
+    f.check(r, all.len() == 32, "each fork printed two 64-byte reads");
+    all.extend(template_reads.iter().cloned());
+    let distinct: HashSet<&String> = all.iter().collect();
+    f.check(
+        r,
+        distinct.len() == all.len() && all.len() == 34,
+        "all 32 fork reads differ from each other and from the template's 2",
+    );
+    let ids: HashSet<&str> = forks.iter().filter_map(|o| o["id"].as_str()).collect();
+    f.check(r, ids.len() == 16, "16 distinct fork ids");
+
+    let r = by("forks-human");
+    f.check(r, r.exit_code == 0, "exits 0");
+    f.check(
+        r,
+        r.output.matches("reseeded, ready in").count() == 3,
+        "a header per fork naming its reseed and time",
+    );
+
+    let r = by("isolation");
+    f.check(r, r.exit_code == 0, "exits 0");
+    f.check(r, !r.output.contains("SEEN"), "no fork sees another's writes");
+    f.check(
+        r,
+        r.output.matches("CLEAN").count() == 2,
+        "a later fork starts from the template's memory",
+    );
+
+    for (mode, reason) in [
+        ("fail", "not_reseeded"),
+        ("hang", "timeout"),
+        ("wrong-nonce", "wrong_nonce"),
+    ] {
+        let r = by(&format!("gate-{mode}"));
+        let forks = json_lines(r);
+        f.check(r, r.exit_code != 0, "a refused fork fails the run");
+        f.check(r, forks.len() == 2, "one JSON object per fork");
+        f.check(
+            r,
+            forks.iter().all(|o| {
+                o["gate_failure"] == reason
+                    && o["reseeded"] == false
+                    && o["exit_code"].is_null()
+                    && o["stdout"] == ""
+            }),
+            &format!("every fork refused with {reason}, nothing run"),
+        );
+        f.check(r, !r.output.contains("RAN"), "the command never ran");
+    }
+
+    let r = by("gate-closed");
+    f.check(r, r.exit_code == 0, "the guest refuses exec before and after a failed reseed");
+
+    let r = by("mem-mismatch");
+    f.check(r, r.exit_code != 0, "refused");
+    f.check(
+        r,
+        r.output.contains("applies only when a template is created"),
+        "explains --mem with an existing template",
+    );
+
+    let r = by("ls-rm");
+    f.check(r, r.output.contains("g-hang"), "ls lists the templates");
+    f.check(r, r.output.contains("removed template g-hang"), "rm removes");
+    f.check(
+        r,
+        r.output.contains("no template named g-hang"),
+        "rm of a missing template says so",
+    );
+    f.check(
+        r,
+        r.output.contains("not a valid template name"),
+        "a bad name is refused with the rule",
+    );
+
+    let r = by("no-leftovers");
+    let lines: Vec<&str> = r.output.lines().map(str::trim).collect();
+    f.check(
+        r,
+        lines == ["templates", "0"],
+        "only the template store remains; no worker process is left",
+    );
+
+    let r = by("auto-default");
+    f.check(r, r.output.contains("rc=0"), "run --forks creates the default template");
+    f.check(r, r.output.contains("default"), "and keeps it");
+    f.assert_none();
+}
