@@ -138,12 +138,16 @@ fn forks_end_to_end() {
     f.check(r, forks.len() == 16, "one JSON object per fork");
     f.check(
         r,
-        forks.iter().all(|o| o["reseeded"] == true && o["exit_code"] == 0),
+        forks
+            .iter()
+            .all(|o| o["reseeded"] == true && o["exit_code"] == 0),
         "every fork reseeded and exited 0",
     );
     f.check(
         r,
-        forks.iter().all(|o| o["fork_ms"].as_f64().is_some_and(|ms| ms > 0.0)),
+        forks
+            .iter()
+            .all(|o| o["fork_ms"].as_f64().is_some_and(|ms| ms > 0.0)),
         "every fork reports fork_ms",
     );
     let mut all: Vec<String> = forks
@@ -171,7 +175,11 @@ fn forks_end_to_end() {
 
     let r = by("isolation");
     f.check(r, r.exit_code == 0, "exits 0");
-    f.check(r, !r.output.contains("SEEN"), "no fork sees another's writes");
+    f.check(
+        r,
+        !r.output.contains("SEEN"),
+        "no fork sees another's writes",
+    );
     f.check(
         r,
         r.output.matches("CLEAN").count() == 2,
@@ -201,7 +209,11 @@ fn forks_end_to_end() {
     }
 
     let r = by("gate-closed");
-    f.check(r, r.exit_code == 0, "the guest refuses exec before and after a failed reseed");
+    f.check(
+        r,
+        r.exit_code == 0,
+        "the guest refuses exec before and after a failed reseed",
+    );
 
     let r = by("mem-mismatch");
     f.check(r, r.exit_code != 0, "refused");
@@ -213,7 +225,11 @@ fn forks_end_to_end() {
 
     let r = by("ls-rm");
     f.check(r, r.output.contains("g-hang"), "ls lists the templates");
-    f.check(r, r.output.contains("removed template g-hang"), "rm removes");
+    f.check(
+        r,
+        r.output.contains("removed template g-hang"),
+        "rm removes",
+    );
     f.check(
         r,
         r.output.contains("no template named g-hang"),
@@ -234,7 +250,11 @@ fn forks_end_to_end() {
     );
 
     let r = by("auto-default");
-    f.check(r, r.output.contains("rc=0"), "run --forks creates the default template");
+    f.check(
+        r,
+        r.output.contains("rc=0"),
+        "run --forks creates the default template",
+    );
     f.check(r, r.output.contains("default"), "and keeps it");
     f.assert_none();
 }

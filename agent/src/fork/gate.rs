@@ -35,23 +35,21 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum GateError {
     #[error(
         "reseed gate: the guest agent reported reseeded: false ({detail}); its CRNG may \
-         still be the template's, so the fork was destroyed"
+         still be the template's"
     )]
     NotReseeded { detail: String },
     #[error(
         "reseed gate: the guest agent answered with another nonce than the one sent (a \
-         stale or forged answer); the fork was destroyed"
+         stale or forged answer)"
     )]
     WrongNonce,
-    #[error(
-        "reseed gate: the guest agent could not set its clock ({detail}); the fork was destroyed"
-    )]
+    #[error("reseed gate: the guest agent could not set its clock ({detail})")]
     ClockNotSet { detail: String },
-    #[error("reseed gate: no answer from the guest agent within {0:?}; the fork was destroyed")]
+    #[error("reseed gate: no answer from the guest agent within {0:?}")]
     Timeout(Duration),
-    #[error("reseed gate: the guest agent refused the reseed ({0}); the fork was destroyed")]
+    #[error("reseed gate: the guest agent refused the reseed ({0})")]
     Refused(ErrorReply),
-    #[error("reseed gate: the guest agent broke the protocol ({0}); the fork was destroyed")]
+    #[error("reseed gate: the guest agent broke the protocol ({0})")]
     Protocol(String),
     #[error("reseed gate: the host's getrandom failed: {0}")]
     Entropy(std::io::Error),

@@ -21,7 +21,7 @@ pub enum ForkError {
     #[error("the template has no vsock device, so its forks cannot be reached; recreate it")]
     NoVsock,
     /// Shown with its source (`{:#}` / the error chain): the gate's reason.
-    #[error("fork (worker pid {pid}) was refused by the reseed gate")]
+    #[error("fork (worker pid {pid}) failed its reseed gate and was destroyed")]
     Gate {
         pid: u32,
         #[source]

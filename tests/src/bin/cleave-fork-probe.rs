@@ -34,7 +34,9 @@ fn load(name: &str) -> anyhow::Result<(Encoded, TemplateMeta)> {
     Ok((Encoded::new(&t)?, meta))
 }
 
-fn refused(r: Result<(cleave_guest::protocol::ExitReport, Vec<u8>, Vec<u8>), ClientError>) -> anyhow::Result<()> {
+fn refused(
+    r: Result<(cleave_guest::protocol::ExitReport, Vec<u8>, Vec<u8>), ClientError>,
+) -> anyhow::Result<()> {
     match r {
         Err(ClientError::Remote(e)) if e.code == ErrorCode::NotReady => Ok(()),
         other => bail!("expected NotReady, got {other:?}"),
@@ -47,13 +49,13 @@ fn gate_closed(template: &str) -> anyhow::Result<()> {
     worker.load(&encoded)?;
     let ready = worker.go()?;
     let socket = ready.vsock.context("the fork has no vsock socket")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stream = hybrid::connect(&socket, AGENT_VSOCK_PORT, deadline)?;
-    let c = Client::new(stream)?;
+    let c = connect_past_reset(&socket)?;
     let marker = ExecRequest::new(["sh", "-c", "echo RAN"]);
     refused(c.exec_collect(marker.clone(), None)).context("exec before any reseed")?;
     match gate::reseed(&c, Duration::from_secs(30)) {
-        Ok(_) => bail!("the reseed passed; this check needs a template made with --test-reseed fail"),
+        Ok(_) => {
+            bail!("the reseed passed; this check needs a template made with --test-reseed fail")
+        }
         Err(e) => println!("gate-closed: reseed refused as expected: {e}"),
     }
     refused(c.exec_collect(marker, None)).context("exec after a failed reseed")?;
@@ -61,6 +63,22 @@ fn gate_closed(template: &str) -> anyhow::Result<()> {
     let status = worker.destroy()?;
     println!("gate-closed: ok (both execs refused; worker exited {status})");
     Ok(())
+}
+
+/// A connection to the fork's agent that answered `hello` (allowed before the gate). A
+/// connection the guest accepted before it handled the fork's transport reset is dropped
+/// by that reset; those are retried, as the host's gate does.
+fn connect_past_reset(socket: &std::path::Path) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stream = hybrid::connect(socket, AGENT_VSOCK_PORT, deadline)?;
+        let c = Client::new(stream)?;
+        match c.hello(Duration::from_secs(10)) {
+            Ok(_) => return Ok(c),
+            Err(ClientError::Closed | ClientError::Io(_)) if Instant::now() < deadline => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -103,7 +121,13 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     let machine = MachineConfig::new(meta.mem_mib, u64::from(meta.vcpus))?;
     let mut cold_ms = Vec::with_capacity(cold);
     for _ in 0..cold {
-        let vm = AgentVm::boot(&kvm, machine, &image, BASE_CMDLINE, Duration::from_secs(120))?;
+        let vm = AgentVm::boot(
+            &kvm,
+            machine,
+            &image,
+            BASE_CMDLINE,
+            Duration::from_secs(120),
+        )?;
         cold_ms.push(vm.ready_after().as_secs_f64() * 1e3);
         vm.stop();
     }
@@ -139,7 +163,10 @@ fn private_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    Ok((field("Private_Clean:") + field("Private_Dirty:"), field("Pss:")))
+    Ok((
+        field("Private_Clean:") + field("Private_Dirty:"),
+        field("Pss:"),
+    ))
 }
 
 fn mem_available_kib() -> u64 {
@@ -203,28 +230,32 @@ fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let num = |s: &str| s.parse::<usize>().with_context(|| format!("{s:?} is not a number"));
-    let result = match a[..] {
-        ["gate-closed", t] => gate_closed(t),
-        ["bench", t, forks, cold] => num(forks)
-            .and_then(|f| num(cold).map(|c| (f, c)))
-            .and_then(|(f, c)| {
-                ensure!(f > 0 && c > 0, "FORKS and COLD must be at least 1");
-                bench(t, f, c)
-            }),
-        ["idle", t, ref counts @ ..] if !counts.is_empty() => counts
-            .iter()
-            .map(|c| num(c))
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|c| idle(t, &c)),
-        _ => {
-            eprintln!(
-                "usage: cleave-fork-probe gate-closed TEMPLATE | bench TEMPLATE FORKS COLD | \
-                 idle TEMPLATE N..."
-            );
-            return std::process::ExitCode::from(2);
-        }
+    let num = |s: &str| {
+        s.parse::<usize>()
+            .with_context(|| format!("{s:?} is not a number"))
     };
+    let result =
+        match a[..] {
+            ["gate-closed", t] => gate_closed(t),
+            ["bench", t, forks, cold] => num(forks)
+                .and_then(|f| num(cold).map(|c| (f, c)))
+                .and_then(|(f, c)| {
+                    ensure!(f > 0 && c > 0, "FORKS and COLD must be at least 1");
+                    bench(t, f, c)
+                }),
+            ["idle", t, ref counts @ ..] if !counts.is_empty() => counts
+                .iter()
+                .map(|c| num(c))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|c| idle(t, &c)),
+            _ => {
+                eprintln!(
+                    "usage: cleave-fork-probe gate-closed TEMPLATE | bench TEMPLATE FORKS COLD | \
+                 idle TEMPLATE N..."
+                );
+                return std::process::ExitCode::from(2);
+            }
+        };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
