@@ -220,3 +220,62 @@ fn a_notify_write_reaches_the_queue_event() {
     t.w(0x50, 1);
     assert_eq!(t.dev().queue_events()[1].read().unwrap(), 1);
 }
+
+#[test]
+fn a_started_transport_and_device_restore_to_the_same_state_on_a_new_socket() {
+    use cleave_agent::devices::virtio::mmio::MmioState;
+    use cleave_agent::devices::virtio::vsock::{VsockConfig, VsockState};
+    use cleave_agent::devices::virtio::Interrupt;
+
+    let mut t = T::new();
+    t.start();
+    t.dev().interrupt().raise(INT_USED_RING);
+    let transport: MmioState = t.t.state();
+    let device: VsockState = t.dev().state();
+    // Through JSON, as a template on disk or on the way to a worker.
+    let transport: MmioState =
+        serde_json::from_str(&serde_json::to_string(&transport).unwrap()).unwrap();
+    let device: VsockState =
+        serde_json::from_str(&serde_json::to_string(&device).unwrap()).unwrap();
+
+    let config = VsockConfig {
+        guest_cid: device.guest_cid,
+        uds_path: t.h.dir.path().join("fork.sock"),
+    };
+    let irq = Arc::new(Interrupt::new(None, 0).unwrap());
+    let dev = Arc::new(Mutex::new(
+        Vsock::restore(&config, irq, &device, t.h.mem.clone()).unwrap(),
+    ));
+    let dyn_dev: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+    let restored = MmioTransport::restore(dyn_dev, t.h.mem.clone(), &transport).unwrap();
+    assert_eq!(
+        restored.state(),
+        transport,
+        "transport state, interrupt status included"
+    );
+    assert_eq!(dev.lock().unwrap().state(), device);
+    assert!(
+        dev.lock().unwrap().is_active(),
+        "comes back active, without a new DRIVER_OK"
+    );
+    assert!(
+        config.uds_path.exists(),
+        "the fork's device listens on its own socket"
+    );
+
+    // A state that does not fit the device is refused, not half restored.
+    let mut bad = transport.clone();
+    bad.queues.pop();
+    let dyn_dev: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+    assert!(MmioTransport::restore(dyn_dev, t.h.mem.clone(), &bad).is_err());
+    let mut bad_dev = device.clone();
+    if let Some(q) = bad_dev.queues.as_mut() {
+        q[0].size = 100; // not a power of two
+    }
+    let other = VsockConfig {
+        guest_cid: device.guest_cid,
+        uds_path: t.h.dir.path().join("other.sock"),
+    };
+    let irq = Arc::new(Interrupt::new(None, 0).unwrap());
+    assert!(Vsock::restore(&other, irq, &bad_dev, t.h.mem.clone()).is_err());
+}
