@@ -470,3 +470,47 @@ fn template_state_survives_the_wire_and_bad_states_are_refused() {
     swapped.vcpus.swap(0, 1);
     assert!(swapped.validate().unwrap_err().contains("vCPU state 0"));
 }
+
+#[test]
+fn a_stored_template_loads_sealed_and_its_forks_continue_exactly() {
+    use cleave_agent::fork::store::{TemplateMeta, TemplateStore};
+    let _one = serial();
+    let Some(kvm) = kvm() else { return };
+    let c = counting_template(&kvm, 1, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TemplateStore::at(dir.path().join("templates"));
+    let meta = TemplateMeta {
+        name: "tiny".parse().unwrap(),
+        created: 0,
+        mem_mib: c.template.state().machine.mem.mib(),
+        vcpus: 1,
+        kernel_sha256: "none".into(),
+        initrd_sha256: "none".into(),
+        cmdline: String::new(),
+        warmup: None,
+    };
+    store.save(&c.template, &meta).unwrap();
+    let e = store.save(&c.template, &meta).unwrap_err();
+    assert!(e.to_string().contains("exists already"), "{e}");
+    let (loaded, back) = store.load(&meta.name).unwrap();
+    assert_eq!(back, meta);
+    assert_eq!(store.list().unwrap(), vec![meta.clone()]);
+    // The loaded template is a different memfd, sealed, with the same bytes.
+    assert!(!Arc::ptr_eq(
+        loaded.memory().file(),
+        c.template.memory().file()
+    ));
+    assert_eq!(template_counter(&loaded), template_counter(&c.template));
+    assert!(loaded.memory().file().write_at(&[1], 0).is_err(), "sealed");
+
+    let reloaded = Captured {
+        template: loaded,
+        last_printed: c.last_printed,
+    };
+    let (running, console) = start_fork(&kvm, &reloaded);
+    console.wait_for(100);
+    let (_, vm) = running.stop_and_keep();
+    assert_continues(&reloaded, &console, &vm);
+    store.remove(&meta.name).unwrap();
+    assert!(store.list().unwrap().is_empty());
+}
