@@ -12,7 +12,9 @@
 //!
 //! `cargo run --release -p cleave-agent --example fork_bench -- [--forks N] [--mem-mib M]
 //! [--alive K] [--workers N] [--pool P]` (K: how many in-process forks stay alive at once;
-//! `--workers 0` skips the process measurements).
+//! `--workers 0` skips the process measurements). `--idle 1,100,1000` measures only the
+//! memory of that many idle (halted) forks alive at once, one worker process each, and
+//! how fast they were created.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, RestoreTimings, Template};
+use cleave_agent::host::memory::{self, ProcessMemory};
 use cleave_agent::vmm::config::MachineConfig;
 use cleave_agent::vmm::{self, tiny, Irqchip, Vm};
 use kvm_ioctls::Kvm;
@@ -34,6 +37,8 @@ struct Args {
     warmup: usize,
     workers: usize,
     pool: usize,
+    /// Idle-fork counts to measure memory at; when given, only that runs.
+    idle: Vec<usize>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -44,6 +49,7 @@ fn parse_args() -> Result<Args> {
         warmup: 20,
         workers: 1000,
         pool: 32,
+        idle: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,17 +66,29 @@ fn parse_args() -> Result<Args> {
             "--warmup" => args.warmup = value()?,
             "--workers" => args.workers = value()?,
             "--pool" => args.pool = value()?.max(1),
+            "--idle" => {
+                let list = it
+                    .next()
+                    .context("--idle needs a list such as 1,100,1000")?;
+                args.idle = list
+                    .split(',')
+                    .map(|n| {
+                        n.parse()
+                            .with_context(|| format!("--idle: {n:?} is not a count"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
             other => bail!("unknown argument {other}; see the file's header for usage"),
         }
     }
     Ok(args)
 }
 
-/// Boots the tiny counting guest, lets it run a moment, and captures it.
-fn template(kvm: &Kvm, mem_mib: u64) -> Result<Template> {
+/// Boots a tiny guest, lets it run a moment, and captures it.
+fn template(kvm: &Kvm, mem_mib: u64, ending: tiny::Ending) -> Result<Template> {
     let machine = MachineConfig::new(mem_mib, 1)?;
     let vm = Vm::create(kvm, machine, Irqchip::InKernel, Box::new(std::io::sink()))?;
-    tiny::load(vm.ram().memory(), tiny::Ending::Count)?;
+    tiny::load(vm.ram().memory(), ending)?;
     vm.vcpus()[0].configure_cpu(vm.supported_cpuid(), 1)?;
     tiny::setup_vcpu(&vm.vcpus()[0])?;
     let running = vm.start()?;
@@ -130,7 +148,11 @@ fn first_run(vm: &mut Vm) -> Result<Duration> {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let kvm = vmm::open_kvm()?;
-    let template = template(&kvm, args.mem_mib)?;
+    if !args.idle.is_empty() {
+        // Idle forks halt: the counting guest would keep writing and printing.
+        return idle(&template(&kvm, args.mem_mib, tiny::Ending::Halt)?, &args);
+    }
+    let template = template(&kvm, args.mem_mib, tiny::Ending::Count)?;
     let n = args.forks;
 
     let mut steps: Vec<Column> = RestoreTimings::STEP_NAMES
@@ -334,6 +356,60 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         &mut in_worker,
     ] {
         writeln!(out, "{}", col.row())?;
+    }
+    Ok(())
+}
+
+/// Unique memory per idle fork and the creation rate, with `n` forks alive at once (one
+/// worker process each), for each `n` in `args.idle`.
+fn idle(template: &Template, args: &Args) -> Result<()> {
+    let exe = worker_exe()?;
+    let encoded = Encoded::new(template)?;
+    println!(
+        "| idle forks | unique KiB/fork (Private_Dirty) | Private_Clean KiB/fork | PSS KiB/fork \
+         | host MemAvailable drop KiB/fork | prepare/s | go/s | created/s |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &n in &args.idle {
+        let before = memory::available_kib()?;
+        let t = Instant::now();
+        let mut workers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut w = Worker::spawn(&exe)?;
+            w.load(&encoded)?;
+            workers.push(w);
+        }
+        let prepare = t.elapsed();
+        let t = Instant::now();
+        for w in &mut workers {
+            w.go()?;
+        }
+        let go = t.elapsed();
+        // Let every vCPU reach its hlt and the workers settle.
+        std::thread::sleep(Duration::from_secs(1));
+        let mut total = ProcessMemory::default();
+        for w in &workers {
+            let m = ProcessMemory::of(w.pid())?;
+            total.private_dirty_kib += m.private_dirty_kib;
+            total.private_clean_kib += m.private_clean_kib;
+            total.pss_kib += m.pss_kib;
+        }
+        let host = before.saturating_sub(memory::available_kib()?);
+        let per = |kib: u64| kib / n as u64;
+        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        println!(
+            "| {n} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |",
+            per(total.private_dirty_kib),
+            per(total.private_clean_kib),
+            per(total.pss_kib),
+            per(host),
+            rate(prepare),
+            rate(go),
+            rate(prepare + go),
+        );
+        for w in workers {
+            w.destroy()?;
+        }
     }
     Ok(())
 }

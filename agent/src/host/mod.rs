@@ -2,4 +2,5 @@
 
 pub mod entropy;
 pub mod kvm;
+pub mod memory;
 pub mod paths;

@@ -20,6 +20,7 @@ use cleave_agent::fork::gate;
 use cleave_agent::fork::sandbox::{worker_exe, Prepared, Sandbox};
 use cleave_agent::fork::store::{TemplateMeta, TemplateStore};
 use cleave_agent::fork::worker::{Encoded, Worker};
+use cleave_agent::host::memory::{self, ProcessMemory};
 use cleave_agent::host::{kvm, paths};
 use cleave_agent::image::Manifest;
 use cleave_agent::vmm::agent_vm::AgentVm;
@@ -105,12 +106,20 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     // job); the clock runs from the request (go) to the gate passing.
     let mut fork_ms = Vec::with_capacity(forks);
     let mut restore_ms = Vec::with_capacity(forks);
-    for _ in 0..forks {
+    let started = Instant::now();
+    for i in 1..=forks {
         let p = Prepared::new(&exe, &encoded)?;
-        let s = Sandbox::start(p, gate_timeout)?;
+        let s = Sandbox::start(p, gate_timeout).with_context(|| format!("fork {i}"))?;
         fork_ms.push(s.fork_time().as_secs_f64() * 1e3);
         restore_ms.push(s.ready_report().finish_us as f64 / 1e3);
         s.destroy()?;
+        if i % 25 == 0 {
+            // Progress on stderr: in an emulated rig a stall is otherwise invisible.
+            eprintln!(
+                "bench: {i}/{forks} forks, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     // Cold boot → ready of the same image and machine shape, in this process.
     kvm::require_linux_capable()?;
@@ -120,7 +129,8 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     let kvm = open_kvm()?;
     let machine = MachineConfig::new(meta.mem_mib, u64::from(meta.vcpus))?;
     let mut cold_ms = Vec::with_capacity(cold);
-    for _ in 0..cold {
+    for i in 1..=cold {
+        eprintln!("bench: cold boot {i}/{cold}");
         let vm = AgentVm::boot(
             &kvm,
             machine,
@@ -153,39 +163,12 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `Private_Clean + Private_Dirty` and `Pss` of a process, in KiB.
-fn private_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    let field = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((
-        field("Private_Clean:") + field("Private_Dirty:"),
-        field("Pss:"),
-    ))
-}
-
-fn mem_available_kib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|r| r.split_whitespace().next().and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
     let (encoded, meta) = load(template)?;
     let exe = worker_exe()?;
     let mut rows = Vec::new();
     for &n in counts {
-        let before = mem_available_kib();
+        let before = memory::available_kib()?;
         let t = Instant::now();
         let prepared = (0..n)
             .map(|_| Prepared::new(&exe, &encoded))
@@ -199,19 +182,21 @@ fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
         let start_s = t.elapsed().as_secs_f64();
         // Let them go idle before measuring.
         std::thread::sleep(Duration::from_secs(2));
-        let mut private = 0u64;
-        let mut pss = 0u64;
+        let mut total = ProcessMemory::default();
         for f in &forks {
-            let (p, s) = private_kib(f.pid())?;
-            private += p;
-            pss += s;
+            let m = ProcessMemory::of(f.pid())?;
+            total.private_dirty_kib += m.private_dirty_kib;
+            total.private_clean_kib += m.private_clean_kib;
+            total.pss_kib += m.pss_kib;
         }
-        let host_used = before.saturating_sub(mem_available_kib());
+        let per_fork = |kib: u64| kib as f64 / n as f64;
+        let host_used = before.saturating_sub(memory::available_kib()?);
         rows.push(serde_json::json!({
             "forks": n,
-            "unique_kib_per_fork": private as f64 / n as f64,
-            "pss_kib_per_fork": pss as f64 / n as f64,
-            "host_mem_used_kib_per_fork": host_used as f64 / n as f64,
+            "unique_kib_per_fork": per_fork(total.private_dirty_kib),
+            "private_clean_kib_per_fork": per_fork(total.private_clean_kib),
+            "pss_kib_per_fork": per_fork(total.pss_kib),
+            "host_mem_used_kib_per_fork": per_fork(host_used),
             "prepare_per_s": n as f64 / prepare_s,
             "start_per_s": n as f64 / start_s,
             "create_per_s": n as f64 / (prepare_s + start_s),
