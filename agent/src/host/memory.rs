@@ -9,9 +9,9 @@ pub struct ProcessMemory {
     /// `Private_Dirty`: pages only this process has written. For a fork this is its own
     /// heap and stacks plus the guest pages it copied on write: what it costs on its own.
     pub private_dirty_kib: u64,
-    /// `Private_Clean`: unwritten pages only this process maps. For a lone fork these
-    /// include template pages it read that no sibling maps yet; they are the template's
-    /// page cache, paid once, not a copy.
+    /// `Private_Clean`: unwritten pages only this process maps. For a lone fork these are
+    /// the worker binary's and the template's pages that no sibling maps yet: page cache,
+    /// paid once however many forks share it, not a copy.
     pub private_clean_kib: u64,
     /// Proportional set size: private pages plus each shared page divided by its sharers.
     pub pss_kib: u64,
