@@ -77,6 +77,9 @@ fn parse_args() -> Result<Args> {
                             .with_context(|| format!("--idle: {n:?} is not a count"))
                     })
                     .collect::<Result<_>>()?;
+                if args.idle.contains(&0) {
+                    bail!("--idle: every count must be at least 1");
+                }
             }
             other => bail!("unknown argument {other}; see the file's header for usage"),
         }
@@ -387,13 +390,7 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
         let go = t.elapsed();
         // Let every vCPU reach its hlt and the workers settle.
         std::thread::sleep(Duration::from_secs(1));
-        let mut total = ProcessMemory::default();
-        for w in &workers {
-            let m = ProcessMemory::of(w.pid())?;
-            total.private_dirty_kib += m.private_dirty_kib;
-            total.private_clean_kib += m.private_clean_kib;
-            total.pss_kib += m.pss_kib;
-        }
+        let total = ProcessMemory::total(workers.iter().map(Worker::pid))?;
         let host = before.saturating_sub(memory::available_kib()?);
         let per = |kib: u64| kib / n as u64;
         let rate = |d: Duration| n as f64 / d.as_secs_f64();

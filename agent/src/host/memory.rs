@@ -23,6 +23,18 @@ impl ProcessMemory {
         Ok(Self::parse(&text))
     }
 
+    /// The sum over several processes (the forks of one measurement).
+    pub fn total(pids: impl IntoIterator<Item = u32>) -> io::Result<Self> {
+        pids.into_iter().try_fold(Self::default(), |sum, pid| {
+            let m = Self::of(pid)?;
+            Ok(Self {
+                private_dirty_kib: sum.private_dirty_kib + m.private_dirty_kib,
+                private_clean_kib: sum.private_clean_kib + m.private_clean_kib,
+                pss_kib: sum.pss_kib + m.pss_kib,
+            })
+        })
+    }
+
     fn parse(text: &str) -> Self {
         Self {
             private_dirty_kib: kib_field(text, "Private_Dirty:"),
@@ -76,5 +88,13 @@ mod tests {
         let me = ProcessMemory::of(std::process::id()).unwrap();
         assert!(me.private_dirty_kib > 0 && me.pss_kib > 0, "{me:?}");
         assert!(available_kib().unwrap() > 0);
+        let pid = std::process::id();
+        let two = ProcessMemory::total([pid, pid]).unwrap();
+        assert!(two.pss_kib > me.pss_kib, "{two:?} vs one {me:?}");
+        assert_eq!(ProcessMemory::total([]).unwrap(), ProcessMemory::default());
+        assert!(
+            ProcessMemory::total([pid, u32::MAX]).is_err(),
+            "a missing process is an error"
+        );
     }
 }

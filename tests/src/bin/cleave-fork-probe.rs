@@ -182,13 +182,7 @@ fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
         let start_s = t.elapsed().as_secs_f64();
         // Let them go idle before measuring.
         std::thread::sleep(Duration::from_secs(2));
-        let mut total = ProcessMemory::default();
-        for f in &forks {
-            let m = ProcessMemory::of(f.pid())?;
-            total.private_dirty_kib += m.private_dirty_kib;
-            total.private_clean_kib += m.private_clean_kib;
-            total.pss_kib += m.pss_kib;
-        }
+        let total = ProcessMemory::total(forks.iter().map(Sandbox::pid))?;
         let per_fork = |kib: u64| kib as f64 / n as f64;
         let host_used = before.saturating_sub(memory::available_kib()?);
         rows.push(serde_json::json!({
@@ -232,7 +226,10 @@ fn main() -> std::process::ExitCode {
                 .iter()
                 .map(|c| num(c))
                 .collect::<Result<Vec<_>, _>>()
-                .and_then(|c| idle(t, &c)),
+                .and_then(|c| {
+                    ensure!(!c.contains(&0), "every N must be at least 1");
+                    idle(t, &c)
+                }),
             _ => {
                 eprintln!(
                     "usage: cleave-fork-probe gate-closed TEMPLATE | bench TEMPLATE FORKS COLD | \
