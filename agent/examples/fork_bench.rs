@@ -23,6 +23,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, RestoreTimings, Template};
 use cleave_agent::host::memory::{self, ProcessMemory};
@@ -184,7 +185,13 @@ fn main() -> Result<()> {
         let record = i >= args.warmup;
 
         let t = Instant::now();
-        let restored = fork::restore(&kvm, &template, Box::new(std::io::sink()), None)?;
+        let restored = fork::restore(
+            &kvm,
+            &template,
+            Box::new(std::io::sink()),
+            None,
+            NetBackend::Disconnected,
+        )?;
         let cold_path = t.elapsed();
         let mut vm = restored.vm;
         let ran = first_run(&mut vm)?;
@@ -192,7 +199,12 @@ fn main() -> Result<()> {
 
         let shell = fork::prepare(&kvm, &template)?;
         let t = Instant::now();
-        let warm_fork = shell.finish(&template, Box::new(std::io::sink()), None)?;
+        let warm_fork = shell.finish(
+            &template,
+            Box::new(std::io::sink()),
+            None,
+            NetBackend::Disconnected,
+        )?;
         let warm_path = t.elapsed();
         let mut wvm = warm_fork.vm;
         first_run(&mut wvm)?;
@@ -294,7 +306,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         let t1 = Instant::now();
         w.load(&encoded)?;
         let t2 = Instant::now();
-        w.go()?;
+        w.go(None)?;
         let t3 = Instant::now();
         released.push_back(w.release());
         reap(&mut released, 64)?;
@@ -317,7 +329,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         }
         while let Some(mut w) = pool.pop_front() {
             let t = Instant::now();
-            let ready = w.go()?;
+            let ready = w.go(None)?;
             let took = t.elapsed();
             if done >= args.warmup {
                 pooled.samples.push(took);
@@ -385,7 +397,7 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
         let prepare = t.elapsed();
         let t = Instant::now();
         for w in &mut workers {
-            w.go()?;
+            w.go(None)?;
         }
         let go = t.elapsed();
         // Let every vCPU reach its hlt and the workers settle.

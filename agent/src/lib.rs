@@ -7,5 +7,6 @@ pub mod devices;
 pub mod fork;
 pub mod host;
 pub mod image;
+pub mod net;
 pub mod rig;
 pub mod vmm;

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::devices::GuestEnd;
 use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, SealedMemory, Template};
@@ -143,7 +144,14 @@ fn template_counter(t: &Template) -> u64 {
 /// A fork of `c`, running, and its console.
 fn start_fork(kvm: &Kvm, c: &Captured) -> (RunningVm, Recorder) {
     let console = Recorder::default();
-    let restored = fork::restore(kvm, &c.template, Box::new(console.clone()), None).unwrap();
+    let restored = fork::restore(
+        kvm,
+        &c.template,
+        Box::new(console.clone()),
+        None,
+        NetBackend::Disconnected,
+    )
+    .unwrap();
     (restored.vm.start().unwrap(), console)
 }
 
@@ -185,7 +193,14 @@ fn a_fork_continues_exactly_where_the_template_stopped() {
     let before = template_counter(&c.template);
 
     // Restored state is the captured state, before anything runs.
-    let restored = fork::restore(&kvm, &c.template, Box::new(std::io::sink()), None).unwrap();
+    let restored = fork::restore(
+        &kvm,
+        &c.template,
+        Box::new(std::io::sink()),
+        None,
+        NetBackend::Disconnected,
+    )
+    .unwrap();
     let saved = &c.template.state().vcpus[0];
     let fd = restored.vm.vcpus()[0].fd();
     assert_eq!(fd.get_regs().unwrap(), saved.regs);
@@ -217,12 +232,22 @@ fn a_shell_prepared_ahead_forks_the_same_and_only_for_its_template() {
     let shell = fork::prepare(&kvm, &c.template).unwrap();
     let wrong = fork::prepare(&kvm, &other.template).unwrap();
     assert!(matches!(
-        wrong.finish(&c.template, Box::new(std::io::sink()), None),
+        wrong.finish(
+            &c.template,
+            Box::new(std::io::sink()),
+            None,
+            NetBackend::Disconnected
+        ),
         Err(fork::RestoreError::OtherTemplate)
     ));
     let console = Recorder::default();
     let restored = shell
-        .finish(&c.template, Box::new(console.clone()), None)
+        .finish(
+            &c.template,
+            Box::new(console.clone()),
+            None,
+            NetBackend::Disconnected,
+        )
         .unwrap();
     assert!(restored.timings.prepare() > Duration::ZERO);
     assert!(restored.timings.finish() > Duration::ZERO);
@@ -278,8 +303,22 @@ fn template_memory_is_sealed_and_forks_writes_stay_private() {
         "memfd writable"
     );
 
-    let a = fork::restore(&kvm, &c.template, Box::new(std::io::sink()), None).unwrap();
-    let b = fork::restore(&kvm, &c.template, Box::new(std::io::sink()), None).unwrap();
+    let a = fork::restore(
+        &kvm,
+        &c.template,
+        Box::new(std::io::sink()),
+        None,
+        NetBackend::Disconnected,
+    )
+    .unwrap();
+    let b = fork::restore(
+        &kvm,
+        &c.template,
+        Box::new(std::io::sink()),
+        None,
+        NetBackend::Disconnected,
+    )
+    .unwrap();
     let marker = GuestAddress(0x6000);
     a.vm.ram()
         .memory()
@@ -301,7 +340,14 @@ fn template_memory_is_sealed_and_forks_writes_stay_private() {
     memory.file().read_exact_at(&mut buf, 0x6000).unwrap();
     assert_eq!(buf, [0; 4], "a fork's write reached the template");
     // A fork started after its sibling wrote still sees the template's bytes.
-    let c2 = fork::restore(&kvm, &c.template, Box::new(std::io::sink()), None).unwrap();
+    let c2 = fork::restore(
+        &kvm,
+        &c.template,
+        Box::new(std::io::sink()),
+        None,
+        NetBackend::Disconnected,
+    )
+    .unwrap();
     assert_eq!(c2.vm.ram().memory().read_obj::<u32>(marker).unwrap(), 0);
 }
 
@@ -339,7 +385,14 @@ fn a_two_vcpu_machine_round_trips() {
     let c = counting_template(&kvm, 2, 100);
     let state = c.template.state();
     assert_eq!(state.vcpus.len(), 2);
-    let restored = fork::restore(&kvm, &c.template, Box::new(std::io::sink()), None).unwrap();
+    let restored = fork::restore(
+        &kvm,
+        &c.template,
+        Box::new(std::io::sink()),
+        None,
+        NetBackend::Disconnected,
+    )
+    .unwrap();
     for (vcpu, saved) in restored.vm.vcpus().iter().zip(&state.vcpus) {
         let fd = vcpu.fd();
         assert_eq!(fd.get_regs().unwrap(), saved.regs, "vCPU {}", saved.index);
@@ -417,7 +470,7 @@ fn forks_run_in_their_own_processes_and_leave_nothing_behind() {
         .collect();
     let mut pids = HashSet::new();
     for w in workers.iter_mut().flatten() {
-        let ready = w.go().unwrap();
+        let ready = w.go(None).unwrap();
         assert_eq!(ready.pid, w.pid());
         assert_ne!(ready.pid, std::process::id());
         assert!(pids.insert(ready.pid), "two forks in one process");

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod init;
+pub mod netconf;
 pub mod protocol;
 pub mod reseed;
 pub mod server;

@@ -23,7 +23,8 @@ ROOT_MODULES=(
   virtio_pci 9pnet_virtio 9p
   kvm_amd
   tun veth
-  nf_tables nft_ct nft_reject_inet nft_chain_nat nft_nat nft_masq
+  nf_tables nft_ct nft_objref nft_reject_inet nft_chain_nat nft_nat nft_masq
+  nf_conntrack_netlink
 )
 # Module parameters, applied at insmod. nested=1 lets the rig's guests use SVM
 # too (not needed by cleave itself, but kvm_amd reports it and tests print it).

@@ -152,6 +152,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
         &cmdline,
         Box::new(writer),
         None,
+        None,
     )
     .context("booting the guest")?;
     if args.selftest {

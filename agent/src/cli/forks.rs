@@ -14,10 +14,12 @@ use anyhow::Context;
 use cleave_guest::protocol::{ExecRequest, ExitStatus};
 
 use super::boot::default_image;
+use super::net_args::NetArgs;
 use super::template::{create, CreateArgs};
 use crate::fork::sandbox::{worker_exe, ForkError, Prepared, Sandbox};
 use crate::fork::store::{TemplateName, TemplateStore};
 use crate::fork::worker::Encoded;
+use crate::net::{EgressPolicy, NetNode, SandboxNetwork};
 
 /// What `run --forks` needs.
 pub struct ForksRequest {
@@ -31,6 +33,8 @@ pub struct ForksRequest {
     pub gate_timeout: Duration,
     pub boot_timeout: u64,
     pub command: Vec<OsString>,
+    pub net: NetArgs,
+    pub policy: EgressPolicy,
 }
 
 /// One fork's outcome.
@@ -41,9 +45,12 @@ struct Outcome {
     result: Result<(ExitStatus, Vec<u8>, Vec<u8>), anyhow::Error>,
     /// Why the gate refused the fork, when it did.
     gate_reason: Option<&'static str>,
+    /// The guest's address, when it had a network.
+    ip: Option<std::net::Ipv4Addr>,
 }
 
 pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
+    let node = req.net.node(&req.policy)?;
     let store = TemplateStore::default_location();
     let template = if store.exists(&req.template) {
         let (t, meta) = store.load(&req.template)?;
@@ -81,7 +88,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
     let outcomes: Vec<Outcome> = std::thread::scope(|s| {
         let handles: Vec<_> = prepared
             .into_iter()
-            .map(|p| s.spawn(|| one_fork(p, &req)))
+            .map(|p| s.spawn(|| one_fork(p, &req, node.as_ref())))
             .collect();
         handles
             .into_iter()
@@ -92,6 +99,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
                     reseeded: false,
                     result: Err(anyhow::anyhow!("the fork's thread panicked")),
                     gate_reason: None,
+                    ip: None,
                 })
             })
             .collect()
@@ -102,6 +110,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
 fn one_fork(
     prepared: Result<Prepared, crate::fork::worker::WorkerError>,
     req: &ForksRequest,
+    node: Option<&NetNode>,
 ) -> Outcome {
     let failed = |id: String, e: anyhow::Error, gate_reason| Outcome {
         id,
@@ -109,12 +118,27 @@ fn one_fork(
         reseeded: false,
         result: Err(e),
         gate_reason,
+        ip: None,
     };
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => return failed("-".into(), anyhow::Error::new(e), None),
     };
-    let sandbox = match Sandbox::start(prepared, req.gate_timeout) {
+    let id = format!("fork-{}", prepared.pid());
+    let network = match node {
+        Some(node) => match SandboxNetwork::create(node, &id, &req.policy) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                return failed(
+                    id,
+                    anyhow::Error::new(e).context("creating the fork's network"),
+                    None,
+                )
+            }
+        },
+        None => None,
+    };
+    let sandbox = match Sandbox::start(prepared, req.gate_timeout, network) {
         Ok(s) => s,
         Err(e) => {
             let id = match &e {
@@ -138,6 +162,7 @@ fn one_fork(
         reseeded: sandbox.reseed_reply().reseeded,
         result,
         gate_reason: None,
+        ip: sandbox.guest_ip(),
     };
     if let Err(e) = sandbox.destroy() {
         tracing::warn!(error = %e, "destroying a fork");
@@ -186,6 +211,7 @@ fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> 
                 "fork_ms": o.fork_ms.map(round3),
                 "error": o.result.as_ref().err().map(|e| format!("{e:#}")),
                 "gate_failure": o.gate_reason,
+                "ip": o.ip.map(|ip| ip.to_string()),
             });
             writeln!(stdout, "{obj}")?;
             continue;

@@ -3,6 +3,7 @@
 mod boot;
 mod dns;
 mod forks;
+mod net_args;
 mod rig;
 mod run;
 mod template;

@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use crate::devices::virtio::net::NetBackend;
 use clap::Args;
 use cleave_guest::protocol::{
     Client, ClientError, ExecRequest, ExitReport, ExitStatus, OutputEvent,
@@ -17,7 +19,9 @@ use nix::sys::signal::{SigSet, Signal};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::boot::{default_image, prepare, Prepared, BASE_CMDLINE};
+use super::net_args::NetArgs;
 use crate::fork::store::TemplateName;
+use crate::net::SandboxNetwork;
 use crate::vmm::agent_vm::AgentVm;
 
 #[derive(Args, Debug)]
@@ -49,6 +53,8 @@ pub struct RunArgs {
     /// Give up if the guest agent is not ready within this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     boot_timeout: u64,
+    #[command(flatten)]
+    net: NetArgs,
     /// The command and its arguments, run in the guest.
     #[arg(
         required = true,
@@ -68,6 +74,8 @@ pub fn exit_code_of(report: &ExitReport) -> i32 {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Refused before anything starts, whichever path runs it.
+    let policy = args.net.policy()?;
     if let Some(forks) = args.forks {
         return super::forks::run(super::forks::ForksRequest {
             forks,
@@ -79,8 +87,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             gate_timeout: Duration::from_millis(args.gate_timeout_ms),
             boot_timeout: args.boot_timeout,
             command: args.command,
+            net: args.net,
+            policy,
         });
     }
+    let node = args.net.node(&policy)?;
+    let network = match &node {
+        Some(node) => Some(
+            SandboxNetwork::create(node, &format!("run-{}", std::process::id()), &policy)
+                .context("creating the sandbox's network")?,
+        ),
+        None => None,
+    };
+    let backend = match &network {
+        Some(n) => NetBackend::Tap(n.tap().try_clone().context("sharing the tap with the VM")?),
+        None => NetBackend::Disconnected,
+    };
     // Before any thread exists, so every thread inherits the mask: these signals are
     // for the command in the guest, and the VM must be torn down (its runtime directory
     // removed) rather than the process killed.
@@ -100,8 +122,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         &image,
         BASE_CMDLINE,
         Duration::from_secs(args.boot_timeout),
+        backend,
     );
     let vm = vm.context("starting the guest")?;
+    if let Some(net) = &network {
+        if let Err(e) = vm
+            .client()
+            .configure_network(net.guest_config(), Duration::from_secs(args.boot_timeout))
+        {
+            vm.stop();
+            return Err(e).context("giving the guest its network; the guest was stopped");
+        }
+    }
     tracing::info!(
         ms = vm.ready_after().as_secs_f64() * 1e3,
         "guest agent ready"
@@ -159,6 +191,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "stdout": String::from_utf8_lossy(&out),
             "stderr": String::from_utf8_lossy(&err),
             "ms": (ms * 1000.0).round() / 1000.0,
+            "ip": network.as_ref().map(|n| n.addrs().guest4.to_string()),
         });
         println!("{obj}");
     }

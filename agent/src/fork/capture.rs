@@ -79,6 +79,7 @@ pub fn capture(kvm: &Kvm, mut vm: Vm) -> Result<Template, CaptureError> {
         DeviceState {
             serial: legacy.serial.state(),
             vsock: vm.vsock_state(),
+            net: vm.net_state(),
         }
     };
     let state = MachineState {

@@ -17,6 +17,7 @@ use kvm_ioctls::Kvm;
 use super::capture::{capture, CaptureError};
 use super::gate::{self, GateError};
 use super::Template;
+use crate::devices::virtio::net::NetBackend;
 use crate::image::VerifiedImage;
 use crate::vmm::agent_vm::{AgentVm, AgentVmError};
 use crate::vmm::config::MachineConfig;
@@ -82,6 +83,8 @@ pub fn freeze(
         image,
         &opts.guest_cmdline(),
         opts.boot_timeout,
+        // Templates always carry the NIC, unplugged: each fork gets its own tap.
+        NetBackend::Disconnected,
     )?;
     let boot = vm.ready_after();
     let warmup = match &opts.warmup {

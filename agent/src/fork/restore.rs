@@ -33,6 +33,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use super::state::{xsave_of, FpuState, VcpuState, VmState};
 use super::Template;
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
+use crate::devices::virtio::net::NetBackend;
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::devices::LegacyDevices;
 use crate::vmm;
@@ -74,6 +75,11 @@ pub enum RestoreError {
          fork's (or one was given for a template without)"
     )]
     VsockMismatch,
+    #[error(
+        "forking: a network was asked for, but the template has no network device (it was \
+         made by an older cleave); recreate it (`cleave template rm NAME`)"
+    )]
+    NoNic,
     #[error("forking: {0}")]
     Device(#[from] vmm::VmmError),
 }
@@ -176,8 +182,9 @@ pub fn restore(
     template: &Template,
     console: ConsoleOut,
     vsock: Option<&VsockConfig>,
+    net: NetBackend,
 ) -> Result<Restored, RestoreError> {
-    prepare(kvm, template)?.finish(template, console, vsock)
+    prepare(kvm, template)?.finish(template, console, vsock, net)
 }
 
 /// A VM for one template with nothing of the template's state in it yet: created, its
@@ -240,12 +247,13 @@ pub fn prepare(kvm: &Kvm, template: &Template) -> Result<Shell, RestoreError> {
 
 impl Shell {
     /// Puts `template`'s state into the shell and gives it its own devices: the fork, ready
-    /// to [`start`](Vm::start).
+    /// to [`start`](Vm::start). Its NIC (if the template has one) is on `net`.
     pub fn finish(
         self,
         template: &Template,
         console: ConsoleOut,
         vsock: Option<&VsockConfig>,
+        net: NetBackend,
     ) -> Result<Restored, RestoreError> {
         let Shell {
             vcpus,
@@ -262,6 +270,9 @@ impl Shell {
             (None, None) => None,
             _ => return Err(RestoreError::VsockMismatch),
         };
+        if state.devices.net.is_none() && matches!(net, NetBackend::Tap(_)) {
+            return Err(RestoreError::NoNic);
+        }
         timed(&mut tm.vm_state, || restore_vm(&fd, &state.vm))?;
         let serial = timed(&mut tm.devices, || {
             Serial::from_state(&state.devices.serial, console, Some(&fd))
@@ -289,6 +300,11 @@ impl Shell {
                     .unwrap_or_else(|e| e.into_inner())
                     .send_transport_reset();
             }
+            tm.devices += t.elapsed();
+        }
+        if let Some(saved) = &state.devices.net {
+            let t = Instant::now();
+            vm.restore_net(net, saved)?;
             tm.devices += t.elapsed();
         }
         Ok(Restored { vm, timings: tm })

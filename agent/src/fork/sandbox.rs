@@ -10,6 +10,7 @@ use cleave_guest::protocol::{Client, ReseedReply};
 
 use super::gate::{self, GateError};
 use super::worker::{Encoded, ReadyReport, Worker, WorkerError};
+use crate::net::SandboxNetwork;
 
 /// The worker binary's name; it is installed next to `cleave`.
 pub const WORKER_EXE: &str = "cleave-fork-worker";
@@ -26,6 +27,13 @@ pub enum ForkError {
         pid: u32,
         #[source]
         source: GateError,
+    },
+    /// The guest could not apply its network identity; the fork was destroyed.
+    #[error("fork (worker pid {pid}) could not be given its network and was destroyed")]
+    Network {
+        pid: u32,
+        #[source]
+        source: cleave_guest::protocol::ClientError,
     },
     #[error(
         "cannot find {WORKER_EXE} next to {cleave} ({source}); build it with `cargo build \
@@ -73,13 +81,20 @@ impl Prepared {
             }
         }
     }
+
+    /// The worker's pid (the fork's id before it starts).
+    pub fn pid(&self) -> u32 {
+        self.worker.pid()
+    }
 }
 
 /// A running fork whose gate passed.
 pub struct Sandbox {
-    // Drop order: the connection, then the worker (closing its socket ends the fork).
+    // Drop order: the connection, then the worker (closing its socket ends the fork), then
+    // (in `destroy`/`Drop`) its network.
     client: Client,
     worker: Option<Worker>,
+    network: Option<SandboxNetwork>,
     ready: ReadyReport,
     reseed: ReseedReply,
     fork_time: Duration,
@@ -87,12 +102,18 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Resumes the prepared fork and runs its gate within `gate_timeout`. On any failure
-    /// the worker is destroyed (its VM stopped, its process reaped) before this returns.
-    pub fn start(prepared: Prepared, gate_timeout: Duration) -> Result<Sandbox, ForkError> {
+    /// Resumes the prepared fork (its NIC on `network`'s tap, or unplugged without one),
+    /// runs its gate within `gate_timeout`, then gives the guest its network identity. On
+    /// any failure the worker is destroyed (its VM stopped, its process reaped) and the
+    /// network taken down before this returns.
+    pub fn start(
+        prepared: Prepared,
+        gate_timeout: Duration,
+        network: Option<SandboxNetwork>,
+    ) -> Result<Sandbox, ForkError> {
         let t = Instant::now();
         let mut worker = prepared.worker;
-        let ready = match worker.go() {
+        let ready = match worker.go(network.as_ref().map(SandboxNetwork::tap)) {
             Ok(r) => r,
             Err(e) => {
                 let _ = worker.destroy();
@@ -104,14 +125,30 @@ impl Sandbox {
             return Err(ForkError::NoVsock);
         };
         match gate::pass(&socket, gate_timeout) {
-            Ok(passed) => Ok(Sandbox {
-                client: passed.client,
-                worker: Some(worker),
-                ready,
-                reseed: passed.reply,
-                fork_time: t.elapsed(),
-                gate_attempts: passed.attempts,
-            }),
+            Ok(passed) => {
+                // Only a reseeded guest gets an identity, and only a configured one is ready.
+                if let Some(net) = &network {
+                    if let Err(source) = passed
+                        .client
+                        .configure_network(net.guest_config(), gate_timeout)
+                    {
+                        let pid = worker.pid();
+                        tracing::warn!(pid, error = %source, "fork could not apply its network; destroying it");
+                        drop(passed.client);
+                        let _ = worker.destroy();
+                        return Err(ForkError::Network { pid, source });
+                    }
+                }
+                Ok(Sandbox {
+                    client: passed.client,
+                    worker: Some(worker),
+                    network,
+                    ready,
+                    reseed: passed.reply,
+                    fork_time: t.elapsed(),
+                    gate_attempts: passed.attempts,
+                })
+            }
             Err(source) => {
                 let pid = worker.pid();
                 tracing::warn!(
@@ -156,12 +193,21 @@ impl Sandbox {
         self.gate_attempts
     }
 
-    /// Ends the fork: closes the connection and the worker's socket, and reaps the worker
-    /// (which stops its VM and removes its runtime directory first).
+    /// The guest's IPv4 address, when it has a network.
+    pub fn guest_ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.network.as_ref().map(|n| n.addrs().guest4)
+    }
+
+    /// Ends the fork: closes the connection and the worker's socket, reaps the worker
+    /// (which stops its VM and removes its runtime directory first), then takes its
+    /// network down.
     pub fn destroy(mut self) -> Result<ExitStatus, WorkerError> {
         let worker = self.worker.take().expect("taken only here or on drop");
+        let network = self.network.take();
         drop(self);
-        worker.destroy()
+        let r = worker.destroy();
+        drop(network);
+        r
     }
 }
 
@@ -170,5 +216,6 @@ impl Drop for Sandbox {
         if let Some(w) = self.worker.take() {
             let _ = w.destroy();
         }
+        drop(self.network.take());
     }
 }

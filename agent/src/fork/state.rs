@@ -12,6 +12,7 @@ use kvm_bindings::{
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 
+use crate::devices::virtio::net::SavedNet;
 use crate::devices::virtio::vsock::SavedVsock;
 use crate::vmm::config::MachineConfig;
 
@@ -84,6 +85,10 @@ pub struct DeviceState {
     pub serial: SerialState,
     /// The vsock device and its transport, when the machine has one.
     pub vsock: Option<SavedVsock>,
+    /// The network device and its transport, when the machine has one (templates made
+    /// before cleave had networking have none).
+    #[serde(default)]
+    pub net: Option<SavedNet>,
 }
 
 /// The whole machine except its memory (which is the template's sealed memfd).

@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::sealed::{SealError, SealedMemory};
 use super::state::MachineState;
 use super::{prepare, RestoreError, Template};
+use crate::devices::virtio::net::{NetBackend, Tap};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::vmm::control::ExitCounts;
 use crate::vmm::runtime_dir::RuntimeDir;
@@ -114,6 +115,12 @@ pub struct ReadyReport {
     pub finish_us: u64,
 }
 
+/// The body of `go`: the name of the tap whose fd comes with it, if one does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct GoRequest {
+    tap: Option<String>,
+}
+
 struct Message {
     kind: Kind,
     body: Vec<u8>,
@@ -124,7 +131,7 @@ fn send(
     sock: &OwnedFd,
     kind: Kind,
     body: &[u8],
-    fd: Option<&File>,
+    fd: Option<BorrowedFd<'_>>,
     what: &'static str,
 ) -> Result<(), WorkerError> {
     let head = [kind as u8];
@@ -280,15 +287,20 @@ impl Worker {
             &self.sock,
             Kind::Template,
             &template.body,
-            Some(&template.memfd),
+            Some(template.memfd.as_fd()),
             "the template",
         )?;
         expect(&self.sock, Kind::Prepared, "the prepared shell").map(drop)
     }
 
-    /// The fork request: the worker restores and starts its fork.
-    pub fn go(&mut self) -> Result<ReadyReport, WorkerError> {
-        send(&self.sock, Kind::Go, &[], None, "go")?;
+    /// The fork request: the worker restores and starts its fork, its NIC on `tap` (or
+    /// unplugged: a fork without network).
+    pub fn go(&mut self, tap: Option<&Tap>) -> Result<ReadyReport, WorkerError> {
+        let req = GoRequest {
+            tap: tap.map(|t| t.name().to_string()),
+        };
+        let body = serde_json::to_vec(&req).map_err(WorkerError::Encode)?;
+        send(&self.sock, Kind::Go, &body, tap.map(|t| t.as_fd()), "go")?;
         let msg = expect(&self.sock, Kind::Ready, "ready")?;
         serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
             what: "ready",
@@ -372,19 +384,20 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     send(sock, Kind::Prepared, &[], None, "prepared")?;
 
     // A pool may retire a prepared worker without using it: closing is not an error then.
-    match recv(sock, MAX_SMALL_MESSAGE, "go")? {
+    let go = match recv(sock, MAX_SMALL_MESSAGE, "go")? {
         None => return Ok(()),
-        Some(m) if m.kind == Kind::Go => {}
+        Some(m) if m.kind == Kind::Go => m,
         Some(m) => {
             return Err(WorkerError::Protocol {
                 what: "go",
                 why: format!("got {:?}", m.kind),
             })
         }
-    }
+    };
     let t = Instant::now();
+    let net = go_backend(go)?;
     let config = vsock.as_ref().map(|(_, c)| c);
-    let restored = shell.finish(&template, Box::new(std::io::sink()), config)?;
+    let restored = shell.finish(&template, Box::new(std::io::sink()), config, net)?;
     let running = restored.vm.start()?;
     let report = ReadyReport {
         pid: std::process::id(),
@@ -413,6 +426,24 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     tracing::debug!(%end, "fork ended");
     drop(vsock);
     Ok(())
+}
+
+/// The fork's NIC backend from a `go` message: its tap when one came with it.
+fn go_backend(go: Message) -> Result<NetBackend, WorkerError> {
+    let protocol = |why: String| WorkerError::Protocol { what: "go", why };
+    let req: GoRequest = if go.body.is_empty() {
+        GoRequest::default()
+    } else {
+        serde_json::from_slice(&go.body).map_err(|e| protocol(e.to_string()))?
+    };
+    match (req.tap, go.fd) {
+        (None, None) => Ok(NetBackend::Disconnected),
+        (Some(name), Some(fd)) => Tap::from_fd(fd, name)
+            .map(NetBackend::Tap)
+            .map_err(|e| protocol(format!("the tap fd: {e}"))),
+        (Some(_), None) => Err(protocol("a tap name without its fd".into())),
+        (None, Some(_)) => Err(protocol("an fd without a tap name".into())),
+    }
 }
 
 fn micros(d: Duration) -> u64 {

@@ -14,6 +14,7 @@ use super::config::MachineConfig;
 use super::runtime_dir::{RuntimeDir, RuntimeDirError};
 use super::{boot_linux, RunningVm, VmmError};
 use crate::devices::serial::console::Console;
+use crate::devices::virtio::net::NetBackend;
 use crate::devices::virtio::vsock::{hybrid, VsockConfig, DEFAULT_GUEST_CID};
 use crate::devices::GuestEnd;
 use crate::image::VerifiedImage;
@@ -48,14 +49,15 @@ pub struct AgentVm {
 }
 
 impl AgentVm {
-    /// Boots `image` with a vsock device and waits (up to `timeout`) until the agent
-    /// answers `hello`.
+    /// Boots `image` with a vsock device and a NIC on `net` and waits (up to `timeout`)
+    /// until the agent answers `hello`.
     pub fn boot(
         kvm: &Kvm,
         machine: MachineConfig,
         image: &VerifiedImage,
         cmdline: &str,
         timeout: Duration,
+        net: NetBackend,
     ) -> Result<AgentVm, AgentVmError> {
         let dir = RuntimeDir::create()?;
         let vsock = VsockConfig {
@@ -73,6 +75,7 @@ impl AgentVm {
             cmdline,
             Box::new(writer),
             Some(&vsock),
+            Some(net),
         )?;
         // The readiness line comes after the agent listens; watch for an early end.
         while console.wait_for_line(Duration::from_millis(100)).is_none() {

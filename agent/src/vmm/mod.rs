@@ -24,6 +24,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
+use crate::devices::virtio::net::device::NetError;
+use crate::devices::virtio::net::{Net, NetBackend, SavedNet};
 use crate::devices::virtio::vsock::device::VsockError;
 use crate::devices::virtio::vsock::{SavedVsock, Vsock, VsockConfig};
 use crate::devices::virtio::Interrupt;
@@ -57,16 +59,19 @@ pub enum VmmError {
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
     Mmio(#[from] MmioError),
     #[error("wiring a virtio interrupt to IRQ {irq}: {source}")]
     VirtioIrq { irq: u32, source: std::io::Error },
     #[error("no room for another virtio device (IRQs 5..=23 are all in use)")]
     NoMmioSlot,
     #[error(
-        "restoring the vsock device: it was at {saved_base:#x} on IRQ {saved_irq}, but the \
+        "restoring the {device} device: it was at {saved_base:#x} on IRQ {saved_irq}, but the \
          next free slot is {base:#x} on IRQ {irq}"
     )]
     SlotMismatch {
+        device: &'static str,
         saved_base: u64,
         saved_irq: u32,
         base: u64,
@@ -137,9 +142,9 @@ pub enum Irqchip {
     None,
 }
 
-/// The vsock device, its transport, and where the guest finds them.
-struct VsockSlot {
-    device: Arc<Mutex<Vsock>>,
+/// A virtio device, its transport, and where the guest finds them.
+struct Placed<D> {
+    device: Arc<Mutex<D>>,
     transport: Arc<Mutex<MmioTransport>>,
     slot: MmioSlot,
 }
@@ -156,7 +161,8 @@ pub struct Vm {
     subscribers: Vec<Subscriber>,
     /// `virtio_mmio.device=` arguments announcing the devices to the guest kernel.
     device_args: Vec<String>,
-    vsock: Option<VsockSlot>,
+    vsock: Option<Placed<Vsock>>,
+    net: Option<Placed<Net>>,
     supported_cpuid: CpuId,
     machine: MachineConfig,
 }
@@ -192,6 +198,7 @@ impl Vm {
             subscribers: Vec::new(),
             device_args: Vec::new(),
             vsock: None,
+            net: None,
             supported_cpuid,
             machine,
         })
@@ -216,6 +223,7 @@ impl Vm {
             subscribers: Vec::new(),
             device_args: Vec::new(),
             vsock: None,
+            net: None,
             supported_cpuid: cpuid,
             machine,
         }
@@ -231,7 +239,8 @@ impl Vm {
         let transport = MmioTransport::new(vsock.clone(), self.ram.memory().clone())?;
         self.device_args
             .push(MmioTransport::cmdline_arg(slot.base, slot.irq));
-        self.place_vsock(slot, vsock, transport)
+        self.vsock = Some(self.place(slot, vsock, transport)?);
+        Ok(())
     }
 
     /// Puts back a vsock device as a template left it (a fork), on its own socket
@@ -242,15 +251,7 @@ impl Vm {
         config: &VsockConfig,
         saved: &SavedVsock,
     ) -> Result<(), VmmError> {
-        let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
-        if (slot.base, slot.irq) != (saved.base, saved.irq) {
-            return Err(VmmError::SlotMismatch {
-                saved_base: saved.base,
-                saved_irq: saved.irq,
-                base: slot.base,
-                irq: slot.irq,
-            });
-        }
+        let slot = self.saved_slot("vsock", saved.base, saved.irq)?;
         let interrupt = self.virtio_interrupt(slot)?;
         let mem = self.ram.memory().clone();
         let vsock = Arc::new(Mutex::new(Vsock::restore(
@@ -260,7 +261,54 @@ impl Vm {
             mem.clone(),
         )?));
         let transport = MmioTransport::restore(vsock.clone(), mem, &saved.transport)?;
-        self.place_vsock(slot, vsock, transport)
+        self.vsock = Some(self.place(slot, vsock, transport)?);
+        Ok(())
+    }
+
+    /// Adds a virtio-net device with MAC `mac` on `backend`. Like
+    /// [`add_vsock`](Self::add_vsock), call before [`load_linux`](Self::load_linux).
+    pub fn add_net(&mut self, mac: [u8; 6], backend: NetBackend) -> Result<(), VmmError> {
+        let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
+        let interrupt = self.virtio_interrupt(slot)?;
+        let net = Arc::new(Mutex::new(Net::new(mac, interrupt, backend)?));
+        let transport = MmioTransport::new(net.clone(), self.ram.memory().clone())?;
+        self.device_args
+            .push(MmioTransport::cmdline_arg(slot.base, slot.irq));
+        self.net = Some(self.place(slot, net, transport)?);
+        Ok(())
+    }
+
+    /// Puts back a network device as a template left it (a fork), on the fork's own
+    /// `backend`, at the address and IRQ the guest already knows.
+    pub fn restore_net(&mut self, backend: NetBackend, saved: &SavedNet) -> Result<(), VmmError> {
+        let slot = self.saved_slot("net", saved.base, saved.irq)?;
+        let interrupt = self.virtio_interrupt(slot)?;
+        let mem = self.ram.memory().clone();
+        let net = Arc::new(Mutex::new(Net::restore(
+            interrupt,
+            backend,
+            &saved.device,
+            mem.clone(),
+        )?));
+        let transport = MmioTransport::restore(net.clone(), mem, &saved.transport)?;
+        self.net = Some(self.place(slot, net, transport)?);
+        Ok(())
+    }
+
+    /// The next slot, which must be where a saved device was (devices are restored in the
+    /// order they were added).
+    fn saved_slot(&self, device: &'static str, base: u64, irq: u32) -> Result<MmioSlot, VmmError> {
+        let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
+        if (slot.base, slot.irq) != (base, irq) {
+            return Err(VmmError::SlotMismatch {
+                device,
+                saved_base: base,
+                saved_irq: irq,
+                base: slot.base,
+                irq: slot.irq,
+            });
+        }
+        Ok(slot)
     }
 
     fn virtio_interrupt(&self, slot: MmioSlot) -> Result<Arc<Interrupt>, VmmError> {
@@ -272,23 +320,25 @@ impl Vm {
             })
     }
 
-    /// Wires a vsock device's queue notifications and puts it on the bus and event loop.
-    fn place_vsock(
+    /// Wires a device's queue notifications and puts it on the bus and event loop.
+    fn place<D>(
         &mut self,
         slot: MmioSlot,
-        device: Arc<Mutex<Vsock>>,
+        device: Arc<Mutex<D>>,
         transport: MmioTransport,
-    ) -> Result<(), VmmError> {
+    ) -> Result<Placed<D>, VmmError>
+    where
+        D: event_manager::MutEventSubscriber + Send + 'static,
+    {
         transport.register_ioevents(&self.fd, slot.base)?;
         let transport = Arc::new(Mutex::new(transport));
         self.mmio.push(transport.clone());
         self.subscribers.push(device.clone());
-        self.vsock = Some(VsockSlot {
+        Ok(Placed {
             device,
             transport,
             slot,
-        });
-        Ok(())
+        })
     }
 
     /// The vsock device's state with its transport's (a stopped VM being captured).
@@ -298,6 +348,16 @@ impl Vm {
             irq: v.slot.irq,
             transport: lock(&v.transport).state(),
             device: lock(&v.device).state(),
+        })
+    }
+
+    /// The network device's state with its transport's (a stopped VM being captured).
+    pub fn net_state(&self) -> Option<SavedNet> {
+        self.net.as_ref().map(|n| SavedNet {
+            base: n.slot.base,
+            irq: n.slot.irq,
+            transport: lock(&n.transport).state(),
+            device: lock(&n.device).state(),
         })
     }
 
@@ -355,6 +415,10 @@ impl Vm {
     pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
         self.vsock.as_ref().map(|v| &v.device)
     }
+    /// The network device, if the VM has one.
+    pub fn net(&self) -> Option<&Arc<Mutex<Net>>> {
+        self.net.as_ref().map(|n| &n.device)
+    }
 
     /// Starts one thread per vCPU.
     /// Starts the device event loop (if there are devices) and one thread per vCPU.
@@ -410,12 +474,17 @@ pub fn boot_linux(
     cmdline: &str,
     console: ConsoleOut,
     vsock: Option<&VsockConfig>,
+    net: Option<NetBackend>,
 ) -> Result<RunningVm, VmmError> {
     tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "creating VM");
     let t = Instant::now();
     let mut vm = Vm::create(kvm, machine, Irqchip::InKernel, console)?;
+    // The order is the guest's view (MMIO windows and IRQs): vsock first, then the NIC.
     if let Some(config) = vsock {
         vm.add_vsock(config)?;
+    }
+    if let Some(backend) = net {
+        vm.add_net(crate::devices::virtio::net::GUEST_MAC, backend)?;
     }
     let created = t.elapsed();
     vm.load_linux(kernel, initrd, cmdline)?;
@@ -458,6 +527,11 @@ impl RunningVm {
     /// The vsock device, if the VM has one.
     pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
         self.vm.as_ref().and_then(Vm::vsock)
+    }
+
+    /// The network device, if the VM has one.
+    pub fn net(&self) -> Option<&Arc<Mutex<Net>>> {
+        self.vm.as_ref().and_then(Vm::net)
     }
 
     /// Stops every vCPU (the guest may already have ended) and returns why the VM ended.

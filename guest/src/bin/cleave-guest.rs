@@ -163,6 +163,7 @@ fn serve_vsock(reaper: Reaper, cmdline: &str) -> nix::Result<()> {
     };
     let mut config = ServerConfig::new(gate, Arc::new(reseeder));
     config.on_shutdown = Some(Arc::new(|| end_guest(0)));
+    config.on_network = Some(Arc::new(cleave_guest::server::network::apply));
     let server = Server::new(config, reaper);
 
     std::thread::Builder::new()

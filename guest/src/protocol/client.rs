@@ -159,6 +159,17 @@ impl Client {
         self.call(Body::Quiesce, OK, Some(timeout)).map(drop)
     }
 
+    /// Gives the guest its network identity (after the reseed gate); returns
+    /// once the agent has applied all of it.
+    pub fn configure_network(
+        &self,
+        config: NetworkConfig,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        self.call(Body::Network(config), OK, Some(timeout))
+            .map(drop)
+    }
+
     /// Delivers `signal` to the process group of the exec `target`.
     pub fn signal(&self, target: RequestId, signal: i32) -> Result<(), ClientError> {
         let body = Body::Signal(SignalRequest { target, signal });

@@ -5,6 +5,7 @@
 //! check again.
 
 use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
@@ -17,6 +18,8 @@ pub const MIN_RESEED_ENTROPY: usize = 32;
 pub const MAX_RESEED_ENTROPY: usize = 4096;
 /// Largest signal number (Linux `SIGRTMAX`).
 pub const MAX_SIGNAL: i32 = 64;
+/// Most resolvers a network configuration may name (what `resolv.conf` honours).
+pub const MAX_NAMESERVERS: usize = 3;
 
 /// One frame: the request it belongs to and what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,9 @@ pub enum Body {
     /// no process but the agent runs. Ends with `Ok`, or an error naming the
     /// processes still running (the gate stays closed either way).
     Quiesce,
+    /// After the gate: the guest's network identity (addresses, routes,
+    /// resolvers). Ends with `Ok` once all of it is applied.
+    Network(NetworkConfig),
     // Streams.
     /// A chunk of an exec's stdin (host → guest).
     Stdin(Vec<u8>),
@@ -206,6 +212,85 @@ pub struct ReseedReply {
     pub detail: String,
 }
 
+/// An IPv4 interface address, its prefix and the default gateway (on-link).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Iface {
+    pub addr: Ipv4Addr,
+    /// 1..=31 (the gateway must share the prefix and differ from `addr`).
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+/// An IPv6 interface address, its prefix and the default gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Iface {
+    pub addr: Ipv6Addr,
+    /// 1..=127.
+    pub prefix: u8,
+    pub gateway: Ipv6Addr,
+}
+
+/// A guest's network identity, sent after the reseed gate. Every fork of a
+/// template starts with the template's (unconfigured) interface; this gives
+/// it its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The interface to configure: the one with this MAC.
+    pub mac: [u8; 6],
+    pub ipv4: Ipv4Iface,
+    pub ipv6: Option<Ipv6Iface>,
+    /// `1..=MAX_NAMESERVERS` resolvers for `/etc/resolv.conf`.
+    pub nameservers: Vec<IpAddr>,
+}
+
+fn same_prefix(a: u128, b: u128, prefix: u8, bits: u8) -> bool {
+    let shift = u32::from(bits - prefix);
+    (a >> shift) == (b >> shift)
+}
+
+impl NetworkConfig {
+    /// Checks what the decoder checks: prefixes in range, gateways on-link and
+    /// distinct from the address, 1..=3 unicast resolvers.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let v4 = &self.ipv4;
+        if !(1..=31).contains(&v4.prefix) {
+            return Err("ipv4.prefix (must be 1..=31)");
+        }
+        if v4.addr == v4.gateway
+            || !same_prefix(
+                u128::from(u32::from(v4.addr)),
+                u128::from(u32::from(v4.gateway)),
+                v4.prefix,
+                32,
+            )
+        {
+            return Err("ipv4.gateway (must be another address in the interface's prefix)");
+        }
+        if let Some(v6) = &self.ipv6 {
+            if !(1..=127).contains(&v6.prefix) {
+                return Err("ipv6.prefix (must be 1..=127)");
+            }
+            if v6.addr == v6.gateway {
+                return Err("ipv6.gateway (must differ from the address)");
+            }
+        }
+        if self.nameservers.is_empty() || self.nameservers.len() > MAX_NAMESERVERS {
+            return Err("nameservers (1..=3)");
+        }
+        if self
+            .nameservers
+            .iter()
+            .any(|a| a.is_unspecified() || a.is_multicast())
+        {
+            return Err("nameservers (must be unicast)");
+        }
+        if self.mac[0] & 1 != 0 || self.mac == [0; 6] {
+            return Err("mac (must be unicast and non-zero)");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
     Code(i32),
@@ -318,6 +403,7 @@ mod kind {
     pub const SHUTDOWN: u8 = 0x06;
     pub const RESEED: u8 = 0x07;
     pub const QUIESCE: u8 = 0x08;
+    pub const NETWORK: u8 = 0x09;
     pub const STDIN: u8 = 0x10;
     pub const EOF: u8 = 0x11;
     pub const FILE_DATA: u8 = 0x12;
@@ -346,6 +432,7 @@ impl Body {
             Body::Shutdown => kind::SHUTDOWN,
             Body::Reseed(_) => kind::RESEED,
             Body::Quiesce => kind::QUIESCE,
+            Body::Network(_) => kind::NETWORK,
             Body::Stdin(_) => kind::STDIN,
             Body::Eof => kind::EOF,
             Body::FileData(_) => kind::FILE_DATA,
@@ -416,6 +503,34 @@ impl Body {
                 w.u64(f.limit);
             }
             Body::Shutdown | Body::Quiesce | Body::Eof | Body::Ok => {}
+            Body::Network(n) => {
+                w.raw(&n.mac);
+                w.raw(&n.ipv4.addr.octets());
+                w.u8(n.ipv4.prefix);
+                w.raw(&n.ipv4.gateway.octets());
+                match &n.ipv6 {
+                    Some(v6) => {
+                        w.bool(true);
+                        w.raw(&v6.addr.octets());
+                        w.u8(v6.prefix);
+                        w.raw(&v6.gateway.octets());
+                    }
+                    None => w.bool(false),
+                }
+                w.count(n.nameservers.len());
+                for ns in &n.nameservers {
+                    match ns {
+                        IpAddr::V4(a) => {
+                            w.u8(4);
+                            w.raw(&a.octets());
+                        }
+                        IpAddr::V6(a) => {
+                            w.u8(6);
+                            w.raw(&a.octets());
+                        }
+                    }
+                }
+            }
             Body::Reseed(r) => {
                 w.bytes(&r.entropy);
                 w.raw(&r.nonce);
@@ -495,6 +610,7 @@ impl Body {
             }),
             kind::SHUTDOWN => Body::Shutdown,
             kind::QUIESCE => Body::Quiesce,
+            kind::NETWORK => Body::Network(decode_network(&mut r)?),
             kind::RESEED => {
                 let entropy = r.bytes("entropy")?;
                 if !(MIN_RESEED_ENTROPY..=MAX_RESEED_ENTROPY).contains(&entropy.len()) {
@@ -576,6 +692,7 @@ pub fn kind_name(kind: u8) -> Option<&'static str> {
         kind::SHUTDOWN => "shutdown",
         kind::RESEED => "reseed",
         kind::QUIESCE => "quiesce",
+        kind::NETWORK => "network",
         kind::STDIN => "stdin",
         kind::EOF => "eof",
         kind::FILE_DATA => "file_data",
@@ -608,6 +725,45 @@ fn path(r: &mut Reader<'_>) -> Result<PathBuf, PayloadError> {
         return Err(PayloadError::Invalid("path (empty)"));
     }
     Ok(PathBuf::from(os_string(raw, "path (contains NUL)")?))
+}
+
+fn decode_network(r: &mut Reader<'_>) -> Result<NetworkConfig, PayloadError> {
+    let mac = r.fixed::<6>("mac")?;
+    let ipv4 = Ipv4Iface {
+        addr: Ipv4Addr::from(r.fixed::<4>("ipv4.addr")?),
+        prefix: r.u8("ipv4.prefix")?,
+        gateway: Ipv4Addr::from(r.fixed::<4>("ipv4.gateway")?),
+    };
+    let ipv6 = if r.bool("ipv6 present")? {
+        Some(Ipv6Iface {
+            addr: Ipv6Addr::from(r.fixed::<16>("ipv6.addr")?),
+            prefix: r.u8("ipv6.prefix")?,
+            gateway: Ipv6Addr::from(r.fixed::<16>("ipv6.gateway")?),
+        })
+    } else {
+        None
+    };
+    // Each resolver takes at least its family byte and four address bytes.
+    let n = r.count(5, "nameservers")?;
+    if n > MAX_NAMESERVERS {
+        return Err(PayloadError::Invalid("nameservers (1..=3)"));
+    }
+    let mut nameservers = Vec::with_capacity(n);
+    for _ in 0..n {
+        nameservers.push(match r.u8("nameserver family")? {
+            4 => IpAddr::from(r.fixed::<4>("nameserver")?),
+            6 => IpAddr::from(r.fixed::<16>("nameserver")?),
+            _ => return Err(PayloadError::Invalid("nameserver family (4 or 6)")),
+        });
+    }
+    let cfg = NetworkConfig {
+        mac,
+        ipv4,
+        ipv6,
+        nameservers,
+    };
+    cfg.validate().map_err(PayloadError::Invalid)?;
+    Ok(cfg)
 }
 
 fn decode_exec(r: &mut Reader<'_>) -> Result<ExecRequest, PayloadError> {

@@ -128,6 +128,24 @@ impl Conn {
                     "shutdown is not supported by this agent",
                 ),
             },
+            Body::Network(cfg) => {
+                if !self.admit(id) {
+                    return;
+                }
+                match self.server.config.on_network.clone() {
+                    Some(apply) => match apply(&cfg) {
+                        Ok(()) => {
+                            self.send(id, Body::Ok);
+                        }
+                        Err(e) => self.error(id, ErrorCode::Io, e),
+                    },
+                    None => self.error(
+                        id,
+                        ErrorCode::Unsupported,
+                        "network configuration is not supported by this agent",
+                    ),
+                }
+            }
             Body::Signal(s) => self.signal(id, s.target, s.signal),
             Body::Exec(req) => {
                 if self.admit(id) {

@@ -6,6 +6,7 @@
 //! - [`spawn`]: `posix_spawn` in a new session, registered with the [`Reaper`].
 //! - [`files`]: `write_file` / `read_file`.
 //! - [`gate`]: the reseed gate.
+//! - [`network`]: applying the network identity a fork gets after its gate.
 //! - [`quiesce`]: closing the gate and checking that only the agent runs (templates).
 //! - [`reaper`]: the process-wide owner of `waitpid`.
 
@@ -13,6 +14,7 @@ mod conn;
 mod exec;
 mod files;
 pub mod gate;
+pub mod network;
 pub mod quiesce;
 pub mod reaper;
 mod spawn;
@@ -43,7 +45,14 @@ pub struct ServerConfig {
     /// Called after `shutdown` is acknowledged (PID 1 powers off here).
     /// Without it `shutdown` is refused as unsupported.
     pub on_shutdown: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Applies a `network` request (PID 1: [`network::apply`]). Without it
+    /// `network` is refused as unsupported.
+    pub on_network: Option<NetworkHook>,
 }
+
+/// What applies a guest's network identity; the error says what failed.
+pub type NetworkHook =
+    Arc<dyn Fn(&crate::protocol::NetworkConfig) -> Result<(), String> + Send + Sync>;
 
 impl ServerConfig {
     pub fn new(gate: GateMode, reseed: Arc<dyn Reseed>) -> Self {
@@ -53,6 +62,7 @@ impl ServerConfig {
             max_file_size: 1 << 30,
             max_requests: 256,
             on_shutdown: None,
+            on_network: None,
         }
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use cleave_agent::cli::BASE_CMDLINE;
+use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::devices::virtio::vsock::hybrid;
 use cleave_agent::fork::gate;
 use cleave_agent::fork::sandbox::{worker_exe, Prepared, Sandbox};
@@ -48,7 +49,7 @@ fn gate_closed(template: &str) -> anyhow::Result<()> {
     let (encoded, _) = load(template)?;
     let mut worker = Worker::spawn(&worker_exe()?)?;
     worker.load(&encoded)?;
-    let ready = worker.go()?;
+    let ready = worker.go(None)?;
     let socket = ready.vsock.context("the fork has no vsock socket")?;
     let c = connect_past_reset(&socket)?;
     let marker = ExecRequest::new(["sh", "-c", "echo RAN"]);
@@ -109,7 +110,7 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     for i in 1..=forks {
         let p = Prepared::new(&exe, &encoded)?;
-        let s = Sandbox::start(p, gate_timeout).with_context(|| format!("fork {i}"))?;
+        let s = Sandbox::start(p, gate_timeout, None).with_context(|| format!("fork {i}"))?;
         fork_ms.push(s.fork_time().as_secs_f64() * 1e3);
         restore_ms.push(s.ready_report().finish_us as f64 / 1e3);
         s.destroy()?;
@@ -137,6 +138,7 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
             &image,
             BASE_CMDLINE,
             Duration::from_secs(120),
+            NetBackend::Disconnected,
         )?;
         cold_ms.push(vm.ready_after().as_secs_f64() * 1e3);
         vm.stop();
@@ -177,7 +179,7 @@ fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
         let t = Instant::now();
         let forks = prepared
             .into_iter()
-            .map(|p| Sandbox::start(p, Duration::from_secs(60)))
+            .map(|p| Sandbox::start(p, Duration::from_secs(60), None))
             .collect::<Result<Vec<_>, _>>()?;
         let start_s = t.elapsed().as_secs_f64();
         // Let them go idle before measuring.

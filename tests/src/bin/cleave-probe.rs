@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use cleave_agent::cli::BASE_CMDLINE;
+use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::host::{kvm, paths};
 use cleave_agent::image::Manifest;
 use cleave_agent::vmm::agent_vm::AgentVm;
@@ -38,6 +39,7 @@ fn boot(mem_mib: u64, vcpus: u64) -> anyhow::Result<AgentVm> {
         &image,
         BASE_CMDLINE,
         Duration::from_secs(120),
+        NetBackend::Disconnected,
     )?)
 }
 

@@ -5,6 +5,7 @@
 //! - [`interrupt`]: a device's interrupt line (an irqfd) and its interrupt status.
 //! - [`queue_state`]: a queue's state as plain, serializable data.
 //! - [`vsock`]: virtio-vsock with Firecracker's hybrid Unix-socket host side.
+//! - [`net`]: virtio-net backed by a tap.
 //!
 //! A device is driven from two sides: the vCPU threads touch the transport (register
 //! reads and writes), and the VM's event loop does the device work (queue kicks arrive
@@ -13,6 +14,7 @@
 pub mod interrupt;
 pub mod log_limit;
 pub mod mmio;
+pub mod net;
 pub mod queue_state;
 pub mod vsock;
 
@@ -25,6 +27,7 @@ pub use interrupt::Interrupt;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Device type ids (virtio spec 5).
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Why a device could not start with what the driver configured.

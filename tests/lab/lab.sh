@@ -1,0 +1,81 @@
+#!/bin/sh
+# A test network with no way out: two network namespaces this script makes and removes.
+#
+#   cl-node  where cleave runs (its taps, chains and DNS proxies live here); its default
+#            route, through veth up0 (172.31.255.1/30), is the "internet" namespace.
+#   cl-inet  the "internet": inet0 (172.31.255.2/30) and, on lo, test hosts with
+#            globally-reachable-looking addresses that exist only here:
+#              45.45.0.10   web host: httpd on :80 and :8080 (allowed.test)
+#              45.45.0.11   web host: httpd on :80 (other.test)
+#              45.45.0.53   fake authoritative DNS (dnsmasq, answers only the names below)
+#              169.254.169.254  a "metadata" httpd on :80
+#            and a route back to the sandbox range through cl-node (so a refused inbound
+#            connection is refused by the firewall, not by a missing route).
+#
+# Nothing here has a route off the machine: the namespaces have no interface but these.
+#
+#   lab.sh up      build it (idempotent: tears down a previous lab first)
+#   lab.sh down    remove it and everything running in it
+set -eu
+
+NODE=cl-node
+INET=cl-inet
+WWW=${LAB_WWW:-/tmp/cleave-lab-www}
+
+down() {
+  for ns in $INET $NODE; do
+    if ip netns pids "$ns" >/dev/null 2>&1; then
+      for p in $(ip netns pids "$ns"); do kill -9 "$p" 2>/dev/null || true; done
+      ip netns del "$ns" 2>/dev/null || true
+    fi
+  done
+  rm -rf "$WWW"
+}
+
+up() {
+  down
+  ip netns add $NODE
+  ip netns add $INET
+  ip -n $NODE link set lo up
+  ip -n $INET link set lo up
+  ip link add up0 netns $NODE type veth peer name inet0 netns $INET
+  ip -n $NODE addr add 172.31.255.1/30 dev up0
+  ip -n $INET addr add 172.31.255.2/30 dev inet0
+  ip -n $NODE link set up0 up
+  ip -n $INET link set inet0 up
+  ip -n $NODE route add default via 172.31.255.2 dev up0
+  for a in 45.45.0.10 45.45.0.11 45.45.0.53 169.254.169.254; do
+    ip -n $INET addr add "$a/32" dev lo
+  done
+  ip -n $INET route add 10.231.0.0/16 via 172.31.255.1 dev inet0
+
+  mkdir -p "$WWW/allowed" "$WWW/other" "$WWW/meta"
+  echo "hello from allowed.test" >"$WWW/allowed/index.html"
+  echo "hello from other.test" >"$WWW/other/index.html"
+  echo "instance secrets" >"$WWW/meta/index.html"
+  ip netns exec $INET busybox httpd -p 45.45.0.10:80 -h "$WWW/allowed"
+  ip netns exec $INET busybox httpd -p 45.45.0.10:8080 -h "$WWW/allowed"
+  ip netns exec $INET busybox httpd -p 45.45.0.11:80 -h "$WWW/other"
+  ip netns exec $INET busybox httpd -p 169.254.169.254:80 -h "$WWW/meta"
+  ip netns exec $INET dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll \
+    --bind-interfaces --listen-address=45.45.0.53 --port=53 --user=root --group=root \
+    --pid-file= --log-facility=- \
+    --address=/allowed.test/45.45.0.10 \
+    --address=/other.test/45.45.0.11 \
+    --address=/private.test/10.1.2.3 \
+    --address=/meta.test/169.254.169.254 \
+    --address=/nat64meta.test/64:ff9b::a9fe:a9fe >/dev/null 2>&1 &
+  # Wait until the fake DNS answers (it starts in the background).
+  i=0
+  until ip netns exec $NODE busybox nslookup -type=A allowed.test 45.45.0.53 >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ $i -lt 50 ] || { echo "lab: the fake DNS did not come up" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+*) echo "usage: lab.sh up|down" >&2; exit 2 ;;
+esac
