@@ -51,6 +51,7 @@ pub(crate) fn discover(nl: &mut Netlink) -> io::Result<Vec<Footprint>> {
     for (map, key_type) in [
         (base::FWD_MAP, KeyType::IfName),
         (base::IN_MAP, KeyType::IfName),
+        (base::TO_MAP, KeyType::IfName),
         (base::NAT4_MAP, KeyType::Ipv4),
         (base::NAT6_MAP, KeyType::Ipv6),
     ] {

@@ -305,6 +305,19 @@ impl RuleExprs {
         })
     }
 
+    /// `oifname vmap @map`
+    pub(crate) fn oifname_vmap(self, map: &str) -> Self {
+        self.push(Expr::Meta {
+            key: MetaKey::OifName,
+            dreg: Reg::R1,
+        })
+        .push(Expr::Lookup {
+            set: map.to_string(),
+            sreg: Reg::R1,
+            dreg: Some(Reg::Verdict),
+        })
+    }
+
     /// `ip[6] saddr vmap @map`
     pub(crate) fn saddr_vmap(self, v6: bool, map: &str) -> Self {
         self.load_addr(v6, AddrField::Src, Reg::R1)

@@ -124,6 +124,8 @@ pub mod base {
     pub const FWD_MAP: &str = "fwd_taps";
     /// `ifname : verdict` map from a tap to its input chain.
     pub const IN_MAP: &str = "in_taps";
+    /// `ifname : verdict` map from a tap (as output interface) to its inbound chain.
+    pub const TO_MAP: &str = "to_taps";
     /// `ipv4_addr : verdict` map from a guest address to its NAT chain.
     pub const NAT4_MAP: &str = "nat4_guests";
     /// `ipv6_addr : verdict` map from a guest address to its NAT chain.
@@ -139,6 +141,8 @@ pub enum ObjectKind {
     InputChain,
     /// Chain `nat-<tap>`.
     NatChain,
+    /// Chain `to-<tap>`: forwarded traffic into the tap.
+    ToGuestChain,
     /// Set `pin4-<tap>`.
     Pin4Set,
     /// Set `pin6-<tap>`.
@@ -150,7 +154,12 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
-    const CHAINS: [ObjectKind; 3] = [Self::ForwardChain, Self::InputChain, Self::NatChain];
+    const CHAINS: [ObjectKind; 4] = [
+        Self::ForwardChain,
+        Self::InputChain,
+        Self::NatChain,
+        Self::ToGuestChain,
+    ];
     const SETS: [ObjectKind; 2] = [Self::Pin4Set, Self::Pin6Set];
     const COUNTERS: [ObjectKind; 2] = [Self::ForwardDropCounter, Self::InputDropCounter];
 
@@ -159,6 +168,7 @@ impl ObjectKind {
             Self::ForwardChain => "fwd-",
             Self::InputChain => "in-",
             Self::NatChain => "nat-",
+            Self::ToGuestChain => "to-",
             Self::Pin4Set => "pin4-",
             Self::Pin6Set => "pin6-",
             Self::ForwardDropCounter => "fwd-drop-",
@@ -273,6 +283,7 @@ mod tests {
             (Namespace::Chain, ObjectKind::ForwardChain),
             (Namespace::Chain, ObjectKind::InputChain),
             (Namespace::Chain, ObjectKind::NatChain),
+            (Namespace::Chain, ObjectKind::ToGuestChain),
             (Namespace::Set, ObjectKind::Pin4Set),
             (Namespace::Set, ObjectKind::Pin6Set),
             (Namespace::Counter, ObjectKind::ForwardDropCounter),
@@ -290,7 +301,13 @@ mod tests {
         for n in [base::FORWARD, base::INPUT, base::POSTROUTING] {
             assert_eq!(ObjectNames::parse(Namespace::Chain, n), None);
         }
-        for n in [base::FWD_MAP, base::IN_MAP, base::NAT4_MAP, base::NAT6_MAP] {
+        for n in [
+            base::FWD_MAP,
+            base::IN_MAP,
+            base::TO_MAP,
+            base::NAT4_MAP,
+            base::NAT6_MAP,
+        ] {
             assert_eq!(ObjectNames::parse(Namespace::Set, n), None);
         }
     }

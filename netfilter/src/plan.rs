@@ -203,6 +203,7 @@ pub(crate) fn base_plan() -> Vec<Op> {
         },
         map(base::FWD_MAP, KeyType::IfName, "tap -> its forward chain"),
         map(base::IN_MAP, KeyType::IfName, "tap -> its input chain"),
+        map(base::TO_MAP, KeyType::IfName, "tap -> its inbound chain"),
         map(
             base::NAT4_MAP,
             KeyType::Ipv4,
@@ -232,6 +233,11 @@ pub(crate) fn base_plan() -> Vec<Op> {
             base::FORWARD,
             RuleExprs::new().iifname_vmap(base::FWD_MAP),
             "dispatch by tap",
+        ),
+        rule(
+            base::FORWARD,
+            RuleExprs::new().oifname_vmap(base::TO_MAP),
+            "dispatch into a tap",
         ),
         rule(
             base::INPUT,
@@ -275,11 +281,13 @@ impl Footprint {
         let mut chains = vec![
             n.name(ObjectKind::ForwardChain),
             n.name(ObjectKind::InputChain),
+            n.name(ObjectKind::ToGuestChain),
         ];
         let key = net.tap().ifname_key().to_vec();
         let mut elems = vec![
             (base::FWD_MAP, KeyType::IfName, key.clone()),
-            (base::IN_MAP, KeyType::IfName, key),
+            (base::IN_MAP, KeyType::IfName, key.clone()),
+            (base::TO_MAP, KeyType::IfName, key),
         ];
         if net.nat().is_some() {
             chains.push(n.name(ObjectKind::NatChain));
@@ -502,6 +510,26 @@ fn input_rules(net: &SandboxNet, n: &ObjectNames) -> Vec<Op> {
     ops
 }
 
+/// Into the tap: only what answers the guest's own flows; nothing from outside can open
+/// a connection to a guest.
+fn to_guest_rules(net: &SandboxNet, n: &ObjectNames) -> Vec<Op> {
+    let chain = n.name(ObjectKind::ToGuestChain);
+    let mut ops = Vec::new();
+    if net.mode() != NetMode::Blocked {
+        ops.push(rule(
+            &chain,
+            Some("replies to the guest's own flows"),
+            RuleExprs::new().ct_established().accept(),
+        ));
+    }
+    ops.push(rule(
+        &chain,
+        Some("nothing else gets in"),
+        RuleExprs::new().drop(),
+    ));
+    ops
+}
+
 /// Everything one sandbox needs, in an order the kernel accepts within one
 /// transaction: sets and counters before the rules that use them, chains
 /// before their rules, dispatch entries last.
@@ -549,8 +577,10 @@ pub(crate) fn apply_plan(net: &SandboxNet) -> Vec<Op> {
     };
     ops.push(chain(ObjectKind::ForwardChain, "egress policy"));
     ops.push(chain(ObjectKind::InputChain, "access to the host"));
+    ops.push(chain(ObjectKind::ToGuestChain, "traffic into the guest"));
     ops.extend(forward_rules(net, &n));
     ops.extend(input_rules(net, &n));
+    ops.extend(to_guest_rules(net, &n));
     if let Some(uplink) = net.nat() {
         let nat_chain = n.name(ObjectKind::NatChain);
         ops.push(chain(ObjectKind::NatChain, "NAT"));
@@ -566,6 +596,7 @@ pub(crate) fn apply_plan(net: &SandboxNet) -> Vec<Op> {
         let target = match map {
             base::FWD_MAP => n.name(ObjectKind::ForwardChain),
             base::IN_MAP => n.name(ObjectKind::InputChain),
+            base::TO_MAP => n.name(ObjectKind::ToGuestChain),
             _ => n.name(ObjectKind::NatChain),
         };
         ops.push(Op::AddElems(ElemsSpec {
@@ -773,14 +804,14 @@ mod tests {
         assert!(ops[first_elem..]
             .iter()
             .all(|o| matches!(o, Op::AddElems(e) if e.exclusive)));
-        // three dispatch entries: fwd, in, nat4
-        assert_eq!(ops.len() - first_elem, 3);
+        // four dispatch entries: fwd, in, to, nat4
+        assert_eq!(ops.len() - first_elem, 4);
     }
 
     #[test]
     fn blocked_mode_drops_everything() {
         let ops = apply_plan(&net().with_mode(NetMode::Blocked));
-        for chain in ["fwd-tap0", "in-tap0"] {
+        for chain in ["fwd-tap0", "in-tap0", "to-tap0"] {
             let r = rules_of(&ops, chain);
             assert_eq!(r.len(), 1);
             assert_eq!(r[0].exprs.0.last(), Some(&Expr::Verdict(Verdict::Drop)));
@@ -826,7 +857,7 @@ mod tests {
             .with_nat(Uplink::new("eth0").unwrap())
             .unwrap();
         let fp = Footprint::of(&n);
-        assert_eq!(fp.object_count(), 3 + 2 + 2 + 4);
+        assert_eq!(fp.object_count(), 4 + 2 + 2 + 5);
         let ops = teardown_plan(&fp);
         let kinds: Vec<_> = ops
             .iter()

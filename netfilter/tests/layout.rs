@@ -65,11 +65,20 @@ fn ruleset_matches_intended_layout() {
         assert_eq!(c["type"], ty, "{name}");
         assert_eq!(c["policy"], "accept", "{name}");
     }
-    for (chain, map) in [("forward", "fwd_taps"), ("input", "in_taps")] {
-        let r = rules(&rs, chain);
-        assert_eq!(r.len(), 1, "one dispatch rule in {chain}");
-        let vmap = &r[0]["expr"][0]["vmap"];
-        assert_eq!(vmap["key"]["meta"]["key"], "iifname");
+    for (chain, rules_in_chain) in [("forward", 2), ("input", 1)] {
+        assert_eq!(
+            rules(&rs, chain).len(),
+            rules_in_chain,
+            "dispatch rules in {chain}"
+        );
+    }
+    for (chain, i, key, map) in [
+        ("forward", 0, "iifname", "fwd_taps"),
+        ("forward", 1, "oifname", "to_taps"),
+        ("input", 0, "iifname", "in_taps"),
+    ] {
+        let vmap = &rules(&rs, chain)[i]["expr"][0]["vmap"];
+        assert_eq!(vmap["key"]["meta"]["key"], key);
         assert_eq!(vmap["data"], format!("@{map}"));
     }
     assert_eq!(rules(&rs, "postrouting").len(), 2);
@@ -78,6 +87,7 @@ fn ruleset_matches_intended_layout() {
     for (map, ty) in [
         ("fwd_taps", "ifname"),
         ("in_taps", "ifname"),
+        ("to_taps", "ifname"),
         ("nat4_guests", "ipv4_addr"),
     ] {
         let m = find(&rs, "map", map);
@@ -92,6 +102,7 @@ fn ruleset_matches_intended_layout() {
             ("in_taps".into(), "ctap7".into(), "in-ctap7".into()),
             ("nat4_guests".into(), "10.0.7.2".into(), "nat-ctap7".into()),
             ("nat6_guests".into(), "fd00:7::2".into(), "nat-ctap7".into()),
+            ("to_taps".into(), "ctap7".into(), "to-ctap7".into()),
         ]
     );
 
@@ -121,6 +132,7 @@ fn ruleset_matches_intended_layout() {
         ("fwd-ctap7", "egress policy"),
         ("in-ctap7", "access to the host"),
         ("nat-ctap7", "NAT"),
+        ("to-ctap7", "traffic into the guest"),
     ] {
         let c = find(&rs, "chain", chain);
         assert!(c.get("hook").is_none(), "{chain} is a regular chain");
