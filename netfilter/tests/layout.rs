@@ -208,10 +208,16 @@ fn ruleset_matches_intended_layout() {
     assert_eq!(c.chains, ["forward", "input", "postrouting"]);
     assert_eq!(
         c.sets,
-        ["fwd_taps", "in_taps", "nat4_guests", "nat6_guests"]
+        [
+            "fwd_taps",
+            "in_taps",
+            "nat4_guests",
+            "nat6_guests",
+            "to_taps"
+        ]
     );
     assert!(c.counters.is_empty() && c.map_entries.is_empty());
-    assert_eq!(c.rules, 4);
+    assert_eq!(c.rules, 5);
     assert!(
         !fw.teardown(net.id()).unwrap(),
         "second teardown finds nothing"

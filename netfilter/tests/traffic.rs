@@ -316,17 +316,19 @@ fn nat_masquerades_through_the_uplink() {
 }
 
 #[test]
-fn traffic_from_other_interfaces_is_untouched() {
+fn other_traffic_is_untouched_but_nothing_opens_a_connection_into_a_guest() {
     let lab = Lab::new("other", 1);
     let g = lab.g(0);
     lab.fw.apply(&g.net()).unwrap();
-    // remote -> router host-local and remote -> guest (forwarded) are not
-    // from a sandbox tap, so the table does not judge them.
+    // remote -> router host-local is not from or to a sandbox tap, so the table does not
+    // judge it.
     let _r = tcp_echo(&lab.router, sa(ROUTER_UPLINK, 8080));
     let _g = tcp_echo(&g.ns, sa(g.ip4, 7000));
     assert!(tcp_ok(&lab.remote, sa(ROUTER_UPLINK, 8080), OK));
+    // remote -> guest is routed to the tap, and the tap's inbound chain lets in only
+    // replies to the guest's own flows.
     lab.remote
         .ip(&["route", "add", "10.200.1.0/24", "via", "198.51.100.1"])
         .unwrap();
-    assert!(tcp_ok(&lab.remote, sa(g.ip4, 7000), OK));
+    assert!(!tcp_ok(&lab.remote, sa(g.ip4, 7000), BLOCKED));
 }

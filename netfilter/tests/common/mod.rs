@@ -287,10 +287,10 @@ pub struct Census {
 }
 
 impl Census {
-    /// Per-sandbox objects: everything but the 7 base objects, the 4 base
+    /// Per-sandbox objects: everything but the 8 base objects, the 5 base
     /// rules, and with map entries and pinned elements counted.
     pub fn sandbox_objects(&self) -> usize {
-        self.chains.len() - 3 + self.sets.len() - 4 + self.counters.len() + self.map_entries.len()
+        self.chains.len() - 3 + self.sets.len() - 5 + self.counters.len() + self.map_entries.len()
     }
 }
 
