@@ -9,13 +9,17 @@
 #              45.45.0.11   web host: httpd on :80 (other.test)
 #              45.45.0.53   fake authoritative DNS (dnsmasq, answers only the names below)
 #              169.254.169.254  a "metadata" httpd on :80
+#              172.31.255.2 the uplink's peer itself: httpd on :80
 #            and a route back to the sandbox range through cl-node (so a refused inbound
 #            connection is refused by the firewall, not by a missing route).
+#   cl-node also serves httpd on 0.0.0.0:8000: a host service no guest may reach.
 #
 # Nothing here has a route off the machine: the namespaces have no interface but these.
 #
-#   lab.sh up      build it (idempotent: tears down a previous lab first)
-#   lab.sh down    remove it and everything running in it
+#   lab.sh up         build it (idempotent: tears down a previous lab first)
+#   lab.sh down       remove it and everything running in it
+#   lab.sh udp-count  UDP datagrams that reached 45.45.0.10:80 since the last reset
+#   lab.sh udp-reset  zero that count
 set -eu
 
 NODE=cl-node
@@ -57,6 +61,8 @@ up() {
   ip netns exec $INET busybox httpd -p 45.45.0.10:8080 -h "$WWW/allowed"
   ip netns exec $INET busybox httpd -p 45.45.0.11:80 -h "$WWW/other"
   ip netns exec $INET busybox httpd -p 169.254.169.254:80 -h "$WWW/meta"
+  ip netns exec $INET busybox httpd -p 172.31.255.2:80 -h "$WWW/other"
+  ip netns exec $NODE busybox httpd -p 0.0.0.0:8000 -h "$WWW/other"
   ip netns exec $INET dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll \
     --bind-interfaces --listen-address=45.45.0.53 --port=53 --user=root --group=root \
     --pid-file= --log-facility=- \
@@ -65,6 +71,16 @@ up() {
     --address=/private.test/10.1.2.3 \
     --address=/meta.test/169.254.169.254 \
     --address=/nat64meta.test/64:ff9b::a9fe:a9fe >/dev/null 2>&1 &
+  # Where spoofing is judged: what actually arrives at a pinned pair.
+  ip netns exec $INET nft -f - <<'NFT'
+table inet lab {
+  counter udp80 { }
+  chain in {
+    type filter hook input priority 0; policy accept;
+    ip daddr 45.45.0.10 udp dport 80 counter name "udp80"
+  }
+}
+NFT
   # Wait until the fake DNS answers (it starts in the background).
   i=0
   until ip netns exec $NODE busybox nslookup -type=A allowed.test 45.45.0.53 >/dev/null 2>&1; do
@@ -77,5 +93,7 @@ up() {
 case "${1:-}" in
 up) up ;;
 down) down ;;
-*) echo "usage: lab.sh up|down" >&2; exit 2 ;;
+udp-count) ip netns exec $INET nft list counter inet lab udp80 | awk '/packets/ {print $2}' ;;
+udp-reset) ip netns exec $INET nft reset counter inet lab udp80 >/dev/null ;;
+*) echo "usage: lab.sh up|down|udp-count|udp-reset" >&2; exit 2 ;;
 esac

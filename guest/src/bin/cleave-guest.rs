@@ -32,9 +32,13 @@ fn main() {
 
 /// Run as anything but PID 1, the binary is a small tool for commands in the guest:
 /// `getrandom N` prints N bytes from getrandom(2) in hex (busybox has no way to call it,
-/// and the fork tests compare it across forks).
+/// and the fork tests compare it across forks); `udp-send [FROM] ADDR:PORT TEXT` sends one
+/// datagram, from source address FROM if given (busybox's `nc` cannot send UDP or pick a
+/// source; the network tests use it to probe the firewall's anti-spoofing).
 fn tool(args: Vec<String>) -> i32 {
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["udp-send", to, text] => udp_send(None, to, text),
+        ["udp-send", from, to, text] => udp_send(Some(from), to, text),
         ["getrandom", n] => match n.parse::<usize>() {
             Ok(n) if (1..=4096).contains(&n) => {
                 let mut buf = vec![0u8; n];
@@ -58,9 +62,32 @@ fn tool(args: Vec<String>) -> i32 {
         _ => {
             eprintln!(
                 "cleave-guest: this is a guest's init and must run as PID 1 \
-                 (as a tool: cleave-guest getrandom N)"
+                 (as a tool: cleave-guest getrandom N | udp-send [FROM] ADDR:PORT TEXT)"
             );
             2
+        }
+    }
+}
+
+fn udp_send(from: Option<&str>, to: &str, text: &str) -> i32 {
+    let result = (|| -> Result<(), String> {
+        let to: std::net::SocketAddr =
+            to.parse().map_err(|_| format!("{to:?} is not ADDR:PORT"))?;
+        let from: std::net::IpAddr = match from {
+            Some(f) => f.parse().map_err(|_| format!("{f:?} is not an address"))?,
+            None if to.is_ipv4() => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            None => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let sock = std::net::UdpSocket::bind((from, 0)).map_err(|e| format!("bind {from}: {e}"))?;
+        sock.send_to(text.as_bytes(), to)
+            .map_err(|e| format!("send to {to}: {e}"))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("cleave-guest udp-send: {e}");
+            1
         }
     }
 }
