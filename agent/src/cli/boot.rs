@@ -151,8 +151,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
         &image.initrd,
         &cmdline,
         Box::new(writer),
-        None,
-        None,
+        vmm::BootDevices::default(),
     )
     .context("booting the guest")?;
     if args.selftest {

@@ -29,7 +29,10 @@ pub enum SandboxNetError {
     #[error("{0}")]
     Tap(#[from] TapError),
     #[error("configuring tap {tap}: {source}")]
-    HostSide { tap: String, source: NetconfError },
+    HostSide {
+        tap: String,
+        source: Box<NetconfError>,
+    },
     #[error("the sandbox's network description: {0}")]
     Describe(InvalidInput),
     #[error("installing the sandbox's firewall chains: {0}")]
@@ -77,7 +80,7 @@ impl SandboxNetwork {
         netconf::apply(&Link::Name(addrs.tap.clone()), &plan).map_err(|source| {
             SandboxNetError::HostSide {
                 tap: addrs.tap.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
         let mut net = SandboxNetwork {

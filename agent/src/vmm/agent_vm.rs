@@ -12,7 +12,7 @@ use kvm_ioctls::Kvm;
 
 use super::config::MachineConfig;
 use super::runtime_dir::{RuntimeDir, RuntimeDirError};
-use super::{boot_linux, RunningVm, VmmError};
+use super::{boot_linux, BootDevices, RunningVm, VmmError};
 use crate::devices::serial::console::Console;
 use crate::devices::virtio::net::NetBackend;
 use crate::devices::virtio::vsock::{hybrid, VsockConfig, DEFAULT_GUEST_CID};
@@ -74,8 +74,10 @@ impl AgentVm {
             &image.initrd,
             cmdline,
             Box::new(writer),
-            Some(&vsock),
-            Some(net),
+            BootDevices {
+                vsock: Some(&vsock),
+                net: Some(net),
+            },
         )?;
         // The readiness line comes after the agent listens; watch for an early end.
         while console.wait_for_line(Duration::from_millis(100)).is_none() {

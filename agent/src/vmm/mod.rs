@@ -465,6 +465,14 @@ impl Vm {
     }
 }
 
+/// The virtio devices a booted VM gets, in the order the guest sees them.
+#[derive(Debug, Default)]
+pub struct BootDevices<'a> {
+    pub vsock: Option<&'a VsockConfig>,
+    /// A NIC on this backend.
+    pub net: Option<NetBackend>,
+}
+
 /// Loads and starts a Linux guest: the whole boot, top to bottom.
 pub fn boot_linux(
     kvm: &Kvm,
@@ -473,9 +481,9 @@ pub fn boot_linux(
     initrd: &[u8],
     cmdline: &str,
     console: ConsoleOut,
-    vsock: Option<&VsockConfig>,
-    net: Option<NetBackend>,
+    devices: BootDevices<'_>,
 ) -> Result<RunningVm, VmmError> {
+    let BootDevices { vsock, net } = devices;
     tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "creating VM");
     let t = Instant::now();
     let mut vm = Vm::create(kvm, machine, Irqchip::InKernel, console)?;
