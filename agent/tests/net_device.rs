@@ -355,7 +355,7 @@ fn a_lying_avail_index_stops_the_device_instead_of_spinning() {
     }
     assert!(h.peer_recv().is_empty());
     // A reset (the driver writes status 0) and a new activation bring it back.
-    let mut h2 = h;
+    let h2 = h;
     h2.lock().reset();
     assert!(!h2.lock().is_broken());
 }
