@@ -20,17 +20,21 @@ impl FirewallPinner {
 }
 
 impl Pinner for FirewallPinner {
-    /// One netlink batch per answer (answers beyond `MAX_PINS_PER_CALL`
-    /// pairs take several; a failure in any fails the answer).
+    /// One netlink batch per answer, so all of it is pinned or none of it. An answer
+    /// needing more than `MAX_PINS_PER_CALL` pairs is refused whole (the handler's
+    /// per-answer caps keep real answers far below it).
     fn pin(&self, pins: &[(IpAddr, u16)], ttl: Duration) -> Result<(), PinError> {
-        for chunk in pins.chunks(MAX_PINS_PER_CALL) {
-            self.firewall
-                .pin_many(&self.sandbox, chunk, ttl)
-                .map_err(|e| PinError {
-                    count: pins.len(),
-                    reason: e.to_string(),
-                })?;
+        if pins.len() > MAX_PINS_PER_CALL {
+            return Err(PinError {
+                count: pins.len(),
+                reason: format!("more than {MAX_PINS_PER_CALL} pairs in one answer"),
+            });
         }
-        Ok(())
+        self.firewall
+            .pin_many(&self.sandbox, pins, ttl)
+            .map_err(|e| PinError {
+                count: pins.len(),
+                reason: e.to_string(),
+            })
     }
 }

@@ -21,6 +21,9 @@ use tracing::{info, warn};
 
 /// Our advertised UDP payload size to the guest.
 const EDNS_PAYLOAD: u16 = 1232;
+/// Most addresses one answer may pin (and return); the rest are dropped from it. With
+/// at most [`crate::policy::MAX_PORTS`] ports per name this bounds one pin batch.
+pub const MAX_ADDRS_PER_ANSWER: usize = 16;
 
 /// Bounds on pin lifetime; the TTL the guest sees never exceeds the pin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +158,9 @@ impl SandboxHandler {
         for r in resolved.addrs {
             let Some(ip) = address(&r) else { continue };
             match self.policy.filter.judge(ip) {
+                Decision::Allow(_) if kept.len() >= MAX_ADDRS_PER_ANSWER => {
+                    Stats::bump(&self.stats.capped_addrs);
+                }
                 Decision::Allow(_) => {
                     pins.extend(ports.iter().map(|&p| (ip, p)));
                     kept.push(r);
@@ -170,7 +176,17 @@ impl SandboxHandler {
         let pin_ttl = self.ttl.clamp(shortest.unwrap_or(0));
         let pinned_at = Instant::now();
         if !pins.is_empty() {
-            if let Err(e) = self.pinner.pin(&pins, pin_ttl) {
+            // Pinning is a blocking netlink round trip under the firewall's lock: keep it
+            // off the runtime's worker threads.
+            let pinner = self.pinner.clone();
+            let batch = pins.clone();
+            let pinned = tokio::task::spawn_blocking(move || pinner.pin(&batch, pin_ttl)).await;
+            let failed = match pinned {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("the pin task failed: {e}")),
+            };
+            if let Some(e) = failed {
                 warn!(sandbox = %self.sandbox, %name, error = %e, "pin failed: SERVFAIL");
                 Stats::bump(&self.stats.servfail);
                 return encode(&q, ResponseCode::ServFail, Vec::new(), transport);

@@ -13,6 +13,9 @@ use std::net::IpAddr;
 /// Ports pinned for a name written without `:PORTS`: the web ports. Name
 /// other ports explicitly (`git.example.com:22`).
 pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
+/// Most ports one name may list: with the per-answer address cap this bounds the pins
+/// one answer can ask for.
+pub const MAX_PORTS: usize = 16;
 
 /// The policy as the operator writes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,6 +58,8 @@ pub enum NameError {
     Wildcard,
     #[error("port {0:?} is not a number from 1 to 65535")]
     Port(String),
+    #[error("more than {MAX_PORTS} ports for one name")]
+    TooManyPorts,
 }
 
 /// How a rule matches names.
@@ -157,8 +162,11 @@ fn parse_rule(entry: &str) -> Result<NameRule, NameError> {
                 Ok(n) if n > 0 => Ok(n),
                 _ => Err(NameError::Port(p.to_string())),
             })
-            .collect::<Result<_, _>>()?,
+            .collect::<Result<Vec<u16>, _>>()?,
     };
+    if ports.len() > MAX_PORTS {
+        return Err(NameError::TooManyPorts);
+    }
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     let pattern = match name.strip_prefix("*.") {
         Some(suffix) => {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::debug;
 
 /// Where a sandbox's resolver listens and whom it answers.
@@ -63,7 +63,9 @@ impl Default for Limits {
     }
 }
 
-/// A running sandbox resolver. Dropping it stops the listeners.
+/// A running sandbox resolver. Dropping it stops the listeners and everything they
+/// started (open TCP connections, queries waiting on upstream): nothing keeps answering
+/// with a policy that is gone.
 pub struct SandboxServer {
     udp_addr: SocketAddr,
     tcp_addr: SocketAddr,
@@ -174,7 +176,10 @@ pub async fn serve(
 async fn udp_loop(sock: Arc<UdpSocket>, sh: Arc<Shared>) {
     // One byte more than the largest query, to tell "too long" from "fits".
     let mut buf = [0u8; MAX_QUERY_LEN + 1];
+    // Owned by this task: aborting the loop (dropping the server) aborts them too.
+    let mut resolving = JoinSet::new();
     loop {
+        while resolving.try_join_next().is_some() {}
         let (n, src) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(e) => {
@@ -196,7 +201,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, sh: Arc<Shared>) {
                 };
                 let sock = sock.clone();
                 let handler = sh.handler.clone();
-                tokio::spawn(async move {
+                resolving.spawn(async move {
                     let r = handler.resolve(q, ports, Transport::Udp).await;
                     drop(permit);
                     send(&sock, &r, src).await;
@@ -214,7 +219,10 @@ async fn send(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) {
 
 async fn tcp_loop(listener: TcpListener, sh: Arc<Shared>) {
     let conns = Arc::new(Semaphore::new(sh.limits.max_tcp_conns));
+    // Owned by this task: aborting the loop (dropping the server) closes every connection.
+    let mut open = JoinSet::new();
     loop {
+        while open.try_join_next().is_some() {}
         let (stream, src) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -231,7 +239,7 @@ async fn tcp_loop(listener: TcpListener, sh: Arc<Shared>) {
             continue;
         };
         let sh = sh.clone();
-        tokio::spawn(async move {
+        open.spawn(async move {
             if let Err(e) = tcp_conn(stream, src, &sh).await {
                 debug!(%src, error = %e, "tcp connection ended");
             }

@@ -16,6 +16,8 @@ pub struct Stats {
     pub dropped_busy: AtomicU64,
     pub tcp_closed_oversized: AtomicU64,
     pub blocked_addrs: AtomicU64,
+    /// Allowed answer addresses dropped beyond the per-answer cap.
+    pub capped_addrs: AtomicU64,
     pub pinned: AtomicU64,
 }
 
@@ -33,6 +35,7 @@ pub struct StatsSnapshot {
     pub dropped_busy: u64,
     pub tcp_closed_oversized: u64,
     pub blocked_addrs: u64,
+    pub capped_addrs: u64,
     pub pinned: u64,
 }
 
@@ -54,6 +57,7 @@ impl Stats {
             dropped_busy: self.dropped_busy.load(Relaxed),
             tcp_closed_oversized: self.tcp_closed_oversized.load(Relaxed),
             blocked_addrs: self.blocked_addrs.load(Relaxed),
+            capped_addrs: self.capped_addrs.load(Relaxed),
             pinned: self.pinned.load(Relaxed),
         }
     }

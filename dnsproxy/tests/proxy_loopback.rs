@@ -492,3 +492,84 @@ async fn query_rate_is_bounded_per_sandbox() {
         .await
         .is_some());
 }
+
+#[tokio::test]
+async fn dropping_a_sandbox_closes_its_open_tcp_connections() {
+    let up = upstream();
+    let proxy = DnsProxy::new(config(&up));
+    let pins = Arc::new(RecordingPinner::default());
+    let sb = start(&proxy, NAMES, pins.clone()).await;
+    let mut s = tokio::net::TcpStream::connect(sb.tcp_addr()).await.unwrap();
+    let (_, q) = query_bytes("api.example.com.", RecordType::A);
+    let framed = |q: &[u8]| {
+        let mut f = (q.len() as u16).to_be_bytes().to_vec();
+        f.extend_from_slice(q);
+        f
+    };
+    s.write_all(&framed(&q)).await.unwrap();
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut len))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut answer).await.unwrap();
+
+    // The sandbox goes away; its open connection must not keep answering.
+    drop(sb);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = s.write_all(&framed(&q)).await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("the connection is closed, not left hanging");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "a dropped sandbox answered: {n:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_pins_and_returns_at_most_the_cap() {
+    use cleave_dnsproxy::handler::MAX_ADDRS_PER_ANSWER;
+    let up = upstream();
+    for i in 0..40 {
+        up.a("many.example.com", &format!("8.8.{i}.1"), 60);
+    }
+    let proxy = DnsProxy::new(config(&up));
+    let pins = Arc::new(RecordingPinner::default());
+    let sb = start(&proxy, &["many.example.com:443"], pins.clone()).await;
+    let m = tcp(sb.tcp_addr(), "many.example.com.", RecordType::A)
+        .await
+        .unwrap();
+    let got = addrs(&m);
+    assert_eq!(got.len(), MAX_ADDRS_PER_ANSWER);
+    assert_eq!(pins.pinned().len(), MAX_ADDRS_PER_ANSWER, "one port each");
+    // What is returned is exactly what is pinned.
+    for a in &got {
+        assert!(pins.pinned_addrs().contains(a));
+    }
+    assert_eq!(
+        sb.handler().stats().snapshot().capped_addrs,
+        40 - MAX_ADDRS_PER_ANSWER as u64
+    );
+}
+
+#[tokio::test]
+async fn a_name_with_too_many_ports_is_refused() {
+    let up = upstream();
+    let proxy = DnsProxy::new(config(&up));
+    let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+    let name = format!("api.example.com:{}", ports.join(","));
+    let err = proxy
+        .add_sandbox(
+            "sb-ports",
+            &spec(&[&name]),
+            &lo_net(LO),
+            Arc::new(RecordingPinner::default()),
+        )
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("more than 16 ports"), "{err}");
+}

@@ -17,6 +17,10 @@ use crate::sandbox::SandboxNet;
 
 /// Most pins one `pin_many` call may carry (keeps the batch one datagram).
 pub const MAX_PINS_PER_CALL: usize = 1024;
+/// Most pins a sandbox's set holds per family (`size` of each pin set): a guest cannot
+/// make the kernel hold more. Pinning into a full set fails (`ENFILE`), so the answer
+/// that needed it is refused, never sent unpinned.
+pub const MAX_PINS_PER_SET: u32 = 4096;
 /// Pins live at most this long; longer TTLs are clamped (DNS TTLs can be
 /// up to 68 years).
 pub const MAX_PIN_TTL: Duration = Duration::from_secs(24 * 3600);

@@ -83,6 +83,8 @@ mod sandbox;
 pub mod testutil;
 
 pub use error::{InvalidInput, NetfilterError, Operation};
-pub use firewall::{Counter, Firewall, Leftover, SandboxCounters, MAX_PINS_PER_CALL, MAX_PIN_TTL};
+pub use firewall::{
+    Counter, Firewall, Leftover, SandboxCounters, MAX_PINS_PER_CALL, MAX_PINS_PER_SET, MAX_PIN_TTL,
+};
 pub use names::{base, SandboxId, TapName, MAX_ID_LEN, MAX_TAP_LEN, TABLE};
 pub use sandbox::{AllowRule, MacAddr, NetMode, PortRange, SandboxNet, Uplink, MAX_ALLOW_RULES};

@@ -86,6 +86,8 @@ pub(crate) struct SetSpec {
     pub verdict_map: bool,
     /// `flags timeout`: elements expire.
     pub timeout: bool,
+    /// `size N`: the kernel refuses elements beyond this many.
+    pub size: Option<u32>,
     pub comment: Option<String>,
 }
 
@@ -180,6 +182,7 @@ pub(crate) fn base_plan() -> Vec<Op> {
             key,
             verdict_map: true,
             timeout: false,
+            size: None,
             comment: Some(comment.into()),
         })
     };
@@ -556,6 +559,7 @@ pub(crate) fn apply_plan(net: &SandboxNet) -> Vec<Op> {
             key,
             verdict_map: false,
             timeout: true,
+            size: Some(crate::firewall::MAX_PINS_PER_SET),
             comment: Some(owner_comment(id, tap, what)),
         }));
     }
@@ -655,7 +659,12 @@ pub(crate) fn pin_key(addr: IpAddr, port: u16) -> (KeyType, Vec<u8>) {
     (kt, key)
 }
 
-/// Adds pins to a sandbox's two sets: at most one message per family.
+/// Most elements one NEWSETELEM message carries. The element list is one netlink
+/// attribute whose length is 16 bits: far below that, so a batch of any allowed size is
+/// split into messages the kernel reads whole (the batch stays one transaction).
+pub(crate) const MAX_ELEMS_PER_MSG: usize = 128;
+
+/// Adds pins to a sandbox's two sets, in messages of at most [`MAX_ELEMS_PER_MSG`].
 pub(crate) fn pin_plan(tap: &TapName, pins: &[(IpAddr, u16)], timeout_ms: u64) -> Vec<Op> {
     let n = ObjectNames::new(tap);
     let mut v4 = Vec::new();
@@ -678,12 +687,12 @@ pub(crate) fn pin_plan(tap: &TapName, pins: &[(IpAddr, u16)], timeout_ms: u64) -
         (v4, ObjectKind::Pin4Set, KeyType::Ipv4Port),
         (v6, ObjectKind::Pin6Set, KeyType::Ipv6Port),
     ] {
-        if !elems.is_empty() {
+        for chunk in elems.chunks(MAX_ELEMS_PER_MSG) {
             ops.push(Op::AddElems(ElemsSpec {
                 set: n.name(kind),
                 key,
                 verdict_map: false,
-                elems,
+                elems: chunk.to_vec(),
                 exclusive: false,
             }));
         }

@@ -318,3 +318,43 @@ fn repinning_refreshes_the_timeout() {
     assert_eq!(elems.len(), 1, "one element, not two");
     assert_eq!(elems[0]["elem"]["timeout"], 500, "{set}");
 }
+
+#[test]
+fn a_full_pin_set_refuses_more_pins() {
+    use cleave_netfilter::{MAX_PINS_PER_CALL, MAX_PINS_PER_SET};
+    use std::time::Duration;
+    let ns = NetNs::new("pinsize").unwrap();
+    let fw = ns.run(Firewall::open).unwrap().unwrap();
+    let net = sandbox("sb-full", "ctap9", 9);
+    fw.apply(&net).unwrap();
+    let all: Vec<(std::net::IpAddr, u16)> = (0..MAX_PINS_PER_SET)
+        .map(|i| (format!("8.{}.{}.1", i / 256, i % 256).parse().unwrap(), 443))
+        .collect();
+    for chunk in all.chunks(MAX_PINS_PER_CALL) {
+        fw.pin_many(net.id(), chunk, Duration::from_secs(60))
+            .unwrap();
+    }
+    let listing = ns
+        .exec_ok("nft", &["list", "set", "inet", "cleave", "pin4-ctap9"])
+        .unwrap();
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    assert!(listing.contains("size 4096"), "{listing:.300}");
+    // Every pin of a full-size call is really in the set (a call is several messages).
+    assert_eq!(listing.matches(". 443").count(), MAX_PINS_PER_SET as usize);
+    // Re-pinning an existing pair only refreshes it.
+    fw.pin(net.id(), all[0].0, 443, Duration::from_secs(60))
+        .unwrap();
+    let e = fw
+        .pin(
+            net.id(),
+            "9.9.9.9".parse().unwrap(),
+            443,
+            Duration::from_secs(60),
+        )
+        .unwrap_err();
+    assert!(
+        e.raw_os_error() == Some(libc::ENFILE),
+        "a full set refuses: {e}"
+    );
+    fw.teardown(net.id()).unwrap();
+}

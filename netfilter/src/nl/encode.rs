@@ -176,6 +176,9 @@ impl Msg {
                         flags |= libc::NFT_SET_TIMEOUT as u32;
                     }
                     sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, flags);
+                    if let Some(size) = spec.size {
+                        sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DESC_SIZE as u16, size);
+                    }
                     // nft reads string keys back in host byte order only if
                     // the set says so; without it `nft list` shows "".
                     let mut ud = Vec::new();
