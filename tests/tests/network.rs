@@ -125,6 +125,16 @@ fn sandboxes_on_the_network() {
             ),
         ),
         Scenario::new("after-teardown", leftovers.clone()),
+        // SIGTERM mid-run: passed to every fork's command; everything is torn down.
+        Scenario::new(
+            "sigterm",
+            format!(
+                "{env} {node} {bin} run --forks 2 --template net --allow allowed.test:80 \
+                 --dns-upstream 45.45.0.53 -- sleep 60 >/dev/null 2>&1 & k=$!; \
+                 for i in $(seq 1 150); do {node} nft list chain inet cleave fwd-cl1 >/dev/null 2>&1 \
+                 && break; sleep 0.2; done; sleep 2; kill -TERM $k; wait $k; echo rc=$?; {leftovers}"
+            ),
+        ),
         // kill -9 of `cleave run` mid-sandbox: its worker and tap go with it, its chains
         // stay until the next start reconciles them.
         Scenario::new(
@@ -277,6 +287,21 @@ fn sandboxes_on_the_network() {
         ] {
             f.check(r, value(r, k) == Some(want), &format!("no {k} left"));
         }
+    }
+
+    let r = get("sigterm");
+    f.check(r, value(r, "rc") == Some("143"), "cleave exits 128+SIGTERM");
+    for (k, want) in [
+        ("taps", "0"),
+        ("sandbox_chains", "0"),
+        ("sandbox_sets", "0"),
+        ("workers", "0"),
+    ] {
+        f.check(
+            r,
+            value(r, k) == Some(want),
+            &format!("no {k} left after SIGTERM"),
+        );
     }
 
     let r = get("kill-9");

@@ -11,10 +11,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use cleave_guest::protocol::{ExecRequest, ExitStatus};
+use cleave_guest::protocol::{Client, ClientError, ExecRequest, ExitStatus, OutputEvent};
+use nix::sys::signal::SigSet;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use super::boot::default_image;
 use super::net_args::NetArgs;
+use super::run::next_signal;
 use super::template::{create, CreateArgs};
 use crate::fork::sandbox::{worker_exe, ForkError, Prepared, Sandbox};
 use crate::fork::store::{TemplateName, TemplateStore};
@@ -35,6 +38,8 @@ pub struct ForksRequest {
     pub command: Vec<OsString>,
     pub net: NetArgs,
     pub policy: EgressPolicy,
+    /// SIGINT/SIGTERM/SIGHUP, blocked: forwarded to every fork's command.
+    pub signals: SigSet,
 }
 
 /// One fork's outcome.
@@ -85,12 +90,23 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
     let prepared: Vec<_> = (0..req.forks)
         .map(|_| Prepared::new(&exe, &encoded))
         .collect();
+    let stop = AtomicI32::new(0);
+    let finished = AtomicBool::new(false);
     let outcomes: Vec<Outcome> = std::thread::scope(|s| {
+        // One watcher takes the signals; each fork passes them on to its own command, so
+        // every fork ends and is torn down (VM, tap, chains, proxy) before we exit.
+        s.spawn(|| {
+            while !finished.load(Ordering::Acquire) {
+                if let Some(sig) = next_signal(&req.signals, Duration::from_millis(100)) {
+                    stop.store(sig, Ordering::Release);
+                }
+            }
+        });
         let handles: Vec<_> = prepared
             .into_iter()
-            .map(|p| s.spawn(|| one_fork(p, &req, node.as_ref())))
+            .map(|p| s.spawn(|| one_fork(p, &req, node.as_ref(), &stop)))
             .collect();
-        handles
+        let outcomes = handles
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| Outcome {
@@ -102,15 +118,25 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
                     ip: None,
                 })
             })
-            .collect()
+            .collect();
+        finished.store(true, Ordering::Release);
+        outcomes
     });
-    report(&req, &outcomes)
+    match stop.load(Ordering::Acquire) {
+        0 => report(&req, &outcomes),
+        sig => {
+            report(&req, &outcomes)?;
+            eprintln!("cleave: stopped by signal {sig}; every fork was torn down");
+            Ok(super::exit_code(128 + sig))
+        }
+    }
 }
 
 fn one_fork(
     prepared: Result<Prepared, crate::fork::worker::WorkerError>,
     req: &ForksRequest,
     node: Option<&NetNode>,
+    stop: &AtomicI32,
 ) -> Outcome {
     let failed = |id: String, e: anyhow::Error, gate_reason| Outcome {
         id,
@@ -151,10 +177,7 @@ fn one_fork(
     };
     let mut exec = ExecRequest::new(req.command.iter().cloned());
     exec.timeout_ms = req.timeout_ms;
-    let result = sandbox
-        .client()
-        .exec_collect(exec, None)
-        .map(|(x, out, err)| (x.status, out, err))
+    let result = exec_passing_signals(sandbox.client(), exec, stop)
         .context("running the command in the fork");
     let outcome = Outcome {
         id: sandbox.id(),
@@ -168,6 +191,41 @@ fn one_fork(
         tracing::warn!(error = %e, "destroying a fork");
     }
     outcome
+}
+
+/// Runs `req` to its end, collecting its output, while a helper passes a host signal
+/// (`stop`, once set) to the command's process group.
+fn exec_passing_signals(
+    client: &Client,
+    req: ExecRequest,
+    stop: &AtomicI32,
+) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), ClientError> {
+    let mut handle = client.start_exec(req)?;
+    let id = handle.id();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Acquire) {
+                let sig = stop.load(Ordering::Acquire);
+                if sig != 0 {
+                    let _ = client.signal(id, sig);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let result = loop {
+            match handle.next_event() {
+                Ok(OutputEvent::Stdout(d)) => out.extend_from_slice(&d),
+                Ok(OutputEvent::Stderr(d)) => err.extend_from_slice(&d),
+                Ok(OutputEvent::Exited(x)) => break Ok((x.status, out, err)),
+                Err(e) => break Err(e),
+            }
+        };
+        done.store(true, Ordering::Release);
+        result
+    })
 }
 
 fn round3(ms: f64) -> f64 {

@@ -76,6 +76,10 @@ pub fn exit_code_of(report: &ExitReport) -> i32 {
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Refused before anything starts, whichever path runs it.
     let policy = args.net.policy()?;
+    // Before any thread exists, so every thread inherits the mask: these signals are
+    // for the command in the guest(s), and the VMs and their networks must be torn down
+    // rather than the process killed.
+    let signals = block_forwarded_signals();
     if let Some(forks) = args.forks {
         return super::forks::run(super::forks::ForksRequest {
             forks,
@@ -89,6 +93,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             command: args.command,
             net: args.net,
             policy,
+            signals,
         });
     }
     let node = args.net.node(&policy)?;
@@ -103,10 +108,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(n) => NetBackend::Tap(n.tap().try_clone().context("sharing the tap with the VM")?),
         None => NetBackend::Disconnected,
     };
-    // Before any thread exists, so every thread inherits the mask: these signals are
-    // for the command in the guest, and the VM must be torn down (its runtime directory
-    // removed) rather than the process killed.
-    let signals = block_forwarded_signals();
     let Prepared {
         machine,
         image,
@@ -201,7 +202,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// Host signals that go to the command's process group in the guest.
 const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
-fn block_forwarded_signals() -> SigSet {
+pub(super) fn block_forwarded_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in FORWARDED {
         set.add(s);
@@ -213,7 +214,7 @@ fn block_forwarded_signals() -> SigSet {
 }
 
 /// A pending signal of `set`, waiting up to `timeout`.
-fn next_signal(set: &SigSet, timeout: Duration) -> Option<i32> {
+pub(super) fn next_signal(set: &SigSet, timeout: Duration) -> Option<i32> {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
