@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job of `make run`, run where a real KVM is (directly, or in the rig via
 # scripts/kvm-or-rig): boot the default image and time the guest agent's readiness, then
-# run a few commands in a fresh guest over the vsock control channel, then fork a
-# template three times.
+# run a few commands in a fresh guest over the vsock control channel, fork a template
+# three times, and put two forks on a network that lets them reach one name only.
 set -euo pipefail
 cleave=${CLEAVE_BIN:-target/debug/cleave}
 echo "== cleave boot --selftest"
@@ -16,7 +16,22 @@ echo "== cleave run --forks 3 -- sh -c 'head -c 16 /dev/urandom | od -An -tx1'"
 # the three lines of random bytes must all differ. Templates live in the VM runtime
 # directory; this demo keeps its own and removes it.
 demo_runtime=$(mktemp -d /tmp/cleave-demo.XXXXXX)
-trap 'rm -rf "$demo_runtime"' EXIT
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+lab=$here/tests/lab/lab.sh
+trap '"$lab" down; rm -rf "$demo_runtime"' EXIT
 XDG_RUNTIME_DIR=$demo_runtime "$cleave" run --forks 3 -- sh -c 'head -c 16 /dev/urandom | od -An -tx1'
 echo "== cleave template ls"
 XDG_RUNTIME_DIR=$demo_runtime "$cleave" template ls
+echo "== cleave run --forks 2 --allow allowed.test:80 --dns-upstream 45.45.0.53 -- ..."
+# The "internet" is a lab of network namespaces this demo makes (tests/lab/lab.sh): a
+# fake DNS server and web hosts that exist only there, no route off the machine. Each
+# fork gets its own tap, address and DNS proxy; it may resolve allowed.test and reach
+# its port 80, and nothing else: not the metadata address, not an unlisted name.
+"$lab" up
+XDG_RUNTIME_DIR=$demo_runtime ip netns exec cl-node "$cleave" run --forks 2 \
+  --allow allowed.test:80 --dns-upstream 45.45.0.53 -- sh -c '
+  echo "eth0: $(ip -4 -o addr show eth0 | awk "{print \$4}")"
+  echo "allowed.test -> $(nslookup -type=A allowed.test | awk "/^Address: / {print \$2}")"
+  printf "GET / HTTP/1.0\r\n\r\n" | nc -w 3 45.45.0.10 80 | tail -1
+  printf "GET / HTTP/1.0\r\n\r\n" | nc -w 3 169.254.169.254 80 >/dev/null 2>&1 && echo "metadata: REACHED" || echo "metadata: refused"
+  nslookup -type=A other.test >/dev/null 2>&1 && echo "other.test: RESOLVED" || echo "other.test: refused"'

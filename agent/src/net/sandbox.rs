@@ -69,20 +69,6 @@ impl SandboxNetwork {
             .slot(lease.index())
             .expect("claim returns an index inside the range");
         let tap = Tap::create(&addrs.tap)?;
-        let plan = InterfacePlan {
-            addresses: vec![
-                (IpAddr::V4(addrs.host4), PREFIX4),
-                (IpAddr::V6(addrs.host6), PREFIX6),
-            ],
-            gateways: Vec::new(),
-            loopback_up: false,
-        };
-        netconf::apply(&Link::Name(addrs.tap.clone()), &plan).map_err(|source| {
-            SandboxNetError::HostSide {
-                tap: addrs.tap.clone(),
-                source: Box::new(source),
-            }
-        })?;
         let mut net = SandboxNetwork {
             dns: None,
             firewall: node.firewall.clone(),
@@ -92,7 +78,23 @@ impl SandboxNetwork {
             addrs,
             _lease: lease,
         };
+        // Fail closed: the chains are in place before the tap is up (and long before a
+        // guest is attached to it).
         net.install_chains(node, policy)?;
+        let plan = InterfacePlan {
+            addresses: vec![
+                (IpAddr::V4(net.addrs.host4), PREFIX4),
+                (IpAddr::V6(net.addrs.host6), PREFIX6),
+            ],
+            gateways: Vec::new(),
+            loopback_up: false,
+        };
+        netconf::apply(&Link::Name(net.addrs.tap.clone()), &plan).map_err(|source| {
+            SandboxNetError::HostSide {
+                tap: net.addrs.tap.clone(),
+                source: Box::new(source),
+            }
+        })?;
         net.start_dns(node, policy)?;
         tracing::info!(
             sandbox = id,
