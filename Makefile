@@ -7,7 +7,7 @@ TRIPLE := x86_64-unknown-linux-gnu
 GUEST_BIN := target/guest/$(TRIPLE)/release/cleave-guest
 CLEAVE := target/debug/cleave
 
-.PHONY: run test deps guest image rig build lint unit bench-boot clean-cache
+.PHONY: run test deps guest image rig build lint unit bench-boot bench-net clean-cache
 
 ## make run: install what is missing, build images and agent, run the main job
 ## (boot the default image and time the guest agent's readiness, then run commands in a
@@ -45,6 +45,12 @@ build:
 bench-boot: deps image rig
 	$(CARGO) build --release -p cleave-agent
 	@CLEAVE_BIN=target/release/cleave scripts/kvm-or-rig python3 scripts/bench-boot.py --cleave $(CURDIR)/target/release/cleave
+
+## Networking benchmark: fork -> ready with vs without a network, connect time and
+## throughput from a guest, on the test lab (no traffic leaves the machine).
+bench-net: deps image rig
+	$(CARGO) build --release -p cleave-agent
+	@CLEAVE_BIN=target/release/cleave scripts/kvm-or-rig python3 scripts/bench-net.py --cleave $(CURDIR)/target/release/cleave
 
 clean-cache:
 	rm -rf "$${CLEAVE_CACHE:-$$HOME/.cache/cleave}"

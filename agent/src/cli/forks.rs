@@ -52,6 +52,8 @@ struct Outcome {
     gate_reason: Option<&'static str>,
     /// The guest's address, when it had a network.
     ip: Option<std::net::Ipv4Addr>,
+    /// Building its network (slot, tap, chains, DNS listener), before the fork resumed.
+    net_ms: Option<f64>,
 }
 
 pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
@@ -116,6 +118,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
                     result: Err(anyhow::anyhow!("the fork's thread panicked")),
                     gate_reason: None,
                     ip: None,
+                    net_ms: None,
                 })
             })
             .collect();
@@ -145,12 +148,14 @@ fn one_fork(
         result: Err(e),
         gate_reason,
         ip: None,
+        net_ms: None,
     };
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => return failed("-".into(), anyhow::Error::new(e), None),
     };
     let id = format!("fork-{}", prepared.pid());
+    let t = std::time::Instant::now();
     let network = match node {
         Some(node) => match SandboxNetwork::create(node, &id, &req.policy) {
             Ok(n) => Some(n),
@@ -164,6 +169,7 @@ fn one_fork(
         },
         None => None,
     };
+    let net_ms = network.as_ref().map(|_| t.elapsed().as_secs_f64() * 1e3);
     let sandbox = match Sandbox::start(prepared, req.gate_timeout, network) {
         Ok(s) => s,
         Err(e) => {
@@ -186,6 +192,7 @@ fn one_fork(
         result,
         gate_reason: None,
         ip: sandbox.guest_ip(),
+        net_ms,
     };
     if let Err(e) = sandbox.destroy() {
         tracing::warn!(error = %e, "destroying a fork");
@@ -270,6 +277,7 @@ fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> 
                 "error": o.result.as_ref().err().map(|e| format!("{e:#}")),
                 "gate_failure": o.gate_reason,
                 "ip": o.ip.map(|ip| ip.to_string()),
+                "net_ms": o.net_ms.map(round3),
             });
             writeln!(stdout, "{obj}")?;
             continue;
