@@ -65,11 +65,11 @@ def main():
         try:
             probe = (
                 "nslookup -type=A allowed.test >/dev/null; "
-                "for i in 1 2 3 4 5 6 7 8 9 10; do a=$(date +%s%N); "
+                "for i in 1 2 3 4 5 6 7 8 9 10; do a=$(/init clock-us); "
                 "printf 'HEAD / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 45.45.0.10 80 >/dev/null; "
-                "b=$(date +%s%N); echo connect_us=$(( (b - a) / 1000 )); done; "
-                "a=$(date +%s%N); dd if=/dev/zero bs=65536 count=1024 2>/dev/null "
-                "| nc -w 5 45.45.0.10 9000; b=$(date +%s%N); echo bulk_us=$(( (b - a) / 1000 ))"
+                "b=$(/init clock-us); echo connect_us=$((b - a)); done; "
+                "a=$(/init clock-us); dd if=/dev/zero bs=65536 count=1024 2>/dev/null "
+                "| nc -w 5 45.45.0.10 9000; b=$(/init clock-us); echo bulk_us=$((b - a))"
             )
             j = fork(POLICY, probe)
         finally:

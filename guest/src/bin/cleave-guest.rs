@@ -34,9 +34,21 @@ fn main() {
 /// `getrandom N` prints N bytes from getrandom(2) in hex (busybox has no way to call it,
 /// and the fork tests compare it across forks); `udp-send [FROM] ADDR:PORT TEXT` sends one
 /// datagram, from source address FROM if given (busybox's `nc` cannot send UDP or pick a
-/// source; the network tests use it to probe the firewall's anti-spoofing).
+/// source; the network tests use it to probe the firewall's anti-spoofing); `clock-us`
+/// prints CLOCK_MONOTONIC in microseconds (busybox's `date` has no sub-second field; the
+/// network benchmark times connections with it).
 fn tool(args: Vec<String>) -> i32 {
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["clock-us"] => match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+            Ok(t) => {
+                println!("{}", t.tv_sec() * 1_000_000 + t.tv_nsec() / 1_000);
+                0
+            }
+            Err(e) => {
+                eprintln!("cleave-guest clock-us: {e}");
+                1
+            }
+        },
         ["udp-send", to, text] => udp_send(None, to, text),
         ["udp-send", from, to, text] => udp_send(Some(from), to, text),
         ["getrandom", n] => match n.parse::<usize>() {
@@ -62,7 +74,7 @@ fn tool(args: Vec<String>) -> i32 {
         _ => {
             eprintln!(
                 "cleave-guest: this is a guest's init and must run as PID 1 \
-                 (as a tool: cleave-guest getrandom N | udp-send [FROM] ADDR:PORT TEXT)"
+                 (as a tool: cleave-guest getrandom N | udp-send [FROM] ADDR:PORT TEXT | clock-us)"
             );
             2
         }
