@@ -54,6 +54,8 @@ struct Outcome {
     ip: Option<std::net::Ipv4Addr>,
     /// Building its network (slot, tap, chains, DNS listener), before the fork resumed.
     net_ms: Option<f64>,
+    /// Of `fork_ms`: the guest applying its network identity after the gate.
+    identity_ms: Option<f64>,
 }
 
 pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
@@ -119,6 +121,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
                     gate_reason: None,
                     ip: None,
                     net_ms: None,
+                    identity_ms: None,
                 })
             })
             .collect();
@@ -149,6 +152,7 @@ fn one_fork(
         gate_reason,
         ip: None,
         net_ms: None,
+        identity_ms: None,
     };
     let prepared = match prepared {
         Ok(p) => p,
@@ -193,6 +197,7 @@ fn one_fork(
         gate_reason: None,
         ip: sandbox.guest_ip(),
         net_ms,
+        identity_ms: sandbox.identity_time().map(|d| d.as_secs_f64() * 1e3),
     };
     if let Err(e) = sandbox.destroy() {
         tracing::warn!(error = %e, "destroying a fork");
@@ -278,6 +283,7 @@ fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> 
                 "gate_failure": o.gate_reason,
                 "ip": o.ip.map(|ip| ip.to_string()),
                 "net_ms": o.net_ms.map(round3),
+                "identity_ms": o.identity_ms.map(round3),
             });
             writeln!(stdout, "{obj}")?;
             continue;

@@ -98,6 +98,8 @@ pub struct Sandbox {
     ready: ReadyReport,
     reseed: ReseedReply,
     fork_time: Duration,
+    /// Of `fork_time`: the guest applying its network identity.
+    identity_time: Option<Duration>,
     gate_attempts: u32,
 }
 
@@ -127,6 +129,7 @@ impl Sandbox {
         match gate::pass(&socket, gate_timeout) {
             Ok(passed) => {
                 // Only a reseeded guest gets an identity, and only a configured one is ready.
+                let configured = Instant::now();
                 if let Some(net) = &network {
                     if let Err(source) = passed
                         .client
@@ -139,6 +142,7 @@ impl Sandbox {
                         return Err(ForkError::Network { pid, source });
                     }
                 }
+                let identity_time = network.as_ref().map(|_| configured.elapsed());
                 Ok(Sandbox {
                     client: passed.client,
                     worker: Some(worker),
@@ -146,6 +150,7 @@ impl Sandbox {
                     ready,
                     reseed: passed.reply,
                     fork_time: t.elapsed(),
+                    identity_time,
                     gate_attempts: passed.attempts,
                 })
             }
@@ -179,6 +184,11 @@ impl Sandbox {
     /// Request → gate passed: worker restore and start, then the reseed round trip.
     pub fn fork_time(&self) -> Duration {
         self.fork_time
+    }
+
+    /// Of [`fork_time`](Self::fork_time): the guest applying its network identity.
+    pub fn identity_time(&self) -> Option<Duration> {
+        self.identity_time
     }
 
     pub fn ready_report(&self) -> &ReadyReport {

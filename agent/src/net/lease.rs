@@ -101,9 +101,12 @@ pub fn try_claim(dir: &Path, index: u32) -> Result<Option<SlotLease>, LeaseError
     }
 }
 
-/// Claims the lowest free slot below `slots`.
-pub fn claim(dir: &Path, slots: u32) -> Result<SlotLease, LeaseError> {
-    for index in 0..slots {
+/// Claims the first free slot below `slots`, probing from `start` and wrapping around
+/// (a caller that remembers where its last claim ended finds a free slot in a probe or
+/// two instead of walking every held one).
+pub fn claim(dir: &Path, slots: u32, start: u32) -> Result<SlotLease, LeaseError> {
+    let start = if start < slots { start } else { 0 };
+    for index in (start..slots).chain(0..start) {
         if let Some(l) = try_claim(dir, index)? {
             return Ok(l);
         }
@@ -126,20 +129,27 @@ mod tests {
     #[test]
     fn a_held_slot_is_skipped_and_freed_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let a = claim(dir.path(), 4).unwrap();
-        let b = claim(dir.path(), 4).unwrap();
+        let a = claim(dir.path(), 4, 0).unwrap();
+        let b = claim(dir.path(), 4, 0).unwrap();
         assert_eq!((a.index(), b.index()), (0, 1));
         assert!(is_held(dir.path(), 0).unwrap());
         drop(a);
         assert!(!is_held(dir.path(), 0).unwrap());
-        assert_eq!(claim(dir.path(), 4).unwrap().index(), 0);
+        assert_eq!(claim(dir.path(), 4, 0).unwrap().index(), 0);
+        // Probing starts where asked (b holds 1) and wraps around.
+        assert_eq!(claim(dir.path(), 4, 3).unwrap().index(), 3);
+        let c = claim(dir.path(), 4, 1).unwrap();
+        assert_eq!(c.index(), 2);
+        let d = claim(dir.path(), 4, 3).unwrap();
+        assert_eq!(d.index(), 3);
+        assert_eq!(claim(dir.path(), 4, 2).unwrap().index(), 0, "wrapped");
     }
 
     #[test]
     fn a_full_range_says_so() {
         let dir = tempfile::tempdir().unwrap();
-        let _a = claim(dir.path(), 1).unwrap();
-        let e = claim(dir.path(), 1).unwrap_err();
+        let _a = claim(dir.path(), 1, 0).unwrap();
+        let e = claim(dir.path(), 1, 0).unwrap_err();
         assert!(e.to_string().contains("1 network slots"), "{e}");
     }
 }

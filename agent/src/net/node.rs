@@ -75,6 +75,8 @@ pub struct NetNode {
     pub(super) firewall: Arc<Firewall>,
     pub(super) dns: DnsProxy,
     pub(super) runtime: tokio::runtime::Runtime,
+    /// Where the next slot claim starts probing (just past the last one claimed).
+    pub(super) next_slot: std::sync::atomic::AtomicU32,
 }
 
 impl NetNode {
@@ -111,6 +113,7 @@ impl NetNode {
             uplink,
             firewall,
             runtime,
+            next_slot: std::sync::atomic::AtomicU32::new(0),
         };
         node.reconcile()?;
         Ok(node)

@@ -4,7 +4,9 @@
 //! the reverse order; the tap itself goes with the last fd (ours and the worker's).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cleave_dnsproxy::{FirewallPinner, ProxyError, SandboxServer};
 use cleave_guest::netconf::{self, InterfacePlan, Link, NetconfError};
@@ -41,6 +43,16 @@ pub enum SandboxNetError {
     Dns(#[from] ProxyError),
 }
 
+/// Where building one sandbox's network went, step by step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildTimings {
+    pub claim: Duration,
+    pub tap: Duration,
+    pub chains: Duration,
+    pub host_side: Duration,
+    pub dns: Duration,
+}
+
 /// A sandbox's network; everything in it is removed when it is dropped.
 pub struct SandboxNetwork {
     // Drop order matters: the DNS listener, then (in `Drop`) the chains, then the tap and
@@ -51,6 +63,7 @@ pub struct SandboxNetwork {
     chains: bool,
     tap: Tap,
     addrs: SlotAddrs,
+    timings: BuildTimings,
     _lease: SlotLease,
 }
 
@@ -63,12 +76,24 @@ impl SandboxNetwork {
         policy: &EgressPolicy,
     ) -> Result<SandboxNetwork, SandboxNetError> {
         let sid = SandboxId::new(id).map_err(SandboxNetError::Id)?;
-        let lease = lease::claim(&node.options.lock_dir, node.range().slots())?;
+        let mut tm = BuildTimings::default();
+        let mut t = Instant::now();
+        let mut lap = |slot: &mut Duration| {
+            *slot = t.elapsed();
+            t = Instant::now();
+        };
+        let slots = node.range().slots();
+        let start = node.next_slot.load(Ordering::Relaxed);
+        let lease = lease::claim(&node.options.lock_dir, slots, start)?;
+        node.next_slot
+            .store((lease.index() + 1) % slots, Ordering::Relaxed);
         let addrs = node
             .range()
             .slot(lease.index())
             .expect("claim returns an index inside the range");
+        lap(&mut tm.claim);
         let tap = Tap::create(&addrs.tap)?;
+        lap(&mut tm.tap);
         let mut net = SandboxNetwork {
             dns: None,
             firewall: node.firewall.clone(),
@@ -76,11 +101,13 @@ impl SandboxNetwork {
             chains: false,
             tap,
             addrs,
+            timings: BuildTimings::default(),
             _lease: lease,
         };
         // Fail closed: the chains are in place before the tap is up (and long before a
         // guest is attached to it).
         net.install_chains(node, policy)?;
+        lap(&mut tm.chains);
         let plan = InterfacePlan {
             addresses: vec![
                 (IpAddr::V4(net.addrs.host4), PREFIX4),
@@ -95,7 +122,10 @@ impl SandboxNetwork {
                 source: Box::new(source),
             }
         })?;
+        lap(&mut tm.host_side);
         net.start_dns(node, policy)?;
+        lap(&mut tm.dns);
+        net.timings = tm;
         tracing::info!(
             sandbox = id,
             tap = %net.addrs.tap,
@@ -164,6 +194,11 @@ impl SandboxNetwork {
 
     pub fn addrs(&self) -> &SlotAddrs {
         &self.addrs
+    }
+
+    /// Where building it went.
+    pub fn timings(&self) -> BuildTimings {
+        self.timings
     }
 
     /// What the guest is told after its gate: its addresses, gateway and resolver.
