@@ -32,6 +32,10 @@ pub enum Operation {
     Apply,
     /// `pin` / `pin_many`.
     Pin,
+    /// `set_policy`.
+    Policy,
+    /// `release`.
+    Release,
     /// `teardown`.
     Teardown,
     /// `reconcile`.
@@ -48,6 +52,8 @@ impl std::fmt::Display for Operation {
             Operation::Open => "open firewall",
             Operation::Apply => "apply",
             Operation::Pin => "pin",
+            Operation::Policy => "set policy",
+            Operation::Release => "release",
             Operation::Teardown => "teardown",
             Operation::Reconcile => "reconcile",
             Operation::Counters => "read counters",

@@ -42,8 +42,6 @@ pub(crate) enum Base {
 pub(crate) enum CmpOp {
     Eq,
     Neq,
-    Gte,
-    Lte,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,6 +277,33 @@ impl RuleExprs {
         // Address fills R32(0..4), the port goes right after it.
         let port_reg = if v6 { Reg::R32(4) } else { Reg::R32(1) };
         self.load_addr(v6, AddrField::Dst, Reg::R32(0))
+            .push(Expr::Payload {
+                base: Base::Transport,
+                offset: 2,
+                len: 2,
+                dreg: port_reg,
+            })
+            .push(Expr::Lookup {
+                set: set.to_string(),
+                sreg: Reg::R32(0),
+                dreg: None,
+            })
+    }
+
+    /// `ip[6] daddr . meta l4proto . th dport @set` (caller has matched nfproto). A packet
+    /// without a transport header to read never matches.
+    pub(crate) fn daddr_proto_dport_in(self, v6: bool, set: &str) -> Self {
+        // Address fills R32(0..4), then one register each for protocol and port.
+        let (proto_reg, port_reg) = if v6 {
+            (Reg::R32(4), Reg::R32(5))
+        } else {
+            (Reg::R32(1), Reg::R32(2))
+        };
+        self.load_addr(v6, AddrField::Dst, Reg::R32(0))
+            .push(Expr::Meta {
+                key: MetaKey::L4Proto,
+                dreg: proto_reg,
+            })
             .push(Expr::Payload {
                 base: Base::Transport,
                 offset: 2,

@@ -294,6 +294,34 @@ impl Firewall {
         }
     }
 
+    /// Replaces the sandbox's policy (its allow CIDRs and ports) in one batch: set
+    /// elements only, no rule is added, so the cost does not grow with the number of
+    /// sandboxes. The old policy holds until the new one is in whole.
+    pub fn set_policy(
+        &self,
+        sandbox: &SandboxId,
+        rules: &[crate::sandbox::AllowRule],
+    ) -> Result<(), NetfilterError> {
+        crate::sandbox::check_allow(rules).map_err(|source| NetfilterError::Invalid {
+            op: Operation::Policy,
+            sandbox: Some(sandbox.clone()),
+            source,
+        })?;
+        let mut inner = self.lock();
+        let fp = inner.lookup(Operation::Policy, sandbox)?;
+        let ops = plan::policy_plan(&fp.tap, rules);
+        run(&mut inner, Operation::Policy, Some(sandbox), &ops)
+    }
+
+    /// Empties the sandbox's policy and pin sets in one batch: its chains stay, allowing
+    /// nothing, ready for the next sandbox on the same slot.
+    pub fn release(&self, sandbox: &SandboxId) -> Result<(), NetfilterError> {
+        let mut inner = self.lock();
+        let fp = inner.lookup(Operation::Release, sandbox)?;
+        let ops = plan::release_plan(&fp.tap);
+        run(&mut inner, Operation::Release, Some(sandbox), &ops)
+    }
+
     /// Removes every object of the sandbox (chains, both pin sets, counters,
     /// dispatch and NAT entries) in one batch. Returns `false` if the
     /// sandbox had nothing in the table.

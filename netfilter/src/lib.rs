@@ -87,4 +87,7 @@ pub use firewall::{
     Counter, Firewall, Leftover, SandboxCounters, MAX_PINS_PER_CALL, MAX_PINS_PER_SET, MAX_PIN_TTL,
 };
 pub use names::{base, SandboxId, TapName, MAX_ID_LEN, MAX_TAP_LEN, TABLE};
-pub use sandbox::{AllowRule, MacAddr, NetMode, PortRange, SandboxNet, Uplink, MAX_ALLOW_RULES};
+pub use sandbox::{
+    check_allow, AllowRule, MacAddr, NetMode, PortRange, SandboxNet, Uplink, MAX_ALLOW_ELEMS,
+    MAX_ALLOW_RULES,
+};

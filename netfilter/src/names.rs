@@ -147,6 +147,10 @@ pub enum ObjectKind {
     Pin4Set,
     /// Set `pin6-<tap>`.
     Pin6Set,
+    /// Interval set `allow4-<tap>`: the policy's IPv4 destinations.
+    Allow4Set,
+    /// Interval set `allow6-<tap>`: the policy's IPv6 destinations.
+    Allow6Set,
     /// Counter `fwd-drop-<tap>`.
     ForwardDropCounter,
     /// Counter `in-drop-<tap>`.
@@ -160,7 +164,12 @@ impl ObjectKind {
         Self::NatChain,
         Self::ToGuestChain,
     ];
-    const SETS: [ObjectKind; 2] = [Self::Pin4Set, Self::Pin6Set];
+    const SETS: [ObjectKind; 4] = [
+        Self::Pin4Set,
+        Self::Pin6Set,
+        Self::Allow4Set,
+        Self::Allow6Set,
+    ];
     const COUNTERS: [ObjectKind; 2] = [Self::ForwardDropCounter, Self::InputDropCounter];
 
     fn prefix(self) -> &'static str {
@@ -171,6 +180,8 @@ impl ObjectKind {
             Self::ToGuestChain => "to-",
             Self::Pin4Set => "pin4-",
             Self::Pin6Set => "pin6-",
+            Self::Allow4Set => "allow4-",
+            Self::Allow6Set => "allow6-",
             Self::ForwardDropCounter => "fwd-drop-",
             Self::InputDropCounter => "in-drop-",
         }
@@ -286,6 +297,8 @@ mod tests {
             (Namespace::Chain, ObjectKind::ToGuestChain),
             (Namespace::Set, ObjectKind::Pin4Set),
             (Namespace::Set, ObjectKind::Pin6Set),
+            (Namespace::Set, ObjectKind::Allow4Set),
+            (Namespace::Set, ObjectKind::Allow6Set),
             (Namespace::Counter, ObjectKind::ForwardDropCounter),
             (Namespace::Counter, ObjectKind::InputDropCounter),
         ] {

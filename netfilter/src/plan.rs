@@ -12,7 +12,7 @@ use crate::expr::{
     NFPROTO_IPV6,
 };
 use crate::names::{base, owner_comment, ObjectKind, ObjectNames, SandboxId, TapName, TABLE};
-use crate::sandbox::{NetMode, SandboxNet};
+use crate::sandbox::{AllowRule, NetMode, SandboxNet};
 
 /// Cloud metadata endpoints, dropped even when an allow CIDR covers them.
 pub(crate) const METADATA_V4: ([u8; 4], u8) = ([169, 254, 0, 0], 16);
@@ -28,11 +28,16 @@ pub(crate) enum KeyType {
     Ipv6,
     Ipv4Port,
     Ipv6Port,
+    /// `ipv4_addr . inet_proto . inet_service` (the allow sets).
+    Ipv4ProtoPort,
+    /// `ipv6_addr . inet_proto . inet_service`.
+    Ipv6ProtoPort,
 }
 
 impl KeyType {
     const TYPE_IPADDR: u32 = 7;
     const TYPE_IP6ADDR: u32 = 8;
+    const TYPE_INET_PROTO: u32 = 12;
     const TYPE_INET_SERVICE: u32 = 13;
     const TYPE_IFNAME: u32 = 41;
     /// nft packs concatenated types 6 bits per field.
@@ -45,6 +50,26 @@ impl KeyType {
             KeyType::Ipv6 => Self::TYPE_IP6ADDR,
             KeyType::Ipv4Port => (Self::TYPE_IPADDR << Self::TYPE_BITS) | Self::TYPE_INET_SERVICE,
             KeyType::Ipv6Port => (Self::TYPE_IP6ADDR << Self::TYPE_BITS) | Self::TYPE_INET_SERVICE,
+            KeyType::Ipv4ProtoPort => {
+                (((Self::TYPE_IPADDR << Self::TYPE_BITS) | Self::TYPE_INET_PROTO)
+                    << Self::TYPE_BITS)
+                    | Self::TYPE_INET_SERVICE
+            }
+            KeyType::Ipv6ProtoPort => {
+                (((Self::TYPE_IP6ADDR << Self::TYPE_BITS) | Self::TYPE_INET_PROTO)
+                    << Self::TYPE_BITS)
+                    | Self::TYPE_INET_SERVICE
+            }
+        }
+    }
+
+    /// The length of each field of a concatenated key, unpadded (what the kernel's
+    /// interval-concatenation backend needs to know); empty for plain keys.
+    pub(crate) fn concat_fields(self) -> &'static [u8] {
+        match self {
+            KeyType::Ipv4ProtoPort => &[4, 1, 2],
+            KeyType::Ipv6ProtoPort => &[16, 1, 2],
+            _ => &[],
         }
     }
 
@@ -56,6 +81,8 @@ impl KeyType {
             KeyType::Ipv6 => 16,
             KeyType::Ipv4Port => 8,
             KeyType::Ipv6Port => 20,
+            KeyType::Ipv4ProtoPort => 12,
+            KeyType::Ipv6ProtoPort => 24,
         }
     }
 }
@@ -88,6 +115,8 @@ pub(crate) struct SetSpec {
     pub timeout: bool,
     /// `size N`: the kernel refuses elements beyond this many.
     pub size: Option<u32>,
+    /// `flags interval` (with a concatenated key: ranges in every field).
+    pub interval: bool,
     pub comment: Option<String>,
 }
 
@@ -101,6 +130,8 @@ pub(crate) struct RuleSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Elem {
     pub key: Vec<u8>,
+    /// For interval sets: the range's last key.
+    pub key_end: Option<Vec<u8>>,
     /// For verdict maps: `goto <chain>`.
     pub goto: Option<String>,
     pub timeout_ms: Option<u64>,
@@ -120,13 +151,20 @@ pub(crate) struct ElemsSpec {
 /// One netlink message of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Op {
-    AddTable { comment: String },
+    AddTable {
+        comment: String,
+    },
     AddChain(ChainSpec),
     AddSet(SetSpec),
-    AddCounter { name: String, comment: String },
+    AddCounter {
+        name: String,
+        comment: String,
+    },
     AddRule(RuleSpec),
     AddElems(ElemsSpec),
     DelElems(ElemsSpec),
+    /// Removes every element of a set.
+    FlushSet(String),
     DelChain(String),
     DelSet(String),
     DelCounter(String),
@@ -158,6 +196,7 @@ impl Op {
                 e.set,
                 e.elems.len()
             ),
+            Op::FlushSet(n) => format!("flush set inet {TABLE} {n}"),
             Op::DelChain(n) => format!("delete chain inet {TABLE} {n}"),
             Op::DelSet(n) => format!("delete set inet {TABLE} {n}"),
             Op::DelCounter(n) => format!("delete counter inet {TABLE} {n}"),
@@ -183,6 +222,7 @@ pub(crate) fn base_plan() -> Vec<Op> {
             verdict_map: true,
             timeout: false,
             size: None,
+            interval: false,
             comment: Some(comment.into()),
         })
     };
@@ -307,7 +347,12 @@ impl Footprint {
             tap: net.tap().clone(),
             owner: Some(net.id().clone()),
             chains,
-            sets: vec![n.name(ObjectKind::Pin4Set), n.name(ObjectKind::Pin6Set)],
+            sets: vec![
+                n.name(ObjectKind::Pin4Set),
+                n.name(ObjectKind::Pin6Set),
+                n.name(ObjectKind::Allow4Set),
+                n.name(ObjectKind::Allow6Set),
+            ],
             counters: vec![
                 n.name(ObjectKind::ForwardDropCounter),
                 n.name(ObjectKind::InputDropCounter),
@@ -374,36 +419,116 @@ fn anti_spoof(chain: &str, net: &SandboxNet) -> Vec<Op> {
     ops
 }
 
-fn allow_rules(chain: &str, net: &SandboxNet) -> Vec<Op> {
-    let mut ops = Vec::new();
-    for a in net.allow() {
-        let (proto, bytes) = match a.net().addr() {
-            IpAddr::V4(v4) => (NFPROTO_IPV4, v4.octets().to_vec()),
-            IpAddr::V6(v6) => (NFPROTO_IPV6, v6.octets().to_vec()),
-        };
-        let dst = || {
+/// The policy's lookups: one per family, into the tap's allow sets. The policy itself is
+/// elements of those sets ([`policy_plan`]), so changing it never adds a rule.
+fn allow_rules(chain: &str, n: &ObjectNames) -> Vec<Op> {
+    [
+        (false, NFPROTO_IPV4, n.name(ObjectKind::Allow4Set)),
+        (true, NFPROTO_IPV6, n.name(ObjectKind::Allow6Set)),
+    ]
+    .into_iter()
+    .map(|(v6, proto, set)| {
+        rule(
+            chain,
+            Some("policy"),
             RuleExprs::new()
                 .nfproto(proto)
-                .daddr_in(&bytes, a.net().prefix_len())
-        };
-        let comment = format!("allow {}", a.net());
-        match a.ports() {
-            None => ops.push(rule(chain, Some(&comment), dst().accept())),
-            Some(p) => {
-                for l4 in [IPPROTO_TCP, IPPROTO_UDP] {
-                    let e = dst().l4proto(l4);
-                    let e = if p.first() == p.last() {
-                        e.dport(CmpOp::Eq, p.first())
-                    } else {
-                        e.dport(CmpOp::Gte, p.first()).dport(CmpOp::Lte, p.last())
-                    };
-                    let c = format!("{comment} ports {}-{}", p.first(), p.last());
-                    ops.push(rule(chain, Some(&c), e.accept()));
-                }
-            }
+                .daddr_proto_dport_in(v6, &set)
+                .accept(),
+        )
+    })
+    .collect()
+}
+
+/// `addr . proto . port` with each field padded to 4 bytes, as the registers hold it.
+fn allow_key(addr: &[u8], proto: u8, port: u16) -> Vec<u8> {
+    let mut k = addr.to_vec();
+    k.extend_from_slice(&[proto, 0, 0, 0]);
+    k.extend_from_slice(&port.to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    k
+}
+
+/// The interval elements of one allow rule: every protocol and port of the network, or
+/// TCP and UDP on its port range.
+pub(crate) fn allow_elems(rule: &AllowRule) -> (bool, Vec<Elem>) {
+    let net = rule.net();
+    let (v6, first, last) = match (net.network(), net.broadcast()) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (false, a.octets().to_vec(), b.octets().to_vec()),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (true, a.octets().to_vec(), b.octets().to_vec()),
+        _ => unreachable!("a network and its last address share a family"),
+    };
+    let ranges: Vec<(u8, u8, u16, u16)> = match rule.ports() {
+        None => vec![(0, 255, 0, 65535)],
+        Some(p) => [IPPROTO_TCP, IPPROTO_UDP]
+            .into_iter()
+            .map(|l4| (l4, l4, p.first(), p.last()))
+            .collect(),
+    };
+    let elems = ranges
+        .into_iter()
+        .map(|(p0, p1, d0, d1)| Elem {
+            key: allow_key(&first, p0, d0),
+            key_end: Some(allow_key(&last, p1, d1)),
+            goto: None,
+            timeout_ms: None,
+        })
+        .collect();
+    (v6, elems)
+}
+
+/// Puts a policy into a tap's allow sets: both flushed, then the new elements, in one
+/// batch (the old policy holds until the new one is whole).
+pub(crate) fn policy_plan(tap: &TapName, rules: &[AllowRule]) -> Vec<Op> {
+    let n = ObjectNames::new(tap);
+    let mut ops = vec![
+        Op::FlushSet(n.name(ObjectKind::Allow4Set)),
+        Op::FlushSet(n.name(ObjectKind::Allow6Set)),
+    ];
+    ops.extend(allow_elem_ops(&n, rules));
+    ops
+}
+
+fn allow_elem_ops(n: &ObjectNames, rules: &[AllowRule]) -> Vec<Op> {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for r in rules {
+        let (is_v6, elems) = allow_elems(r);
+        if is_v6 {
+            v6.extend(elems)
+        } else {
+            v4.extend(elems)
+        }
+    }
+    let mut ops = Vec::new();
+    for (elems, kind, key) in [
+        (v4, ObjectKind::Allow4Set, KeyType::Ipv4ProtoPort),
+        (v6, ObjectKind::Allow6Set, KeyType::Ipv6ProtoPort),
+    ] {
+        for chunk in elems.chunks(MAX_ELEMS_PER_MSG) {
+            ops.push(Op::AddElems(ElemsSpec {
+                set: n.name(kind),
+                key,
+                verdict_map: false,
+                elems: chunk.to_vec(),
+                exclusive: true,
+            }));
         }
     }
     ops
+}
+
+/// Returns a tap's sets to empty (policy and pins) so its slot can serve another sandbox.
+pub(crate) fn release_plan(tap: &TapName) -> Vec<Op> {
+    let n = ObjectNames::new(tap);
+    [
+        ObjectKind::Allow4Set,
+        ObjectKind::Allow6Set,
+        ObjectKind::Pin4Set,
+        ObjectKind::Pin6Set,
+    ]
+    .into_iter()
+    .map(|k| Op::FlushSet(n.name(k)))
+    .collect()
 }
 
 fn forward_rules(net: &SandboxNet, n: &ObjectNames) -> Vec<Op> {
@@ -443,7 +568,7 @@ fn forward_rules(net: &SandboxNet, n: &ObjectNames) -> Vec<Op> {
             .counter(&drop_counter)
             .drop(),
     ));
-    ops.extend(allow_rules(&chain, net));
+    ops.extend(allow_rules(&chain, n));
     for (v6, proto, set) in [
         (false, NFPROTO_IPV4, n.name(ObjectKind::Pin4Set)),
         (true, NFPROTO_IPV6, n.name(ObjectKind::Pin6Set)),
@@ -560,6 +685,29 @@ pub(crate) fn apply_plan(net: &SandboxNet) -> Vec<Op> {
             verdict_map: false,
             timeout: true,
             size: Some(crate::firewall::MAX_PINS_PER_SET),
+            interval: false,
+            comment: Some(owner_comment(id, tap, what)),
+        }));
+    }
+    for (kind, key, what) in [
+        (
+            ObjectKind::Allow4Set,
+            KeyType::Ipv4ProtoPort,
+            "policy, IPv4 address . protocol . port ranges",
+        ),
+        (
+            ObjectKind::Allow6Set,
+            KeyType::Ipv6ProtoPort,
+            "policy, IPv6 address . protocol . port ranges",
+        ),
+    ] {
+        ops.push(Op::AddSet(SetSpec {
+            name: n.name(kind),
+            key,
+            verdict_map: false,
+            timeout: false,
+            size: Some(crate::sandbox::MAX_ALLOW_ELEMS as u32),
+            interval: true,
             comment: Some(owner_comment(id, tap, what)),
         }));
     }
@@ -609,12 +757,14 @@ pub(crate) fn apply_plan(net: &SandboxNet) -> Vec<Op> {
             verdict_map: true,
             elems: vec![Elem {
                 key: k,
+                key_end: None,
                 goto: Some(target),
                 timeout_ms: None,
             }],
             exclusive: true,
         }));
     }
+    ops.extend(allow_elem_ops(&n, net.allow()));
     ops
 }
 
@@ -630,6 +780,7 @@ pub(crate) fn teardown_plan(fp: &Footprint) -> Vec<Op> {
             verdict_map: true,
             elems: vec![Elem {
                 key: k.clone(),
+                key_end: None,
                 goto: None,
                 timeout_ms: None,
             }],
@@ -673,6 +824,7 @@ pub(crate) fn pin_plan(tap: &TapName, pins: &[(IpAddr, u16)], timeout_ms: u64) -
         let (_, key) = pin_key(addr, port);
         let e = Elem {
             key,
+            key_end: None,
             goto: None,
             timeout_ms: Some(timeout_ms),
         };
@@ -749,7 +901,8 @@ mod tests {
                 "replies and established flows",
                 "metadata endpoint",
                 "metadata endpoint",
-                "allow 169.254.0.0/16",
+                "policy",
+                "policy",
                 "DNS pins",
                 "DNS pins",
                 "DNS pins",
@@ -828,34 +981,53 @@ mod tests {
     }
 
     #[test]
-    fn allow_with_ports_makes_tcp_and_udp_rules() {
-        let n = net()
-            .with_allow([AllowRule::new(
+    fn policy_is_elements_not_rules() {
+        let with = |rules: Vec<AllowRule>| apply_plan(&net().with_allow(rules).unwrap());
+        let none = with(vec![]);
+        let some = with(vec![
+            AllowRule::new(
                 "203.0.113.0/24".parse().unwrap(),
                 Some(PortRange::new(8000, 8080).unwrap()),
-            )])
-            .unwrap();
-        let ops = apply_plan(&n);
-        let allow: Vec<_> = rules_of(&ops, "fwd-tap0")
-            .into_iter()
-            .filter(|r| r.comment.as_deref().unwrap().starts_with("allow"))
+            ),
+            AllowRule::new("198.51.100.7/32".parse().unwrap(), None),
+        ]);
+        // The same rules whatever the policy: it lives in the allow sets.
+        assert_eq!(rules_of(&none, "fwd-tap0"), rules_of(&some, "fwd-tap0"));
+        let elems: Vec<&Elem> = some
+            .iter()
+            .filter_map(|o| match o {
+                Op::AddElems(e) if e.set == "allow4-tap0" => Some(&e.elems),
+                _ => None,
+            })
+            .flatten()
             .collect();
-        assert_eq!(allow.len(), 2);
-        for r in allow {
-            let ops: Vec<_> = r
-                .exprs
-                .0
-                .iter()
-                .filter_map(|e| match e {
-                    Expr::Cmp { op, .. } => Some(*op),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(
-                ops,
-                [CmpOp::Eq, CmpOp::Eq, CmpOp::Eq, CmpOp::Gte, CmpOp::Lte]
-            );
-        }
+        assert_eq!(
+            elems.len(),
+            3,
+            "TCP and UDP for the ported rule, one for the other"
+        );
+        // addr . proto . port, padded: 203.0.113.0 . tcp . 8000 to 203.0.113.255 . tcp . 8080
+        assert_eq!(
+            elems[0].key,
+            vec![203, 0, 113, 0, 6, 0, 0, 0, 0x1f, 0x40, 0, 0]
+        );
+        assert_eq!(
+            elems[0].key_end.as_deref(),
+            Some(&[203, 0, 113, 255, 6, 0, 0, 0, 0x1f, 0x90, 0, 0][..])
+        );
+        assert_eq!(elems[1].key[4], 17);
+        // No ports: every protocol and port of the one address.
+        assert_eq!(elems[2].key, vec![198, 51, 100, 7, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            elems[2].key_end.as_deref(),
+            Some(&[198, 51, 100, 7, 255, 0, 0, 0, 0xff, 0xff, 0, 0][..])
+        );
+        // Changing it later is a flush and elements, nothing else.
+        let later = policy_plan(&TapName::new("tap0").unwrap(), &[]);
+        assert!(later
+            .iter()
+            .all(|o| matches!(o, Op::FlushSet(_) | Op::AddElems(_))));
+        assert_eq!(later.len(), 2);
     }
 
     #[test]
@@ -866,7 +1038,7 @@ mod tests {
             .with_nat(Uplink::new("eth0").unwrap())
             .unwrap();
         let fp = Footprint::of(&n);
-        assert_eq!(fp.object_count(), 4 + 2 + 2 + 5);
+        assert_eq!(fp.object_count(), 4 + 4 + 2 + 5);
         let ops = teardown_plan(&fp);
         let kinds: Vec<_> = ops
             .iter()

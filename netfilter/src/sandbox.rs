@@ -10,8 +10,10 @@ use ipnet::IpNet;
 use crate::error::InvalidInput;
 use crate::names::{SandboxId, TapName};
 
-/// Most allow rules one sandbox may carry (each costs up to two rules).
+/// Most allow rules one sandbox may carry.
 pub const MAX_ALLOW_RULES: usize = 64;
+/// Most elements of one allow set (a rule with ports is two: TCP and UDP).
+pub const MAX_ALLOW_ELEMS: usize = 2 * MAX_ALLOW_RULES;
 
 fn invalid(msg: impl Into<String>) -> InvalidInput {
     InvalidInput::Net(msg.into())
@@ -127,6 +129,20 @@ pub struct AllowRule {
 }
 
 impl AllowRule {
+    /// Whether the two rules allow some destination in common (same family, addresses
+    /// overlap, and their ports overlap or one has none). The kernel's interval sets
+    /// refuse overlapping ranges, so a policy must not hold two such rules: merge them.
+    pub fn overlaps(&self, other: &AllowRule) -> bool {
+        let (a, b) = (self.net, other.net);
+        let same_family = a.addr().is_ipv4() == b.addr().is_ipv4();
+        let addrs = same_family && (a.contains(&b.network()) || b.contains(&a.network()));
+        let ports = match (self.ports, other.ports) {
+            (Some(x), Some(y)) => x.first() <= y.last() && y.first() <= x.last(),
+            _ => true,
+        };
+        addrs && ports
+    }
+
     /// Allows `net` (host bits are cleared), on `ports` if given.
     pub fn new(net: IpNet, ports: Option<PortRange>) -> Self {
         AllowRule {
@@ -144,6 +160,30 @@ impl AllowRule {
     pub fn ports(&self) -> Option<PortRange> {
         self.ports
     }
+}
+
+/// Checks a policy's rules: at most [`MAX_ALLOW_RULES`], no two overlapping.
+pub fn check_allow(rules: &[AllowRule]) -> Result<(), InvalidInput> {
+    if rules.len() > MAX_ALLOW_RULES {
+        return Err(invalid(format!(
+            "{} allow rules, at most {MAX_ALLOW_RULES}",
+            rules.len()
+        )));
+    }
+    for (i, a) in rules.iter().enumerate() {
+        if let Some(b) = rules[i + 1..].iter().find(|b| a.overlaps(b)) {
+            let show = |r: &AllowRule| match r.ports() {
+                Some(p) => format!("{} ports {}-{}", r.net(), p.first(), p.last()),
+                None => format!("{} (all ports)", r.net()),
+            };
+            return Err(invalid(format!(
+                "allow rules {} and {} overlap; merge them into one",
+                show(a),
+                show(b)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What a sandbox may do on the network.
@@ -261,12 +301,7 @@ impl SandboxNet {
         rules: impl IntoIterator<Item = AllowRule>,
     ) -> Result<Self, InvalidInput> {
         self.allow.extend(rules);
-        if self.allow.len() > MAX_ALLOW_RULES {
-            return Err(invalid(format!(
-                "{} allow rules, at most {MAX_ALLOW_RULES}",
-                self.allow.len()
-            )));
-        }
+        check_allow(&self.allow)?;
         Ok(self)
     }
 
@@ -398,11 +433,53 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_allow_rules_are_refused_with_both_named() {
+        let r = |net: &str, p: Option<(u16, u16)>| {
+            AllowRule::new(
+                net.parse().unwrap(),
+                p.map(|(a, b)| PortRange::new(a, b).unwrap()),
+            )
+        };
+        let e = base()
+            .with_allow([
+                r("10.0.0.0/8", Some((80, 80))),
+                r("10.1.0.0/16", Some((70, 90))),
+            ])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("10.0.0.0/8 ports 80-80") && e.contains("10.1.0.0/16"),
+            "{e}"
+        );
+        assert!(base()
+            .with_allow([r("10.0.0.0/8", None), r("10.2.3.0/24", Some((443, 443)))])
+            .is_err());
+        // Disjoint addresses, disjoint ports, or different families do not overlap.
+        assert!(base()
+            .with_allow([
+                r("10.0.0.0/16", Some((80, 80))),
+                r("10.1.0.0/16", Some((80, 80))),
+                r("10.0.0.0/16", Some((443, 443))),
+                r("fd00::/8", None),
+            ])
+            .is_ok());
+    }
+
+    #[test]
     fn bounds_allow_rules_and_nat() {
         let rule = AllowRule::new("10.1.2.3/16".parse().unwrap(), None);
         assert_eq!(rule.net().to_string(), "10.1.0.0/16");
-        let many = std::iter::repeat_n(rule, MAX_ALLOW_RULES + 1);
+        let many = (0..=MAX_ALLOW_RULES as u32).map(|i| {
+            AllowRule::new(
+                format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap(),
+                None,
+            )
+        });
         assert!(base().with_allow(many).is_err());
+        assert!(
+            base().with_allow([rule.clone(), rule.clone()]).is_err(),
+            "duplicates overlap"
+        );
         assert!(base().with_nat(Uplink::new("tap0").unwrap()).is_err());
         assert!(base().with_nat(Uplink::new("eth0").unwrap()).is_ok());
     }

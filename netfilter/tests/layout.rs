@@ -156,8 +156,8 @@ fn ruleset_matches_intended_layout() {
             "replies and established flows",
             "metadata endpoint",
             "metadata endpoint",
-            "allow 203.0.113.0/24 ports 80-90",
-            "allow 203.0.113.0/24 ports 80-90",
+            "policy",
+            "policy",
             "DNS pins",
             "DNS pins",
             "DNS pins",
@@ -169,6 +169,20 @@ fn ruleset_matches_intended_layout() {
     assert!(text(fwd[2]).contains("02:00:00:00:00:07"));
     assert!(text(fwd[6]).contains("169.254.0.0"));
     assert!(text(fwd[7]).contains("fd00:ec2::254"));
+    assert!(text(fwd[8]).contains("@allow4-ctap7"));
+    assert!(text(fwd[9]).contains("@allow6-ctap7"));
+    // The policy is elements: address . protocol . port ranges, TCP and UDP.
+    let allow = ns
+        .exec_ok("nft", &["list", "set", "inet", "cleave", "allow4-ctap7"])
+        .unwrap();
+    let allow = String::from_utf8(allow.stdout).unwrap();
+    assert!(allow.contains("flags interval"), "{allow}");
+    for proto in ["tcp", "udp"] {
+        assert!(
+            allow.contains(&format!("203.0.113.0/24 . {proto} . 80-90")),
+            "{allow}"
+        );
+    }
     assert!(text(fwd[10]).contains("@pin4-ctap7"));
     assert!(text(fwd[12]).contains("@pin6-ctap7"));
     let last = &fwd[14]["expr"];

@@ -33,10 +33,10 @@ fn sandbox(i: u32) -> SandboxNet {
     }
 }
 
-/// Objects one sandbox owns: fwd/in/to chains, 2 sets, 2 counters, 3 dispatch
-/// entries; NATed ones add a nat chain and 2 NAT entries.
+/// Objects one sandbox owns: fwd/in/to chains, 4 sets (pins, policy), 2 counters, 3
+/// dispatch entries; NATed ones add a nat chain and 2 NAT entries.
 fn objects_of(i: u32) -> usize {
-    10 + if i.is_multiple_of(3) { 3 } else { 0 }
+    12 + if i.is_multiple_of(3) { 3 } else { 0 }
 }
 
 fn apply_then_teardown(n: u32) {

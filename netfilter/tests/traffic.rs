@@ -159,11 +159,7 @@ fn metadata_is_dropped_even_when_allowed_or_pinned() {
     let _a = tcp_echo(&lab.remote, sa(ALLOWED_HOST, 80));
     let net = g
         .net()
-        .with_allow([
-            AllowRule::new("169.254.0.0/16".parse().unwrap(), None),
-            AllowRule::new("203.0.113.0/24".parse().unwrap(), None),
-            AllowRule::new("0.0.0.0/0".parse().unwrap(), None),
-        ])
+        .with_allow([AllowRule::new("0.0.0.0/0".parse().unwrap(), None)])
         .unwrap();
     lab.fw.apply(&net).unwrap();
     lab.fw
@@ -174,6 +170,63 @@ fn metadata_is_dropped_even_when_allowed_or_pinned() {
         !tcp_ok(&g.ns, sa(METADATA, 80), BLOCKED),
         "metadata endpoint"
     );
+    // Naming the metadata range itself changes nothing.
+    lab.fw
+        .set_policy(
+            &g.id,
+            &[
+                AllowRule::new("169.254.0.0/16".parse().unwrap(), None),
+                AllowRule::new("203.0.113.0/24".parse().unwrap(), None),
+            ],
+        )
+        .unwrap();
+    assert!(tcp_ok(&g.ns, sa(ALLOWED_HOST, 80), OK));
+    assert!(!tcp_ok(&g.ns, sa(METADATA, 80), BLOCKED));
+}
+
+#[test]
+fn policy_changes_and_release_are_elements_that_take_effect_at_once() {
+    let lab = Lab::new("policy", 1);
+    let g = lab.g(0);
+    let _a = tcp_echo(&lab.remote, sa(ALLOWED_HOST, 443));
+    let _b = tcp_echo(&lab.remote, sa(ALLOWED_HOST, 444));
+    let _c = tcp_echo(&lab.remote, sa(REMOTE, 8090));
+    lab.fw.apply(&g.net()).unwrap();
+    assert!(
+        !tcp_ok(&g.ns, sa(ALLOWED_HOST, 443), BLOCKED),
+        "no policy, no egress"
+    );
+    let only = |port| {
+        [AllowRule::new(
+            "203.0.113.0/24".parse().unwrap(),
+            Some(cleave_netfilter::PortRange::single(port).unwrap()),
+        )]
+    };
+    lab.fw.set_policy(&g.id, &only(443)).unwrap();
+    assert!(tcp_ok(&g.ns, sa(ALLOWED_HOST, 443), OK));
+    assert!(!tcp_ok(&g.ns, sa(ALLOWED_HOST, 444), BLOCKED));
+    lab.fw.set_policy(&g.id, &only(444)).unwrap();
+    assert!(tcp_ok(&g.ns, sa(ALLOWED_HOST, 444), OK));
+    assert!(
+        !tcp_ok(&g.ns, sa(ALLOWED_HOST, 443), BLOCKED),
+        "the old policy is gone"
+    );
+    // Overlapping rules are refused whole; the policy in force stays.
+    let bad = [
+        AllowRule::new("203.0.0.0/8".parse().unwrap(), None),
+        AllowRule::new("203.0.113.0/24".parse().unwrap(), None),
+    ];
+    assert!(lab.fw.set_policy(&g.id, &bad).is_err());
+    assert!(tcp_ok(&g.ns, sa(ALLOWED_HOST, 444), OK));
+    // Release: policy and pins emptied, chains kept (the slot allows nothing).
+    lab.fw
+        .pin(&g.id, REMOTE.into(), 8090, Duration::from_secs(60))
+        .unwrap();
+    assert!(tcp_ok(&g.ns, sa(REMOTE, 8090), OK));
+    lab.fw.release(&g.id).unwrap();
+    assert!(!tcp_ok(&g.ns, sa(ALLOWED_HOST, 444), BLOCKED));
+    assert!(!tcp_ok(&g.ns, sa(REMOTE, 8090), BLOCKED));
+    assert_eq!(lab.fw.list().unwrap().len(), 1, "the slot's chains remain");
 }
 
 #[test]

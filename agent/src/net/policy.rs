@@ -9,7 +9,7 @@
 //! No entry at all means no egress: the sandbox gets no network.
 
 use cleave_dnsproxy::policy::{Policy, PolicySpec};
-use cleave_netfilter::{AllowRule, PortRange, MAX_ALLOW_RULES};
+use cleave_netfilter::{check_allow, AllowRule, PortRange, MAX_ALLOW_RULES};
 use ipnet::IpNet;
 
 /// Most `--allow` names one sandbox may carry.
@@ -25,6 +25,8 @@ pub enum PolicyError {
     TooManyNames(usize),
     #[error("the --allow-cidr entries make {0} rules; at most {MAX_ALLOW_RULES}")]
     TooManyRules(usize),
+    #[error("--allow-cidr: {0}")]
+    Overlap(String),
 }
 
 /// A validated egress policy.
@@ -98,6 +100,8 @@ impl EgressPolicy {
         if rules.len() > MAX_ALLOW_RULES {
             return Err(PolicyError::TooManyRules(rules.len()));
         }
+        // The firewall keeps the CIDRs as interval elements, which must not overlap.
+        check_allow(&rules).map_err(|e| PolicyError::Overlap(e.to_string()))?;
         let dns = PolicySpec {
             names: names.to_vec(),
             allow_cidrs: pin_cidrs,
@@ -170,6 +174,7 @@ mod tests {
             (vec![], s(&["0.0.0.0/0"]), "/0"),
             (vec![], s(&["10.0.0.0/8:http"]), "port"),
             (vec![], s(&["10.0.0.0/8:90-80"]), "first <= last"),
+            (vec![], s(&["10.0.0.0/8", "10.1.0.0/16:443"]), "overlap"),
         ] {
             let e = EgressPolicy::parse(&names, &cidrs).unwrap_err().to_string();
             assert!(e.contains(needle), "{e} should mention {needle}");

@@ -175,6 +175,23 @@ impl Msg {
                     if spec.timeout {
                         flags |= libc::NFT_SET_TIMEOUT as u32;
                     }
+                    let fields = spec.key.concat_fields();
+                    if spec.interval {
+                        flags |= libc::NFT_SET_INTERVAL as u32;
+                        if !fields.is_empty() {
+                            flags |= NFT_SET_CONCAT;
+                        }
+                    }
+                    if spec.interval && !fields.is_empty() {
+                        // The field lengths let the kernel pick its interval-concatenation
+                        // backend (pipapo).
+                        sys::nftnl_set_set_data(
+                            p,
+                            sys::NFTNL_SET_DESC_CONCAT as u16,
+                            fields.as_ptr().cast(),
+                            fields.len() as u32,
+                        );
+                    }
                     sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, flags);
                     if let Some(size) = spec.size {
                         sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DESC_SIZE as u16, size);
@@ -271,6 +288,12 @@ impl Msg {
                     msg_type: libc::NFT_MSG_DELSETELEM as u16,
                     flags: ACK,
                 },
+                // A DELSETELEM without an element list flushes the set.
+                Op::FlushSet(name) => Msg {
+                    obj: Obj::Elems(set(&table, &cstr(name)?)),
+                    msg_type: libc::NFT_MSG_DELSETELEM as u16,
+                    flags: ACK,
+                },
                 Op::DelChain(name) => Msg {
                     obj: Obj::Chain(chain(&table, &cstr(name)?)),
                     msg_type: libc::NFT_MSG_DELCHAIN as u16,
@@ -351,6 +374,18 @@ fn elems(table: &CString, spec: &ElemsSpec) -> Result<NonNull<sys::nftnl_set>, S
                 e.key.as_ptr().cast(),
                 e.key.len() as u32,
             );
+            if let Some(end) = &e.key_end {
+                if end.len() > 64 {
+                    sys::nftnl_set_free(s.as_ptr());
+                    return Err(format!("set key end of {} bytes", end.len()));
+                }
+                sys::nftnl_set_elem_set(
+                    el.as_ptr(),
+                    sys::NFTNL_SET_ELEM_KEY_END as u16,
+                    end.as_ptr().cast(),
+                    end.len() as u32,
+                );
+            }
             if let Some(chain) = &e.goto {
                 let chain = match cstr(chain) {
                     Ok(c) => c,
@@ -432,8 +467,6 @@ fn expr(e: &Expr) -> Result<NonNull<sys::nftnl_expr>, String> {
                 let o = match op {
                     CmpOp::Eq => libc::NFT_CMP_EQ,
                     CmpOp::Neq => libc::NFT_CMP_NEQ,
-                    CmpOp::Gte => libc::NFT_CMP_GTE,
-                    CmpOp::Lte => libc::NFT_CMP_LTE,
                 };
                 set_u32(sys::NFTNL_EXPR_CMP_SREG, sreg.raw());
                 set_u32(sys::NFTNL_EXPR_CMP_OP, o as u32);
@@ -539,6 +572,9 @@ pub(crate) struct Encoded {
     /// Number of plan ops in the batch.
     pub ops: usize,
 }
+
+/// `NFT_SET_CONCAT` (not in the libc crate): a set whose key is a concatenation.
+const NFT_SET_CONCAT: u32 = 0x80;
 
 /// Small pages keep the batch buffer off mmap; a batch spanning several
 /// pages is still sent as one datagram (see `socket`).
