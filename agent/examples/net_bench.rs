@@ -1,8 +1,11 @@
 //! Sandbox network slots at scale, host side (as root, inside a network namespace it makes
-//! and removes): the time to build one sandbox's network — claim a slot, create its tap,
-//! install its chains and sets with the policy, give the tap the host's addresses, start
-//! its DNS listener — when 1, 100, 1,000 (and, with `--slots 10000`, 10,000) sandboxes
-//! already exist, then the time to take one down. No traffic is sent.
+//! and removes), when 1, 100, 1,000 (and, with `--slots 10000`, 10,000) sandboxes already
+//! exist, side by side:
+//! - on demand: build a slot (claim, tap, chains, host addresses), put the policy in, start
+//!   the DNS listener; teardown removes the slot;
+//! - pooled: take a ready slot, put the policy in (set elements), start the listener;
+//!   release resets the slot and puts it back.
+//! No traffic is sent.
 //!
 //! `cargo run --release -p cleave-agent --example net_bench -- [--slots N]`
 
@@ -55,13 +58,17 @@ fn main() {
     .unwrap();
     let rows = ns
         .run(|| {
-            let node = NetNode::open(NetOptions {
+            let opts = |pool| NetOptions {
                 range: NodeRange::default(),
                 uplink: Some("lo".into()),
                 dns_upstream: vec!["127.0.0.1:53".parse::<SocketAddr>().unwrap()],
                 lock_dir: locks.path().to_path_buf(),
-            })
-            .unwrap();
+                pool,
+            };
+            // Two nodes on one table and one set of slot locks: one builds every slot on
+            // demand, the other keeps 20 ready.
+            let node = NetNode::open(opts(0)).unwrap();
+            let pooled_node = NetNode::open(opts(20)).unwrap();
             let mut alive = Vec::with_capacity(slots);
             let mut rows = Vec::new();
             for &cp in &checkpoints {
@@ -74,46 +81,45 @@ fn main() {
                         eprintln!("net_bench: {} sandboxes", alive.len());
                     }
                 }
-                let (mut up, mut down) = (Vec::new(), Vec::new());
-                let mut steps = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-                for k in 0..20 {
-                    let t = Instant::now();
-                    let n =
-                        SandboxNetwork::create(&node, &format!("probe-{cp}-{k}"), &policy).unwrap();
-                    up.push(t.elapsed());
-                    let s = n.timings();
-                    for (v, d) in
-                        steps
-                            .iter_mut()
-                            .zip([s.claim, s.tap, s.chains, s.host_side, s.dns])
-                    {
-                        v.push(d);
+                let mut row = Vec::new();
+                for pooled in [false, true] {
+                    let n0 = if pooled { &pooled_node } else { &node };
+                    if pooled {
+                        n0.fill_pool().unwrap();
                     }
-                    let t = Instant::now();
-                    drop(n);
-                    down.push(t.elapsed());
+                    let (mut up, mut down, mut policy_t) = (Vec::new(), Vec::new(), Vec::new());
+                    for k in 0..20 {
+                        let t = Instant::now();
+                        let n = SandboxNetwork::create(n0, &format!("probe-{cp}-{k}"), &policy)
+                            .unwrap();
+                        up.push(t.elapsed());
+                        policy_t.push(n.timings().policy);
+                        let t = Instant::now();
+                        drop(n); // on demand: the slot is removed; pooled: it goes back
+                        down.push(t.elapsed());
+                    }
+                    row.push((
+                        pct(&mut up, 0.5),
+                        pct(&mut up, 0.99),
+                        pct(&mut policy_t, 0.5),
+                        pct(&mut down, 0.5),
+                    ));
                 }
-                let split: Vec<f64> = steps.iter_mut().map(|v| pct(v, 0.5)).collect();
-                rows.push((
-                    cp,
-                    pct(&mut up, 0.5),
-                    pct(&mut up, 0.99),
-                    pct(&mut down, 0.5),
-                    pct(&mut down, 0.99),
-                    split,
-                ));
+                rows.push((cp, row));
                 eprintln!("net_bench: checkpoint {cp} done");
             }
             drop(alive);
             rows
         })
         .unwrap();
-    println!("| sandboxes alive | build p50 | build p99 | claim | tap | chains + policy | host addresses | DNS listener | teardown p50 | teardown p99 |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (cp, b50, b99, d50, d99, s) in rows {
-        println!(
-            "| {cp} | {b50:.0} µs | {b99:.0} µs | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {d50:.0} µs | {d99:.0} µs |",
-            s[0], s[1], s[2], s[3], s[4]
-        );
+    println!("| sandboxes alive | path | network ready p50 | p99 | of which policy (set elements) p50 | release p50 |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: |");
+    for (cp, row) in rows {
+        for ((b50, b99, p50, d50), path) in row
+            .into_iter()
+            .zip(["slot built on demand", "slot from the pool"])
+        {
+            println!("| {cp} | {path} | {b50:.0} µs | {b99:.0} µs | {p50:.0} µs | {d50:.0} µs |");
+        }
     }
 }

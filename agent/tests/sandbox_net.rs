@@ -18,6 +18,7 @@ fn options(lock_dir: &Path, range: NodeRange) -> NetOptions {
         // Never asked here: no guest sends a query.
         dns_upstream: vec!["127.0.0.1:53".parse::<SocketAddr>().unwrap()],
         lock_dir: lock_dir.to_path_buf(),
+        pool: 0,
     }
 }
 
@@ -49,7 +50,7 @@ fn a_sandbox_network_is_built_whole_and_removed_whole() {
                 "{chain}\n{table}"
             );
         }
-        assert!(table.contains("cleave sandbox sb-a (tap cl0)"));
+        assert!(table.contains("cleave sandbox slot-0 (tap cl0)"));
         let udp = text(&ns, "ss", &["-lnu"]);
         assert!(udp.contains("10.231.0.1%cl0:53"), "{udp}");
         let tcp = text(&ns, "ss", &["-lnt"]);
@@ -135,6 +136,56 @@ fn a_full_range_is_refused_and_nothing_is_half_made() {
         );
         // A bad id is refused before a slot is claimed.
         assert!(SandboxNetwork::create(&node, "bad id", &policy).is_err());
+    })
+    .unwrap();
+}
+
+#[test]
+fn pooled_slots_take_a_policy_as_elements_and_come_back_clean() {
+    let ns = NetNs::new("sbpool").unwrap();
+    let locks = tempfile::tempdir().unwrap();
+    let policy =
+        EgressPolicy::parse(&["allowed.test".into()], &["192.0.2.0/24:443".into()]).unwrap();
+    ns.run(|| {
+        let mut opts = options(locks.path(), NodeRange::default());
+        opts.pool = 2;
+        let node = NetNode::open(opts).unwrap();
+        assert_eq!(node.fill_pool().unwrap(), 2);
+        assert_eq!(node.pool_depth(), 2);
+        let links = text(&ns, "ip", &["-o", "link"]);
+        assert!(links.contains("cl0:") && links.contains("cl1:"), "{links}");
+
+        let a = SandboxNetwork::create(&node, "sb-a", &policy).unwrap();
+        assert!(a.timings().slot.is_none(), "taken from the pool, not built");
+        assert_eq!(node.pool_depth(), 1);
+        let tap = a.addrs().tap.clone();
+        let set = format!("allow4-{tap}");
+        let allow = text(&ns, "nft", &["list", "set", "inet", "cleave", &set]);
+        assert!(allow.contains("192.0.2.0/24 . tcp . 443"), "{allow}");
+
+        drop(a);
+        assert_eq!(node.pool_depth(), 2, "the slot went back");
+        let allow = text(&ns, "nft", &["list", "set", "inet", "cleave", &set]);
+        assert!(
+            !allow.contains("192.0.2.0/24"),
+            "and came back without its policy\n{allow}"
+        );
+        let links = text(&ns, "ip", &["-o", "link"]);
+        assert!(
+            links.contains(&format!("{tap}:")),
+            "its tap is kept for the next sandbox"
+        );
+
+        // A full pool takes no more: a third sandbox's slot is built, then removed.
+        let b = SandboxNetwork::create(&node, "sb-b", &policy).unwrap();
+        let c = SandboxNetwork::create(&node, "sb-c", &policy).unwrap();
+        let d = SandboxNetwork::create(&node, "sb-d", &policy).unwrap();
+        assert!(d.timings().slot.is_some(), "the pool was empty: built now");
+        let extra = d.addrs().tap.clone();
+        drop((b, c, d));
+        assert_eq!(node.pool_depth(), 2);
+        let links = text(&ns, "ip", &["-o", "link"]);
+        assert!(!links.contains(&format!("{extra}:")), "{links}");
     })
     .unwrap();
 }

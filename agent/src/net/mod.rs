@@ -8,16 +8,20 @@
 //! - [`policy`]: the egress policy as a user writes it (`--allow`, `--allow-cidr`).
 //! - [`uplink`]: where masqueraded egress leaves, and IP forwarding.
 //! - [`conntrack`]: forgetting a released address's flows.
-//! - [`node`]: the node-wide parts (firewall handle, DNS proxy, its runtime), and
-//!   reconciling what dead sandboxes left.
-//! - [`sandbox`]: one sandbox's network, set up whole or not at all, torn down on drop.
+//! - [`node`]: the node-wide parts (firewall handle, DNS proxy, its runtime, the slot
+//!   pool), and reconciling what dead sandboxes left.
+//! - [`slot`]: a slot built ahead of time: tap, host addresses, chains and empty sets.
+//! - [`pool`]: ready slots, so a sandbox only adds its policy (set elements) and DNS.
+//! - [`sandbox`]: one sandbox's network, set up whole or not at all, released on drop.
 
 pub mod addressing;
 pub mod conntrack;
 pub mod lease;
 pub mod node;
 pub mod policy;
+pub mod pool;
 pub mod sandbox;
+pub mod slot;
 pub mod uplink;
 
 pub use addressing::{NodeRange, SlotAddrs};

@@ -11,6 +11,8 @@ use cleave_netfilter::{Firewall, NetfilterError, SandboxId};
 
 use super::addressing::NodeRange;
 use super::lease;
+use super::pool::SlotPool;
+use super::slot::{Slot, SlotError};
 use super::uplink;
 use crate::vmm::runtime_dir::RuntimeDir;
 
@@ -24,6 +26,8 @@ pub struct NetOptions {
     pub dns_upstream: Vec<SocketAddr>,
     /// Where slot locks live (default `<runtime dir>/net`).
     pub lock_dir: PathBuf,
+    /// Slots kept ready (built ahead, reused after release); 0 builds each on demand.
+    pub pool: usize,
 }
 
 impl Default for NetOptions {
@@ -33,6 +37,7 @@ impl Default for NetOptions {
             uplink: None,
             dns_upstream: Vec::new(),
             lock_dir: RuntimeDir::base().join("net"),
+            pool: 0,
         }
     }
 }
@@ -77,6 +82,7 @@ pub struct NetNode {
     pub(super) runtime: tokio::runtime::Runtime,
     /// Where the next slot claim starts probing (just past the last one claimed).
     pub(super) next_slot: std::sync::atomic::AtomicU32,
+    pub(super) pool: Arc<SlotPool>,
 }
 
 impl NetNode {
@@ -107,6 +113,7 @@ impl NetNode {
             .enable_all()
             .build()
             .map_err(NodeError::Runtime)?;
+        let pool = options.pool;
         let node = NetNode {
             dns: DnsProxy::new(ProxyConfig::with_upstreams(upstreams)),
             options,
@@ -114,9 +121,20 @@ impl NetNode {
             firewall,
             runtime,
             next_slot: std::sync::atomic::AtomicU32::new(0),
+            pool: Arc::new(SlotPool::new(pool)),
         };
         node.reconcile()?;
         Ok(node)
+    }
+
+    /// Builds slots until the pool is full; returns how many were built.
+    pub fn fill_pool(&self) -> Result<usize, SlotError> {
+        self.pool.fill(|| Slot::build(self))
+    }
+
+    /// Slots ready in the pool now.
+    pub fn pool_depth(&self) -> usize {
+        self.pool.depth()
     }
 
     /// Removes the chains and sets of every sandbox whose slot nobody alive holds (its
