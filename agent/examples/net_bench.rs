@@ -5,6 +5,7 @@
 //!   the DNS listener; teardown removes the slot;
 //! - pooled: take a ready slot, put the policy in (set elements), start the listener;
 //!   release resets the slot and puts it back.
+//!
 //! No traffic is sent.
 //!
 //! `cargo run --release -p cleave-agent --example net_bench -- [--slots N]`
