@@ -10,8 +10,9 @@ PKGS=(
   busybox-static
   # the rig: a software-emulated SVM machine that runs Debian's kvm_amd
   qemu-system-x86
-  # netfilter crate (nftnl + mnl) and its tests
-  pkg-config libnftnl-dev libmnl-dev nftables iproute2
+  # netfilter crate (nftnl + mnl) and its tests; conntrack lets the network tests check
+  # that a released sandbox's flows are gone (the agent itself uses ctnetlink directly)
+  pkg-config libnftnl-dev libmnl-dev nftables iproute2 conntrack
   # dnsproxy benchmark peer
   dnsmasq-base
   # tooling used by scripts

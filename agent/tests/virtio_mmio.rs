@@ -94,7 +94,7 @@ fn a_normal_driver_starts_the_device() {
     assert_eq!(st.acked_features, 1 << 32);
     assert_eq!(st.queues.len(), 3);
     assert!(st.queues.iter().all(|q| q.ready && q.size == 256));
-    assert!(t.dev().state().queues.is_some());
+    assert!(t.dev().active_queues().is_some());
 }
 
 #[test]
@@ -226,12 +226,18 @@ fn a_started_transport_and_device_restore_to_the_same_state_on_a_new_socket() {
     use cleave_agent::devices::virtio::mmio::MmioState;
     use cleave_agent::devices::virtio::vsock::{VsockConfig, VsockState};
     use cleave_agent::devices::virtio::Interrupt;
+    use cleave_agent::devices::Persist;
 
     let mut t = T::new();
     t.start();
     t.dev().interrupt().raise(INT_USED_RING);
     let transport: MmioState = t.t.state();
     let device: VsockState = t.dev().state();
+    assert_eq!(
+        transport.queues,
+        t.dev().active_queues().unwrap(),
+        "the transport saves the started device's live queues: one copy"
+    );
     // Through JSON, as a template on disk or on the way to a worker.
     let transport: MmioState =
         serde_json::from_str(&serde_json::to_string(&transport).unwrap()).unwrap();
@@ -243,20 +249,18 @@ fn a_started_transport_and_device_restore_to_the_same_state_on_a_new_socket() {
         uds_path: t.h.dir.path().join("fork.sock"),
     };
     let irq = Arc::new(Interrupt::new(None, 0).unwrap());
-    let dev = Arc::new(Mutex::new(
-        Vsock::restore(&config, irq, &device, t.h.mem.clone()).unwrap(),
-    ));
+    let dev = Arc::new(Mutex::new(Vsock::restore((&config, irq), &device).unwrap()));
     let dyn_dev: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
-    let restored = MmioTransport::restore(dyn_dev, t.h.mem.clone(), &transport).unwrap();
+    let restored = MmioTransport::restore((dyn_dev, t.h.mem.clone()), &transport).unwrap();
     assert_eq!(
         restored.state(),
         transport,
-        "transport state, interrupt status included"
+        "transport state, interrupt status and live queues included"
     );
     assert_eq!(dev.lock().unwrap().state(), device);
     assert!(
         dev.lock().unwrap().is_active(),
-        "comes back active, without a new DRIVER_OK"
+        "its transport started it again, without a new DRIVER_OK"
     );
     assert!(
         config.uds_path.exists(),
@@ -264,18 +268,32 @@ fn a_started_transport_and_device_restore_to_the_same_state_on_a_new_socket() {
     );
 
     // A state that does not fit the device is refused, not half restored.
+    let fresh = |name: &str| {
+        let c = VsockConfig {
+            guest_cid: device.guest_cid,
+            uds_path: t.h.dir.path().join(name),
+        };
+        let d: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(
+            Vsock::restore((&c, Arc::new(Interrupt::new(None, 0).unwrap())), &device).unwrap(),
+        ));
+        d
+    };
     let mut bad = transport.clone();
     bad.queues.pop();
-    let dyn_dev: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
-    assert!(MmioTransport::restore(dyn_dev, t.h.mem.clone(), &bad).is_err());
-    let mut bad_dev = device.clone();
-    if let Some(q) = bad_dev.queues.as_mut() {
-        q[0].size = 100; // not a power of two
-    }
+    assert!(MmioTransport::restore((fresh("a.sock"), t.h.mem.clone()), &bad).is_err());
+    let mut bad = transport.clone();
+    bad.queues[0].size = 100; // not a power of two
+    assert!(MmioTransport::restore((fresh("b.sock"), t.h.mem.clone()), &bad).is_err());
+    let mut bad = transport.clone();
+    bad.queues[1].desc_table = u64::MAX - 4096; // outside guest memory
+    assert!(MmioTransport::restore((fresh("c.sock"), t.h.mem.clone()), &bad).is_err());
     let other = VsockConfig {
-        guest_cid: device.guest_cid,
+        guest_cid: device.guest_cid + 1,
         uds_path: t.h.dir.path().join("other.sock"),
     };
     let irq = Arc::new(Interrupt::new(None, 0).unwrap());
-    assert!(Vsock::restore(&other, irq, &bad_dev, t.h.mem.clone()).is_err());
+    assert!(
+        Vsock::restore((&other, irq), &device).is_err(),
+        "another CID"
+    );
 }

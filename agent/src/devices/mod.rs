@@ -1,5 +1,5 @@
-//! Devices the guest can reach. Each device keeps its state in one plain struct so a later
-//! snapshot can save and restore it as a unit.
+//! Devices the guest can reach. Each device keeps its state in one plain struct, saved and
+//! put back as a unit through [`Persist`].
 
 pub mod debug_exit;
 pub mod i8042;
@@ -8,6 +8,21 @@ pub mod serial;
 pub mod virtio;
 
 pub use legacy::LegacyDevices;
+
+/// A device (or transport) whose whole saved state is one plain value: [`state`] takes
+/// it, [`restore`] builds the device again from it plus what is not state — the new VM's
+/// interrupt lines, sockets, tap, memory (`Args`). `fork::capture` and `fork::restore`
+/// only orchestrate these calls.
+///
+/// [`state`]: Persist::state
+/// [`restore`]: Persist::restore
+pub trait Persist: Sized {
+    type State;
+    type Args<'a>;
+    type Error;
+    fn state(&self) -> Self::State;
+    fn restore(args: Self::Args<'_>, state: &Self::State) -> Result<Self, Self::Error>;
+}
 
 /// How a guest ended, as seen by the devices and vCPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]

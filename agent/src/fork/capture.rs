@@ -83,6 +83,7 @@ pub fn capture(kvm: &Kvm, mut vm: Vm) -> Result<Template, CaptureError> {
         }
     };
     let state = MachineState {
+        format: super::state::STATE_FORMAT,
         machine: vm.machine(),
         vm: vm_state,
         vcpus,

@@ -35,7 +35,7 @@ use super::Template;
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
 use crate::devices::virtio::net::NetBackend;
 use crate::devices::virtio::vsock::VsockConfig;
-use crate::devices::LegacyDevices;
+use crate::devices::{LegacyDevices, Persist};
 use crate::vmm;
 use crate::vmm::memory::{GuestRam, MemoryError, Sharing};
 use crate::vmm::vcpu::Vcpu;
@@ -275,7 +275,7 @@ impl Shell {
         }
         timed(&mut tm.vm_state, || restore_vm(&fd, &state.vm))?;
         let serial = timed(&mut tm.devices, || {
-            Serial::from_state(&state.devices.serial, console, Some(&fd))
+            Serial::restore((console, Some(&fd)), &state.devices.serial)
         })?;
         timed(&mut tm.vcpu_state, || -> Result<(), RestoreError> {
             for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {

@@ -91,9 +91,16 @@ pub struct DeviceState {
     pub net: Option<SavedNet>,
 }
 
+/// The layout of [`MachineState`] this build reads and writes. Bumped whenever a saved
+/// field changes meaning (2: queue state saved once, by the transport; the NIC).
+pub const STATE_FORMAT: u32 = 2;
+
 /// The whole machine except its memory (which is the template's sealed memfd).
 #[derive(Clone, Serialize, Deserialize)]
 pub struct MachineState {
+    /// [`STATE_FORMAT`] when captured; templates from before it was recorded read as 0.
+    #[serde(default)]
+    pub format: u32,
     #[serde(with = "wire::machine")]
     pub machine: MachineConfig,
     pub vm: VmState,
@@ -105,6 +112,13 @@ impl MachineState {
     /// Checks what a decoded state must satisfy before anything is restored from it:
     /// one vCPU state per vCPU of the machine, in index order.
     pub fn validate(&self) -> Result<(), String> {
+        if self.format != STATE_FORMAT {
+            return Err(format!(
+                "it was captured by another cleave (state format {}, this one reads {}); \
+                 recreate the template (`cleave template rm NAME`, then create it again)",
+                self.format, STATE_FORMAT
+            ));
+        }
         let want = usize::from(self.machine.vcpus.get());
         if self.vcpus.len() != want {
             return Err(format!(

@@ -23,12 +23,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
-use crate::devices::virtio::mmio::{MmioError, MmioTransport};
+use crate::devices::virtio::mmio::{MmioError, MmioTransport, SavedVirtio};
 use crate::devices::virtio::net::device::NetError;
 use crate::devices::virtio::net::{Net, NetBackend, SavedNet};
 use crate::devices::virtio::vsock::device::VsockError;
 use crate::devices::virtio::vsock::{SavedVsock, Vsock, VsockConfig};
 use crate::devices::virtio::Interrupt;
+use crate::devices::Persist;
 use crate::devices::{GuestEnd, LegacyDevices};
 use config::MachineConfig;
 use control::{ExitCounts, RunControl};
@@ -149,6 +150,18 @@ struct Placed<D> {
     slot: MmioSlot,
 }
 
+impl<D: Persist> Placed<D> {
+    /// The device, its transport and its place, as one saved value.
+    fn saved(&self) -> SavedVirtio<D::State> {
+        SavedVirtio {
+            base: self.slot.base,
+            irq: self.slot.irq,
+            transport: lock(&self.transport).state(),
+            device: lock(&self.device).state(),
+        }
+    }
+}
+
 /// A VM that has not started running.
 pub struct Vm {
     // Drop order: vCPUs, then the VM, then the memory KVM was pointed at.
@@ -255,12 +268,10 @@ impl Vm {
         let interrupt = self.virtio_interrupt(slot)?;
         let mem = self.ram.memory().clone();
         let vsock = Arc::new(Mutex::new(Vsock::restore(
-            config,
-            interrupt,
+            (config, interrupt),
             &saved.device,
-            mem.clone(),
         )?));
-        let transport = MmioTransport::restore(vsock.clone(), mem, &saved.transport)?;
+        let transport = MmioTransport::restore((vsock.clone(), mem), &saved.transport)?;
         self.vsock = Some(self.place(slot, vsock, transport)?);
         Ok(())
     }
@@ -285,12 +296,10 @@ impl Vm {
         let interrupt = self.virtio_interrupt(slot)?;
         let mem = self.ram.memory().clone();
         let net = Arc::new(Mutex::new(Net::restore(
-            interrupt,
-            backend,
+            (backend, interrupt),
             &saved.device,
-            mem.clone(),
         )?));
-        let transport = MmioTransport::restore(net.clone(), mem, &saved.transport)?;
+        let transport = MmioTransport::restore((net.clone(), mem), &saved.transport)?;
         self.net = Some(self.place(slot, net, transport)?);
         Ok(())
     }
@@ -343,22 +352,12 @@ impl Vm {
 
     /// The vsock device's state with its transport's (a stopped VM being captured).
     pub fn vsock_state(&self) -> Option<SavedVsock> {
-        self.vsock.as_ref().map(|v| SavedVsock {
-            base: v.slot.base,
-            irq: v.slot.irq,
-            transport: lock(&v.transport).state(),
-            device: lock(&v.device).state(),
-        })
+        self.vsock.as_ref().map(Placed::saved)
     }
 
     /// The network device's state with its transport's (a stopped VM being captured).
     pub fn net_state(&self) -> Option<SavedNet> {
-        self.net.as_ref().map(|n| SavedNet {
-            base: n.slot.base,
-            irq: n.slot.irq,
-            transport: lock(&n.transport).state(),
-            device: lock(&n.device).state(),
-        })
+        self.net.as_ref().map(Placed::saved)
     }
 
     /// Loads a Linux kernel and initramfs for the PVH entry and configures every vCPU.

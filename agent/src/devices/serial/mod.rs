@@ -82,3 +82,21 @@ impl Serial {
         self.uart.state()
     }
 }
+
+impl crate::devices::Persist for Serial {
+    type State = SerialState;
+    type Args<'a> = (ConsoleOut, Option<&'a VmFd>);
+    type Error = SerialError;
+
+    fn state(&self) -> SerialState {
+        Serial::state(self)
+    }
+
+    /// The UART as `state` left it, writing to `out`, its interrupt on `vm`'s IRQ 4.
+    fn restore(
+        (out, vm): (ConsoleOut, Option<&VmFd>),
+        state: &SerialState,
+    ) -> Result<Self, SerialError> {
+        Serial::from_state(state, out, vm)
+    }
+}

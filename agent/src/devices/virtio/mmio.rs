@@ -60,7 +60,21 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
-/// Everything the transport itself holds, as one plain value (for snapshots).
+/// A virtio device saved with its transport and where the guest found it: all a fork needs
+/// to put the same device back at the same address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedVirtio<S> {
+    /// The MMIO window's guest physical address.
+    pub base: u64,
+    /// Its IO-APIC pin.
+    pub irq: u32,
+    pub transport: MmioState,
+    pub device: S,
+}
+
+/// Everything the transport holds, as one plain value (for snapshots). Its queues are the
+/// one saved copy of queue state: a started device's live queues, else the driver's
+/// settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioState {
     pub device_status: u32,
@@ -153,6 +167,7 @@ impl MmioTransport {
     }
 
     pub fn state(&self) -> MmioState {
+        let dev = lock(&self.device);
         MmioState {
             device_status: self.device_status,
             device_features_sel: self.device_features_sel,
@@ -160,17 +175,34 @@ impl MmioTransport {
             acked_features: self.acked_features,
             queue_sel: self.queue_sel,
             config_generation: self.config_generation,
-            interrupt_status: lock(&self.device).interrupt().status(),
-            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            interrupt_status: dev.interrupt().status(),
+            queues: dev
+                .active_queues()
+                .unwrap_or_else(|| self.queues.iter().map(QueueSnapshot::of).collect()),
         }
     }
 
-    /// A transport for `device` as `state` left it (a fork of a template): the driver's
-    /// settings and queue registers back, without activating anything (the device comes
-    /// back active from its own state).
-    pub fn restore(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemoryMmap,
+    /// Whether the driver had started the device (and it had not failed).
+    fn was_started(state: &MmioState) -> bool {
+        state.device_status & status::DRIVER_OK != 0
+            && state.device_status & (status::DEVICE_NEEDS_RESET | status::FAILED) == 0
+    }
+}
+
+impl crate::devices::Persist for MmioTransport {
+    type State = MmioState;
+    type Args<'a> = (Arc<Mutex<dyn VirtioDevice>>, GuestMemoryMmap);
+    type Error = MmioError;
+
+    fn state(&self) -> MmioState {
+        MmioTransport::state(self)
+    }
+
+    /// A transport for a freshly made `device` as `state` left it (a fork of a template):
+    /// the driver's settings and queue registers back, and — when the driver had started
+    /// the device — the device started again on the saved queues, with no new DRIVER_OK.
+    fn restore(
+        (device, mem): (Arc<Mutex<dyn VirtioDevice>>, GuestMemoryMmap),
         state: &MmioState,
     ) -> Result<Self, MmioError> {
         let mut t = MmioTransport::new(device, mem)?;
@@ -199,12 +231,24 @@ impl MmioTransport {
         t.acked_features = state.acked_features;
         t.queue_sel = state.queue_sel;
         t.config_generation = state.config_generation;
-        lock(&t.device)
-            .interrupt()
-            .set_status(state.interrupt_status);
+        let mut dev = lock(&t.device);
+        if MmioTransport::was_started(state) {
+            let queues = state
+                .queues
+                .iter()
+                .map(QueueSnapshot::to_queue)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| MmioError::Restore(format!("queues: {e:?}")))?;
+            dev.activate(t.mem.clone(), state.acked_features, queues)
+                .map_err(|e| MmioError::Restore(format!("starting the device again: {e}")))?;
+        }
+        dev.interrupt().set_status(state.interrupt_status);
+        drop(dev);
         Ok(t)
     }
+}
 
+impl MmioTransport {
     pub fn device_status(&self) -> u32 {
         self.device_status
     }

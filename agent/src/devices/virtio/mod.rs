@@ -62,4 +62,7 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device and drops everything it was doing (the driver wrote status 0).
     fn reset(&mut self);
+    /// The live queues of a started device (their indices move on as it works); `None`
+    /// before activation. The transport saves these, so queue state has one owner.
+    fn active_queues(&self) -> Option<Vec<queue_state::QueueSnapshot>>;
 }

@@ -55,8 +55,6 @@ struct Active {
 pub enum NetError {
     #[error("creating the network device's eventfds: {0}")]
     Fd(std::io::Error),
-    #[error("restoring the network device: {0}")]
-    Restore(String),
 }
 
 pub struct Net {
@@ -128,50 +126,6 @@ impl Net {
     /// Whether the guest broke a queue and the device stopped.
     pub fn is_broken(&self) -> bool {
         self.broken
-    }
-
-    pub fn state(&self) -> NetState {
-        NetState {
-            mac: self.mac,
-            acked_features: self.acked_features,
-            queues: self
-                .active
-                .as_ref()
-                .map(|a| a.queues.iter().map(QueueSnapshot::of).collect()),
-        }
-    }
-
-    /// A device as `state` left it, on `backend`: active with the saved queues when the
-    /// driver had started it.
-    pub fn restore(
-        interrupt: Arc<Interrupt>,
-        backend: NetBackend,
-        state: &NetState,
-        mem: GuestMemoryMmap,
-    ) -> Result<Self, NetError> {
-        let mut dev = Net::new(state.mac, interrupt, backend)?;
-        if let Some(saved) = &state.queues {
-            if saved.len() != QUEUE_SIZES.len() {
-                return Err(NetError::Restore(format!(
-                    "{} saved queues, the device has {}",
-                    saved.len(),
-                    QUEUE_SIZES.len()
-                )));
-            }
-            let queues = saved
-                .iter()
-                .enumerate()
-                .map(|(i, q)| {
-                    q.to_queue()
-                        .ok()
-                        .filter(|q| q.is_valid(&mem))
-                        .ok_or_else(|| NetError::Restore(format!("saved queue {i} is invalid")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            dev.acked_features = state.acked_features;
-            dev.active = Some(Active { mem, queues });
-        }
-        Ok(dev)
     }
 
     /// Checks that the guest's avail index is at most a queue ahead of ours. A lie would
@@ -315,6 +269,25 @@ impl Net {
     }
 }
 
+impl crate::devices::Persist for Net {
+    type State = NetState;
+    type Args<'a> = (NetBackend, Arc<Interrupt>);
+    type Error = NetError;
+
+    fn state(&self) -> NetState {
+        NetState { mac: self.mac }
+    }
+
+    /// The device again on `backend` (a fork's own tap), not started: its transport
+    /// starts it on the saved queues.
+    fn restore(
+        (backend, interrupt): (NetBackend, Arc<Interrupt>),
+        state: &NetState,
+    ) -> Result<Self, NetError> {
+        Net::new(state.mac, interrupt, backend)
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
@@ -383,5 +356,11 @@ impl VirtioDevice for Net {
         self.rx_pending = None;
         self.rx_starved = false;
         self.broken = false;
+    }
+
+    fn active_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(QueueSnapshot::of).collect())
     }
 }

@@ -122,57 +122,6 @@ impl Vsock {
         self.counts
     }
 
-    pub fn state(&self) -> VsockState {
-        VsockState {
-            guest_cid: self.cid,
-            acked_features: self.acked_features,
-            queues: self
-                .active
-                .as_ref()
-                .map(|a| a.queues.iter().map(QueueSnapshot::of).collect()),
-        }
-    }
-
-    /// A device as `state` left it, on a new socket (`config`): active with the saved
-    /// queues when the driver had started it. It has no connections; a fork follows this
-    /// with [`send_transport_reset`](Self::send_transport_reset) so the guest drops its own.
-    pub fn restore(
-        config: &VsockConfig,
-        interrupt: Arc<Interrupt>,
-        state: &VsockState,
-        mem: GuestMemoryMmap,
-    ) -> Result<Self, VsockError> {
-        if state.guest_cid != config.guest_cid {
-            return Err(VsockError::Restore(format!(
-                "the saved device has CID {} but this one is configured with {}",
-                state.guest_cid, config.guest_cid
-            )));
-        }
-        let mut dev = Vsock::new(config, interrupt)?;
-        if let Some(saved) = &state.queues {
-            if saved.len() != QUEUE_SIZES.len() {
-                return Err(VsockError::Restore(format!(
-                    "{} saved queues, the device has {}",
-                    saved.len(),
-                    QUEUE_SIZES.len()
-                )));
-            }
-            let queues = saved
-                .iter()
-                .enumerate()
-                .map(|(i, q)| {
-                    q.to_queue()
-                        .ok()
-                        .filter(|q| q.is_valid(&mem))
-                        .ok_or_else(|| VsockError::Restore(format!("saved queue {i} is invalid")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            dev.acked_features = state.acked_features;
-            dev.active = Some(Active { mem, queues });
-        }
-        Ok(dev)
-    }
-
     /// Takes every packet the guest queued on TX and acts on it.
     pub fn process_tx(&mut self) {
         let Some(a) = self.active.as_mut() else {
@@ -311,6 +260,34 @@ impl Vsock {
     }
 }
 
+impl crate::devices::Persist for Vsock {
+    type State = VsockState;
+    type Args<'a> = (&'a VsockConfig, Arc<Interrupt>);
+    type Error = VsockError;
+
+    fn state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.cid,
+        }
+    }
+
+    /// The device again on a new socket (`config`), not started: its transport starts it
+    /// on the saved queues. It has no connections; a fork follows with
+    /// [`send_transport_reset`](Vsock::send_transport_reset) so the guest drops its own.
+    fn restore(
+        (config, interrupt): (&VsockConfig, Arc<Interrupt>),
+        state: &VsockState,
+    ) -> Result<Self, VsockError> {
+        if state.guest_cid != config.guest_cid {
+            return Err(VsockError::Restore(format!(
+                "the saved device has CID {} but this one is configured with {}",
+                state.guest_cid, config.guest_cid
+            )));
+        }
+        Vsock::new(config, interrupt)
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
@@ -378,5 +355,11 @@ impl VirtioDevice for Vsock {
         self.acked_features = 0;
         self.reset_event_pending = false;
         self.muxer.reset_all();
+    }
+
+    fn active_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(QueueSnapshot::of).collect())
     }
 }
