@@ -319,28 +319,21 @@ impl RuleExprs {
 
     /// `iifname vmap @map`
     pub(crate) fn iifname_vmap(self, map: &str) -> Self {
-        self.push(Expr::Meta {
-            key: MetaKey::IifName,
-            dreg: Reg::R1,
-        })
-        .push(Expr::Lookup {
-            set: map.to_string(),
-            sreg: Reg::R1,
-            dreg: Some(Reg::Verdict),
-        })
+        self.ifname_vmap(MetaKey::IifName, map)
     }
 
     /// `oifname vmap @map`
     pub(crate) fn oifname_vmap(self, map: &str) -> Self {
-        self.push(Expr::Meta {
-            key: MetaKey::OifName,
-            dreg: Reg::R1,
-        })
-        .push(Expr::Lookup {
-            set: map.to_string(),
-            sreg: Reg::R1,
-            dreg: Some(Reg::Verdict),
-        })
+        self.ifname_vmap(MetaKey::OifName, map)
+    }
+
+    fn ifname_vmap(self, key: MetaKey, map: &str) -> Self {
+        self.push(Expr::Meta { key, dreg: Reg::R1 })
+            .push(Expr::Lookup {
+                set: map.to_string(),
+                sreg: Reg::R1,
+                dreg: Some(Reg::Verdict),
+            })
     }
 
     /// `ip[6] saddr vmap @map`

@@ -499,18 +499,31 @@ fn allow_elem_ops(n: &ObjectNames, rules: &[AllowRule]) -> Vec<Op> {
             v4.extend(elems)
         }
     }
+    add_elem_ops(
+        n,
+        [
+            (v4, ObjectKind::Allow4Set, KeyType::Ipv4ProtoPort),
+            (v6, ObjectKind::Allow6Set, KeyType::Ipv6ProtoPort),
+        ],
+        true,
+    )
+}
+
+/// Adds each list of elements to its set, in messages of at most [`MAX_ELEMS_PER_MSG`].
+fn add_elem_ops(
+    n: &ObjectNames,
+    lists: [(Vec<Elem>, ObjectKind, KeyType); 2],
+    exclusive: bool,
+) -> Vec<Op> {
     let mut ops = Vec::new();
-    for (elems, kind, key) in [
-        (v4, ObjectKind::Allow4Set, KeyType::Ipv4ProtoPort),
-        (v6, ObjectKind::Allow6Set, KeyType::Ipv6ProtoPort),
-    ] {
+    for (elems, kind, key) in lists {
         for chunk in elems.chunks(MAX_ELEMS_PER_MSG) {
             ops.push(Op::AddElems(ElemsSpec {
                 set: n.name(kind),
                 key,
                 verdict_map: false,
                 elems: chunk.to_vec(),
-                exclusive: true,
+                exclusive,
             }));
         }
     }
@@ -834,22 +847,15 @@ pub(crate) fn pin_plan(tap: &TapName, pins: &[(IpAddr, u16)], timeout_ms: u64) -
             v6.push(e)
         }
     }
-    let mut ops = Vec::new();
-    for (elems, kind, key) in [
-        (v4, ObjectKind::Pin4Set, KeyType::Ipv4Port),
-        (v6, ObjectKind::Pin6Set, KeyType::Ipv6Port),
-    ] {
-        for chunk in elems.chunks(MAX_ELEMS_PER_MSG) {
-            ops.push(Op::AddElems(ElemsSpec {
-                set: n.name(kind),
-                key,
-                verdict_map: false,
-                elems: chunk.to_vec(),
-                exclusive: false,
-            }));
-        }
-    }
-    ops
+    // Pins are not exclusive: pinning a pair again refreshes its timeout.
+    add_elem_ops(
+        &n,
+        [
+            (v4, ObjectKind::Pin4Set, KeyType::Ipv4Port),
+            (v6, ObjectKind::Pin6Set, KeyType::Ipv6Port),
+        ],
+        false,
+    )
 }
 
 #[cfg(test)]

@@ -171,6 +171,15 @@ pub fn run_batch(scenarios: &[Scenario], timeout: Duration) -> (Place, Vec<Outco
     unreachable!("the loop returns or panics on its last attempt")
 }
 
+/// The JSON objects a scenario printed, one a line (`--json` output).
+pub fn json_lines(r: &Outcome) -> Vec<serde_json::Value> {
+    r.output
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Collects failures so one run reports every failing scenario, each with its output.
 #[derive(Default)]
 pub struct Failures(Vec<String>);

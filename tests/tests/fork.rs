@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cleave_tests::{cleave_bin, run_batch, sh_quote, Failures, Outcome, Scenario};
+use cleave_tests::{cleave_bin, json_lines, run_batch, sh_quote, Failures, Scenario};
 
 fn fork_probe_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cleave-fork-probe"))
@@ -19,14 +19,6 @@ fn fork_probe_bin() -> PathBuf {
 const RUNTIME: &str = "/tmp/cleave-fork-test";
 /// Prints 64 bytes of /dev/urandom and 64 of getrandom(2), one hex line each.
 const READ: &str = "head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; /init getrandom 64";
-
-fn json_lines(r: &Outcome) -> Vec<serde_json::Value> {
-    r.output
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 /// The 128-hex-digit lines in `s` (64-byte reads).
 fn reads(s: &str) -> Vec<String> {

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cleave_tests::{cleave_bin, run_batch, sh_quote, Failures, Outcome, Scenario};
+use cleave_tests::{cleave_bin, json_lines, run_batch, sh_quote, Failures, Outcome, Scenario};
 
 const RUNTIME: &str = "/tmp/cleave-net-test";
 const POLICY: &str = "--allow allowed.test:80 --allow private.test --allow nat64meta.test \
@@ -30,14 +30,6 @@ const CHECKS: [&str; 11] = [
 
 fn lab_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lab")
-}
-
-fn json_lines(r: &Outcome) -> Vec<serde_json::Value> {
-    r.output
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// Value of a `key=value` line in the output.

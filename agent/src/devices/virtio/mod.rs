@@ -39,6 +39,34 @@ pub enum ActivateError {
     AlreadyActive,
 }
 
+/// Reads `data.len()` bytes of a read-only configuration space `config` at `offset`;
+/// bytes outside it read as zero (no overflow at the end of the address space).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| config.get(usize::try_from(o).ok()?).copied())
+            .unwrap_or(0);
+    }
+}
+
+/// Checks the queues a driver hands a device at activation: `count` of them, each valid
+/// in `mem`.
+pub fn check_queues(
+    queues: &[virtio_queue::Queue],
+    count: usize,
+    mem: &GuestMemoryMmap,
+) -> Result<(), ActivateError> {
+    use virtio_queue::QueueT;
+    if queues.len() != count {
+        return Err(ActivateError::BadQueue(queues.len()));
+    }
+    match queues.iter().position(|q| !q.is_valid(mem)) {
+        Some(i) => Err(ActivateError::BadQueue(i)),
+        None => Ok(()),
+    }
+}
+
 /// What the transport needs from a device.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;

@@ -19,7 +19,8 @@ use crate::devices::virtio::interrupt::INT_USED_RING;
 use crate::devices::virtio::log_limit::LogLimit;
 use crate::devices::virtio::queue_state::QueueSnapshot;
 use crate::devices::virtio::{
-    ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    check_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 
 pub const RXQ: usize = 0;
@@ -311,12 +312,7 @@ impl VirtioDevice for Net {
 
     /// The configuration space is the MAC (6 bytes), read-only.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| self.mac.get(usize::try_from(o).ok()?).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.mac, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -335,12 +331,7 @@ impl VirtioDevice for Net {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::BadQueue(queues.len()));
-        }
-        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
-            return Err(ActivateError::BadQueue(i));
-        }
+        check_queues(&queues, QUEUE_SIZES.len(), &mem)?;
         self.acked_features = acked_features;
         self.active = Some(Active { mem, queues });
         self.rx_starved = false;

@@ -18,7 +18,8 @@ use crate::devices::virtio::interrupt::INT_USED_RING;
 use crate::devices::virtio::log_limit::LogLimit;
 use crate::devices::virtio::queue_state::QueueSnapshot;
 use crate::devices::virtio::{
-    ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    check_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 pub const RXQ: usize = 0;
@@ -311,13 +312,7 @@ impl VirtioDevice for Vsock {
 
     /// The configuration space is the guest CID (le64), read-only.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| config.get(o as usize).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -336,12 +331,7 @@ impl VirtioDevice for Vsock {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
-            return Err(ActivateError::BadQueue(i));
-        }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::BadQueue(queues.len()));
-        }
+        check_queues(&queues, QUEUE_SIZES.len(), &mem)?;
         self.acked_features = acked_features;
         self.active = Some(Active { mem, queues });
         self.rx_starved = false;
