@@ -277,17 +277,22 @@ impl RuleExprs {
         // Address fills R32(0..4), the port goes right after it.
         let port_reg = if v6 { Reg::R32(4) } else { Reg::R32(1) };
         self.load_addr(v6, AddrField::Dst, Reg::R32(0))
-            .push(Expr::Payload {
-                base: Base::Transport,
-                offset: 2,
-                len: 2,
-                dreg: port_reg,
-            })
-            .push(Expr::Lookup {
-                set: set.to_string(),
-                sreg: Reg::R32(0),
-                dreg: None,
-            })
+            .dport_then_lookup(port_reg, set)
+    }
+
+    /// `th dport` into `port_reg`, then a lookup of the key built from R32(0) on.
+    fn dport_then_lookup(self, port_reg: Reg, set: &str) -> Self {
+        self.push(Expr::Payload {
+            base: Base::Transport,
+            offset: 2,
+            len: 2,
+            dreg: port_reg,
+        })
+        .push(Expr::Lookup {
+            set: set.to_string(),
+            sreg: Reg::R32(0),
+            dreg: None,
+        })
     }
 
     /// `ip[6] daddr . meta l4proto . th dport @set` (caller has matched nfproto). A packet
@@ -304,17 +309,7 @@ impl RuleExprs {
                 key: MetaKey::L4Proto,
                 dreg: proto_reg,
             })
-            .push(Expr::Payload {
-                base: Base::Transport,
-                offset: 2,
-                len: 2,
-                dreg: port_reg,
-            })
-            .push(Expr::Lookup {
-                set: set.to_string(),
-                sreg: Reg::R32(0),
-                dreg: None,
-            })
+            .dport_then_lookup(port_reg, set)
     }
 
     /// `iifname vmap @map`
