@@ -115,12 +115,25 @@ impl SandboxNetwork {
             slot.firewall().clone(),
             slot.owner().clone(),
         ));
-        let server = node.runtime.block_on(node.dns.add_sandbox(
-            self.id.as_str(),
-            &policy.dns,
-            &listen,
-            pinner,
-        ))?;
+        // A pooled slot's previous listener is stopped by aborting its tasks, which the
+        // runtime completes a moment later: give its port that moment.
+        let mut tries = 0;
+        let server = loop {
+            match node.runtime.block_on(node.dns.add_sandbox(
+                self.id.as_str(),
+                &policy.dns,
+                &listen,
+                pinner.clone(),
+            )) {
+                Err(ProxyError::Listen { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse && tries < 50 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                r => break r?,
+            }
+        };
         self.dns = Some(server);
         Ok(())
     }
