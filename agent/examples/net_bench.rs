@@ -23,7 +23,10 @@ fn pct(xs: &mut [Duration], p: f64) -> f64 {
     xs[i].as_secs_f64() * 1e6
 }
 
-fn raise_fd_limit() {
+/// Each sandbox holds four fds (tap, UDP and TCP listeners, slot lock): raise the limit
+/// (root may raise the hard one too) to what `slots` needs.
+fn raise_fd_limit(slots: usize) {
+    let want = (slots as libc::rlim_t) * 4 + 1024;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -31,8 +34,14 @@ fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit on a valid struct we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_max = lim.rlim_max.max(want);
             lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                eprintln!(
+                    "net_bench: cannot raise the fd limit to {want}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
 }
@@ -45,7 +54,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|s| s.parse().expect("--slots N"))
         .unwrap_or(1000);
-    raise_fd_limit();
+    raise_fd_limit(slots);
     let checkpoints: Vec<usize> = [1usize, 100, 1000, 10_000]
         .into_iter()
         .filter(|&c| c <= slots)
@@ -107,7 +116,9 @@ fn main() {
                     ));
                 }
                 // Printed as measured: the 10,000 case takes many minutes.
-                eprintln!("net_bench: at {cp}: {row:?} (build p50, p99, policy p50, release p50; µs)");
+                eprintln!(
+                    "net_bench: at {cp}: {row:?} (build p50, p99, policy p50, release p50; µs)"
+                );
                 rows.push((cp, row));
                 eprintln!("net_bench: checkpoint {cp} done");
             }
