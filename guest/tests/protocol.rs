@@ -90,7 +90,7 @@ fn body() -> impl Strategy<Value = Body> {
         (any::<bool>(), any::<i32>(), any::<bool>()).prop_map(|(sig, n, timed_out)| {
             Body::Exited(ExitReport {
                 status: if sig {
-                    ExitStatus::Signal(n)
+                    ExitStatus::Signal(n.rem_euclid(MAX_SIGNAL) + 1)
                 } else {
                     ExitStatus::Code(n)
                 },
@@ -281,6 +281,21 @@ fn malformed_payloads_name_the_request_and_the_field() {
             Body::Signal(SignalRequest {
                 target: 1,
                 signal: 0,
+            }),
+            "signal",
+        ),
+        // A guest-controlled signal number must not reach `128 + n` on the host.
+        (
+            Body::Exited(ExitReport {
+                status: ExitStatus::Signal(i32::MAX),
+                timed_out: false,
+            }),
+            "signal",
+        ),
+        (
+            Body::Exited(ExitReport {
+                status: ExitStatus::Signal(0),
+                timed_out: false,
             }),
             "signal",
         ),

@@ -256,7 +256,7 @@ fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> 
         let this = match (&o.result, exit_code, signal) {
             (Err(_), _, _) => 1,
             (_, Some(c), _) => c,
-            (_, _, Some(n)) => 128 + n,
+            (_, _, Some(n)) => 128i32.saturating_add(n),
             _ => 1,
         };
         if code == 0 {

@@ -69,7 +69,7 @@ pub struct RunArgs {
 pub fn exit_code_of(report: &ExitReport) -> i32 {
     match report.status {
         ExitStatus::Code(c) => c,
-        ExitStatus::Signal(n) => 128 + n,
+        ExitStatus::Signal(n) => 128i32.saturating_add(n),
     }
 }
 
@@ -285,6 +285,8 @@ mod tests {
         };
         assert_eq!(exit_code_of(&r(ExitStatus::Code(7))), 7);
         assert_eq!(exit_code_of(&r(ExitStatus::Signal(9))), 137);
+        // Never an overflow, whatever a status claims (the decoder bounds it too).
+        assert_eq!(exit_code_of(&r(ExitStatus::Signal(i32::MAX))), i32::MAX);
     }
 
     #[test]

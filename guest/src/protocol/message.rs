@@ -645,7 +645,14 @@ impl Body {
             kind::EXITED => {
                 let status = match r.u8("status")? {
                     0 => ExitStatus::Code(r.i32("exit code")?),
-                    1 => ExitStatus::Signal(r.i32("signal")?),
+                    1 => {
+                        // The host reports 128 + n: a guest must not pick n.
+                        let n = r.i32("signal")?;
+                        if !(1..=MAX_SIGNAL).contains(&n) {
+                            return Err(PayloadError::Invalid("signal (must be 1..=64)"));
+                        }
+                        ExitStatus::Signal(n)
+                    }
                     _ => return Err(PayloadError::Invalid("status")),
                 };
                 Body::Exited(ExitReport {
