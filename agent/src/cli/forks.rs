@@ -59,7 +59,6 @@ struct Outcome {
 }
 
 pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
-    let node = req.net.node(&req.policy)?;
     let store = TemplateStore::default_location();
     let template = if store.exists(&req.template) {
         let (t, meta) = store.load(&req.template)?;
@@ -89,6 +88,9 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
         };
         create(&store, &args, default_image)?.0
     };
+    // After the template exists (and so after this host's KVM proved it runs guests):
+    // nothing is set up on the host's network for forks that cannot run.
+    let node = req.net.node(&req.policy)?;
     let encoded = Encoded::new(&template)?;
     let exe = worker_exe()?;
     let prepared: Vec<_> = (0..req.forks)

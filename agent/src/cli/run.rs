@@ -96,6 +96,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             signals,
         });
     }
+    // The image and this host's KVM are checked first: nothing is set up on the host's
+    // network for a guest that cannot run here.
+    let Prepared {
+        machine,
+        image,
+        kvm,
+    } = prepare(
+        args.mem.unwrap_or(256),
+        args.vcpus.unwrap_or(1),
+        default_image,
+    )?;
     let node = args.net.node(&policy)?;
     let network = match &node {
         Some(node) => Some(
@@ -108,15 +119,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(n) => NetBackend::Tap(n.tap().try_clone().context("sharing the tap with the VM")?),
         None => NetBackend::Disconnected,
     };
-    let Prepared {
-        machine,
-        image,
-        kvm,
-    } = prepare(
-        args.mem.unwrap_or(256),
-        args.vcpus.unwrap_or(1),
-        default_image,
-    )?;
     let vm = AgentVm::boot(
         &kvm,
         machine,
