@@ -110,7 +110,9 @@ fn forks_end_to_end() {
             ),
         ),
     ]);
-    let (place, results) = run_batch(&scenarios, Duration::from_secs(900));
+    // A healthy batch takes ~90 s; a wedged rig (seen under nested fork churn) is cut
+    // short and retried once instead of holding CI for 15 minutes.
+    let (place, results) = run_batch(&scenarios, Duration::from_secs(420));
     eprintln!("ran {} scenarios on the {place:?}", results.len());
     let mut f = Failures::default();
     let by = |n: &str| results.iter().find(|r| r.name == n).unwrap();
