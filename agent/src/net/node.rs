@@ -161,10 +161,6 @@ impl NetNode {
         Ok(removed.len())
     }
 
-    pub fn firewall(&self) -> &Arc<Firewall> {
-        &self.firewall
-    }
-
     pub fn uplink(&self) -> Option<&str> {
         self.uplink.as_deref()
     }

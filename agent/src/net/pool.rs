@@ -49,10 +49,6 @@ impl SlotPool {
         self.lock().len()
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Builds slots until the pool is full (`build` makes one).
     pub fn fill(
         &self,

@@ -23,12 +23,12 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::serial::{ConsoleOut, Serial, SerialError};
-use crate::devices::virtio::mmio::{MmioError, MmioTransport, SavedVirtio};
+use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport, SavedVirtio};
 use crate::devices::virtio::net::device::NetError;
 use crate::devices::virtio::net::{Net, NetBackend, SavedNet};
 use crate::devices::virtio::vsock::device::VsockError;
 use crate::devices::virtio::vsock::{SavedVsock, Vsock, VsockConfig};
-use crate::devices::virtio::Interrupt;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::Persist;
 use crate::devices::{GuestEnd, LegacyDevices};
 use config::MachineConfig;
@@ -247,12 +247,8 @@ impl Vm {
     /// announces it on the command line.
     pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<(), VmmError> {
         let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
-        let interrupt = self.virtio_interrupt(slot)?;
-        let vsock = Arc::new(Mutex::new(Vsock::new(config, interrupt)?));
-        let transport = MmioTransport::new(vsock.clone(), self.ram.memory().clone())?;
-        self.device_args
-            .push(MmioTransport::cmdline_arg(slot.base, slot.irq));
-        self.vsock = Some(self.place(slot, vsock, transport)?);
+        let vsock = Vsock::new(config, self.virtio_interrupt(slot)?)?;
+        self.vsock = Some(self.attach(slot, vsock, None)?);
         Ok(())
     }
 
@@ -265,14 +261,8 @@ impl Vm {
         saved: &SavedVsock,
     ) -> Result<(), VmmError> {
         let slot = self.saved_slot("vsock", saved.base, saved.irq)?;
-        let interrupt = self.virtio_interrupt(slot)?;
-        let mem = self.ram.memory().clone();
-        let vsock = Arc::new(Mutex::new(Vsock::restore(
-            (config, interrupt),
-            &saved.device,
-        )?));
-        let transport = MmioTransport::restore((vsock.clone(), mem), &saved.transport)?;
-        self.vsock = Some(self.place(slot, vsock, transport)?);
+        let vsock = Vsock::restore((config, self.virtio_interrupt(slot)?), &saved.device)?;
+        self.vsock = Some(self.attach(slot, vsock, Some(&saved.transport))?);
         Ok(())
     }
 
@@ -280,12 +270,8 @@ impl Vm {
     /// [`add_vsock`](Self::add_vsock), call before [`load_linux`](Self::load_linux).
     pub fn add_net(&mut self, mac: [u8; 6], backend: NetBackend) -> Result<(), VmmError> {
         let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
-        let interrupt = self.virtio_interrupt(slot)?;
-        let net = Arc::new(Mutex::new(Net::new(mac, interrupt, backend)?));
-        let transport = MmioTransport::new(net.clone(), self.ram.memory().clone())?;
-        self.device_args
-            .push(MmioTransport::cmdline_arg(slot.base, slot.irq));
-        self.net = Some(self.place(slot, net, transport)?);
+        let net = Net::new(mac, self.virtio_interrupt(slot)?, backend)?;
+        self.net = Some(self.attach(slot, net, None)?);
         Ok(())
     }
 
@@ -293,15 +279,33 @@ impl Vm {
     /// `backend`, at the address and IRQ the guest already knows.
     pub fn restore_net(&mut self, backend: NetBackend, saved: &SavedNet) -> Result<(), VmmError> {
         let slot = self.saved_slot("net", saved.base, saved.irq)?;
-        let interrupt = self.virtio_interrupt(slot)?;
-        let mem = self.ram.memory().clone();
-        let net = Arc::new(Mutex::new(Net::restore(
-            (backend, interrupt),
-            &saved.device,
-        )?));
-        let transport = MmioTransport::restore((net.clone(), mem), &saved.transport)?;
-        self.net = Some(self.place(slot, net, transport)?);
+        let net = Net::restore((backend, self.virtio_interrupt(slot)?), &saved.device)?;
+        self.net = Some(self.attach(slot, net, Some(&saved.transport))?);
         Ok(())
+    }
+
+    /// Puts `device` behind a transport at `slot`: a new one (announced on the kernel
+    /// command line), or the one a template saved (`saved`: the guest already knows it).
+    fn attach<D>(
+        &mut self,
+        slot: MmioSlot,
+        device: D,
+        saved: Option<&MmioState>,
+    ) -> Result<Placed<D>, VmmError>
+    where
+        D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
+    {
+        let device = Arc::new(Mutex::new(device));
+        let mem = self.ram.memory().clone();
+        let transport = match saved {
+            Some(state) => MmioTransport::restore((device.clone(), mem), state)?,
+            None => {
+                self.device_args
+                    .push(MmioTransport::cmdline_arg(slot.base, slot.irq));
+                MmioTransport::new(device.clone(), mem)?
+            }
+        };
+        self.place(slot, device, transport)
     }
 
     /// The next slot, which must be where a saved device was (devices are restored in the
