@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::debug;
 
@@ -65,11 +65,13 @@ impl Default for Limits {
 
 /// A running sandbox resolver. Dropping it stops the listeners and everything they
 /// started (open TCP connections, queries waiting on upstream): nothing keeps answering
-/// with a policy that is gone.
+/// with a policy that is gone. [`shutdown`](Self::shutdown) does the same and returns
+/// only once every socket is closed, so the address can be bound again at once.
 pub struct SandboxServer {
     udp_addr: SocketAddr,
     tcp_addr: SocketAddr,
     handler: Arc<SandboxHandler>,
+    stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -84,6 +86,15 @@ impl SandboxServer {
 
     pub fn handler(&self) -> &Arc<SandboxHandler> {
         &self.handler
+    }
+
+    /// Stops serving and waits until the listeners, their connections and their pending
+    /// queries are gone (their sockets closed).
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
     }
 }
 
@@ -161,26 +172,33 @@ pub async fn serve(
     });
     let udp_addr = udp.local_addr()?;
     let tcp_addr = tcp.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
     let tasks = vec![
-        tokio::spawn(udp_loop(Arc::new(udp), shared.clone())),
-        tokio::spawn(tcp_loop(tcp, shared)),
+        tokio::spawn(udp_loop(Arc::new(udp), shared.clone(), stopped.clone())),
+        tokio::spawn(tcp_loop(tcp, shared, stopped)),
     ];
     Ok(SandboxServer {
         udp_addr,
         tcp_addr,
         handler,
+        stop,
         tasks,
     })
 }
 
-async fn udp_loop(sock: Arc<UdpSocket>, sh: Arc<Shared>) {
+async fn udp_loop(sock: Arc<UdpSocket>, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     // One byte more than the largest query, to tell "too long" from "fits".
     let mut buf = [0u8; MAX_QUERY_LEN + 1];
-    // Owned by this task: aborting the loop (dropping the server) aborts them too.
+    // Owned by this task: stopping (or aborting) the loop ends them too.
     let mut resolving = JoinSet::new();
     loop {
         while resolving.try_join_next().is_some() {}
-        let (n, src) = match sock.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            // A stop request, or the server gone.
+            _ = stop.changed() => break,
+            r = sock.recv_from(&mut buf) => r,
+        };
+        let (n, src) = match received {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "udp recv failed");
@@ -209,6 +227,8 @@ async fn udp_loop(sock: Arc<UdpSocket>, sh: Arc<Shared>) {
             }
         }
     }
+    // Waits for them, so every clone of the socket is dropped when this task ends.
+    resolving.shutdown().await;
 }
 
 async fn send(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) {
@@ -217,13 +237,17 @@ async fn send(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) {
     }
 }
 
-async fn tcp_loop(listener: TcpListener, sh: Arc<Shared>) {
+async fn tcp_loop(listener: TcpListener, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let conns = Arc::new(Semaphore::new(sh.limits.max_tcp_conns));
-    // Owned by this task: aborting the loop (dropping the server) closes every connection.
+    // Owned by this task: stopping (or aborting) the loop closes every connection.
     let mut open = JoinSet::new();
     loop {
         while open.try_join_next().is_some() {}
-        let (stream, src) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, src) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "tcp accept failed");
@@ -246,6 +270,7 @@ async fn tcp_loop(listener: TcpListener, sh: Arc<Shared>) {
             drop(permit);
         });
     }
+    open.shutdown().await;
 }
 
 /// Serves length-prefixed queries one after another until the guest closes,

@@ -573,3 +573,21 @@ async fn a_name_with_too_many_ports_is_refused() {
         .expect("refused");
     assert!(err.to_string().contains("more than 16 ports"), "{err}");
 }
+
+#[tokio::test]
+async fn shutdown_frees_the_address_at_once() {
+    let up = upstream();
+    let proxy = DnsProxy::new(config(&up));
+    let pins = Arc::new(RecordingPinner::default());
+    let sb = start(&proxy, NAMES, pins.clone()).await;
+    let (udp, tcp_addr) = (sb.udp_addr(), sb.tcp_addr());
+    let mut open = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
+    sb.shutdown().await;
+    // Nothing of it is left holding the port, and its open connection is closed.
+    std::net::UdpSocket::bind(udp).expect("the UDP address is free");
+    let mut buf = [0u8; 4];
+    let n = tokio::time::timeout(Duration::from_secs(3), open.read(&mut buf))
+        .await
+        .expect("closed, not hanging");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}

@@ -152,6 +152,12 @@ impl NetNode {
         }
         let removed = self.firewall.reconcile(&live)?;
         for l in &removed {
+            // A dead holder could not forget its flows: a reused index must not inherit them.
+            if let Some(addrs) =
+                NodeRange::index_of_tap(l.tap.as_str()).and_then(|i| self.options.range.slot(i))
+            {
+                super::slot::forget_flows(&addrs);
+            }
             tracing::info!(
                 sandbox = ?l.sandbox.as_ref().map(|s| s.to_string()),
                 tap = %l.tap,

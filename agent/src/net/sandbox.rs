@@ -49,6 +49,8 @@ pub struct SandboxNetwork {
     id: SandboxId,
     slot: Option<Slot>,
     pool: Arc<SlotPool>,
+    /// Where the DNS listener runs: its shutdown is awaited there on release.
+    runtime: tokio::runtime::Handle,
     timings: BuildTimings,
 }
 
@@ -77,6 +79,7 @@ impl SandboxNetwork {
             id,
             slot: Some(slot),
             pool: node.pool.clone(),
+            runtime: node.runtime.handle().clone(),
             timings: BuildTimings::default(),
         };
         let t = Instant::now();
@@ -115,25 +118,12 @@ impl SandboxNetwork {
             slot.firewall().clone(),
             slot.owner().clone(),
         ));
-        // A pooled slot's previous listener is stopped by aborting its tasks, which the
-        // runtime completes a moment later: give its port that moment.
-        let mut tries = 0;
-        let server = loop {
-            match node.runtime.block_on(node.dns.add_sandbox(
-                self.id.as_str(),
-                &policy.dns,
-                &listen,
-                pinner.clone(),
-            )) {
-                Err(ProxyError::Listen { source, .. })
-                    if source.kind() == std::io::ErrorKind::AddrInUse && tries < 50 =>
-                {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                r => break r?,
-            }
-        };
+        let server = node.runtime.block_on(node.dns.add_sandbox(
+            self.id.as_str(),
+            &policy.dns,
+            &listen,
+            pinner,
+        ))?;
         self.dns = Some(server);
         Ok(())
     }
@@ -174,7 +164,14 @@ impl SandboxNetwork {
 
 impl Drop for SandboxNetwork {
     fn drop(&mut self) {
-        drop(self.dns.take());
+        if let Some(dns) = self.dns.take() {
+            // Wait until its sockets are closed, so the slot's next sandbox can bind the
+            // same address at once. On a runtime thread a plain drop is all we may do (it
+            // stops the listener a moment later).
+            if tokio::runtime::Handle::try_current().is_err() {
+                self.runtime.block_on(dns.shutdown());
+            }
+        }
         let Some(mut slot) = self.slot.take() else {
             return;
         };

@@ -123,7 +123,8 @@ impl Slot {
         }
         match self.firewall.apply(&desc) {
             Ok(()) => {}
-            // A crashed holder of this index left its chains: remove them, try once more.
+            // A crashed holder of this index left its chains (and maybe flows): remove
+            // them, try once more.
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 for (owner, t) in self.firewall.list()? {
                     if t.as_str() == self.addrs.tap {
@@ -131,6 +132,7 @@ impl Slot {
                         self.firewall.teardown(&owner)?;
                     }
                 }
+                forget_flows(&self.addrs);
                 self.firewall.apply(&desc)?;
             }
             Err(e) => return Err(e.into()),
@@ -144,10 +146,7 @@ impl Slot {
     /// slot must not be reused.
     pub fn reset(&mut self) -> Result<(), NetfilterError> {
         self.firewall.release(&self.owner)?;
-        if let Err(e) = super::conntrack::forget(self.addrs.guest4.into(), self.addrs.guest6.into())
-        {
-            tracing::warn!(tap = %self.addrs.tap, error = %e, "flushing a released slot's conntrack entries");
-        }
+        forget_flows(&self.addrs);
         let mut buf = vec![0u8; 65_600];
         // Bounded: a tap queue holds at most txqueuelen frames.
         for _ in 0..10_000 {
@@ -186,9 +185,14 @@ impl Drop for Slot {
                 tracing::error!(slot = %self.owner, error = %e, "removing a slot's chains");
             }
         }
-        if let Err(e) = super::conntrack::forget(self.addrs.guest4.into(), self.addrs.guest6.into())
-        {
-            tracing::warn!(slot = %self.owner, error = %e, "flushing a slot's conntrack entries");
-        }
+        forget_flows(&self.addrs);
+    }
+}
+
+/// Deletes the conntrack entries of a slot's guest addresses (logged on failure: it
+/// happens on release paths that must go on).
+pub(super) fn forget_flows(addrs: &SlotAddrs) {
+    if let Err(e) = super::conntrack::forget(addrs.guest4.into(), addrs.guest6.into()) {
+        tracing::warn!(tap = %addrs.tap, error = %e, "deleting a slot's conntrack entries");
     }
 }
