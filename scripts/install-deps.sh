@@ -13,6 +13,8 @@ PKGS=(
   # netfilter crate (nftnl + mnl) and its tests; conntrack lets the network tests check
   # that a released sandbox's flows are gone (the agent itself uses ctnetlink directly)
   pkg-config libnftnl-dev libmnl-dev nftables iproute2 conntrack
+  # the node API's contract (agent/proto) is compiled by tonic-prost-build with protoc
+  protobuf-compiler
   # dnsproxy benchmark peer
   dnsmasq-base
   # tooling used by scripts

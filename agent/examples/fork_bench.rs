@@ -197,7 +197,7 @@ fn main() -> Result<()> {
         let ran = first_run(&mut vm)?;
         keep(vm, &mut teardown, record);
 
-        let shell = fork::prepare(&kvm, &template)?;
+        let shell = fork::Shell::build(&kvm, &template)?;
         let t = Instant::now();
         let warm_fork = shell.finish(
             &template,
@@ -216,7 +216,7 @@ fn main() -> Result<()> {
             }
             cold.samples.push(cold_path);
             warm.samples.push(warm_path);
-            prepare.samples.push(warm_fork.timings.prepare());
+            prepare.samples.push(warm_fork.timings.shell_build());
             first_exit.samples.push(ran);
         }
     }

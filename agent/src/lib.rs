@@ -8,5 +8,6 @@ pub mod fork;
 pub mod host;
 pub mod image;
 pub mod net;
+pub mod node;
 pub mod rig;
 pub mod vmm;

@@ -229,8 +229,8 @@ fn a_shell_prepared_ahead_forks_the_same_and_only_for_its_template() {
     let Some(kvm) = kvm() else { return };
     let c = counting_template(&kvm, 1, 100);
     let other = counting_template(&kvm, 1, 10);
-    let shell = fork::prepare(&kvm, &c.template).unwrap();
-    let wrong = fork::prepare(&kvm, &other.template).unwrap();
+    let shell = fork::Shell::build(&kvm, &c.template).unwrap();
+    let wrong = fork::Shell::build(&kvm, &other.template).unwrap();
     assert!(matches!(
         wrong.finish(
             &c.template,
@@ -249,7 +249,7 @@ fn a_shell_prepared_ahead_forks_the_same_and_only_for_its_template() {
             NetBackend::Disconnected,
         )
         .unwrap();
-    assert!(restored.timings.prepare() > Duration::ZERO);
+    assert!(restored.timings.shell_build() > Duration::ZERO);
     assert!(restored.timings.finish() > Duration::ZERO);
     let running = restored.vm.start().unwrap();
     console.wait_for(100);
@@ -527,6 +527,7 @@ fn template_state_survives_the_wire_and_bad_states_are_refused() {
 #[test]
 fn a_stored_template_loads_sealed_and_its_forks_continue_exactly() {
     use cleave_agent::fork::store::{TemplateMeta, TemplateStore};
+    use cleave_agent::host::fingerprint::HostFingerprint;
     let _one = serial();
     let Some(kvm) = kvm() else { return };
     let c = counting_template(&kvm, 1, 200);
@@ -541,6 +542,8 @@ fn a_stored_template_loads_sealed_and_its_forks_continue_exactly() {
         initrd_sha256: "none".into(),
         cmdline: String::new(),
         warmup: None,
+        format: cleave_agent::fork::state::STATE_FORMAT,
+        host: Some(HostFingerprint::current().unwrap().clone()),
     };
     store.save(&c.template, &meta).unwrap();
     let e = store.save(&c.template, &meta).unwrap_err();
@@ -566,4 +569,22 @@ fn a_stored_template_loads_sealed_and_its_forks_continue_exactly() {
     assert_continues(&reloaded, &console, &vm);
     store.remove(&meta.name).unwrap();
     assert!(store.list().unwrap().is_empty());
+
+    // Captured elsewhere, or by another template format: refused before any restore, with
+    // the difference named.
+    let mut other_host = meta.clone();
+    other_host.name = "elsewhere".parse().unwrap();
+    other_host.host.as_mut().unwrap().kernel_release = "5.10.0-other".into();
+    store.save(&c.template, &other_host).unwrap();
+    let e = store.load(&other_host.name).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot be forked on this host") && e.contains("5.10.0-other"),
+        "{e}"
+    );
+    let mut old_format = meta.clone();
+    old_format.name = "old".parse().unwrap();
+    old_format.format = 1;
+    store.save(&c.template, &old_format).unwrap();
+    let e = store.load(&old_format.name).unwrap_err().to_string();
+    assert!(e.contains("template format 1"), "{e}");
 }

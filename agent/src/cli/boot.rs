@@ -9,14 +9,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::devices::serial::console::Console;
-use crate::host::{kvm, paths};
-use crate::image::{Digest, ImageSpec, Manifest, PinnedFile, Role, VerifiedImage};
-use crate::vmm::{self, config::MachineConfig};
+use crate::image::{Digest, ImageSpec, PinnedFile, Role};
+use crate::node::boot::{default_image, BootKit, BASE_CMDLINE};
+use crate::vmm;
 use cleave_guest::boot as guest_boot;
-
-/// The command line every cleave guest gets; `--cmdline` is appended (later values win).
-pub const BASE_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1 no_timer_check quiet";
 
 #[derive(Args, Debug)]
 pub struct BootArgs {
@@ -92,48 +88,12 @@ impl BootArgs {
     }
 }
 
-/// The built-in default image (`make image`), pinned by its manifest.
-pub(super) fn default_image() -> anyhow::Result<ImageSpec> {
-    Ok(Manifest::load(&paths::default_image_manifest())?.spec())
-}
-
-/// What every command that boots a guest has checked, in this order: the machine shape,
-/// a KVM that can run Linux, the image's pins (on every start); then KVM is open.
-pub(super) struct Prepared {
-    pub machine: MachineConfig,
-    pub image: VerifiedImage,
-    pub kvm: kvm_ioctls::Kvm,
-}
-
-pub(super) fn prepare(
-    mem: u64,
-    vcpus: u64,
-    image: impl FnOnce() -> anyhow::Result<ImageSpec>,
-) -> anyhow::Result<Prepared> {
-    let machine = MachineConfig::new(mem, vcpus)?;
-    kvm::require_linux_capable()?;
-    let spec = image()?;
-    let t = Instant::now();
-    let image = spec.load_verified()?;
-    tracing::info!(
-        ms = t.elapsed().as_secs_f64() * 1e3,
-        bytes = image.kernel.len() + image.initrd.len(),
-        "image read and verified"
-    );
-    let kvm = vmm::open_kvm()?;
-    Ok(Prepared {
-        machine,
-        image,
-        kvm,
-    })
-}
-
 pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
-    let Prepared {
+    let BootKit {
         machine,
         image,
         kvm,
-    } = prepare(args.mem, args.vcpus, || args.image())?;
+    } = BootKit::check(args.mem, args.vcpus, || args.image())?;
     let cmdline = args.cmdline();
 
     // The self-test keeps the console to itself (shown only on failure); a plain boot
@@ -201,16 +161,5 @@ fn selftest(
         }
         Some(end) => report_failure(format!("the guest did not end cleanly: {end}")),
         None => report_failure("the guest did not end within 30 s after it was ready".into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_boot_benchmark_gives_qemu_the_same_command_line() {
-        let bench = include_str!("../../../scripts/bench-boot.py");
-        assert!(bench.contains(&format!("BASE_CMDLINE = \"{BASE_CMDLINE}\"")));
     }
 }

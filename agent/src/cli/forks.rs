@@ -1,9 +1,10 @@
 //! `cleave run --forks N [--json] -- CMD`: fork N sandboxes from a template (creating the
 //! default one when it does not exist), run CMD in each, and print each one's result.
 //!
-//! Each fork runs in its own worker process. Workers are started and handed the template
-//! first (the part of a fork that needs no request); then every fork is resumed, gated
-//! and used on a thread of its own, and destroyed as soon as its command ends.
+//! The node library does the work (`crate::node`): the template is ensured first (which
+//! proves this host's KVM runs the guest), then the node opens networking and forks every
+//! sandbox, each in its own worker process and reseeded; here the command runs in each
+//! and every sandbox is destroyed.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -15,14 +16,13 @@ use cleave_guest::protocol::{Client, ClientError, ExecRequest, ExitStatus, Outpu
 use nix::sys::signal::SigSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
-use super::boot::default_image;
 use super::net_args::NetArgs;
 use super::run::next_signal;
-use super::template::{create, CreateArgs};
-use crate::fork::sandbox::{worker_exe, ForkError, Prepared, Sandbox};
 use crate::fork::store::{TemplateName, TemplateStore};
-use crate::fork::worker::Encoded;
-use crate::net::{EgressPolicy, NetNode, SandboxNetwork};
+use crate::net::EgressPolicy;
+use crate::node::boot::default_image;
+use crate::node::templates::{self, TemplateSpec};
+use crate::node::{ForkOutcome, Node, NodeLimits, NodeOptions, SandboxRequest};
 
 /// What `run --forks` needs.
 pub struct ForksRequest {
@@ -42,63 +42,46 @@ pub struct ForksRequest {
     pub signals: SigSet,
 }
 
-/// One fork's outcome.
-struct Outcome {
-    id: String,
-    fork_ms: Option<f64>,
-    reseeded: bool,
-    result: Result<(ExitStatus, Vec<u8>, Vec<u8>), anyhow::Error>,
-    /// Why the gate refused the fork, when it did.
-    gate_reason: Option<&'static str>,
-    /// The guest's address, when it had a network.
-    ip: Option<std::net::Ipv4Addr>,
-    /// Building its network (slot, tap, chains, DNS listener), before the fork resumed.
-    net_ms: Option<f64>,
-    /// Of `fork_ms`: the guest applying its network identity after the gate.
-    identity_ms: Option<f64>,
-}
+type Output = Result<(ExitStatus, Vec<u8>, Vec<u8>), anyhow::Error>;
 
 pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::default_location();
-    let template = if store.exists(&req.template) {
-        let (t, meta) = store.load(&req.template)?;
-        for (flag, asked, has) in [
-            ("--mem", req.mem, meta.mem_mib),
-            ("--vcpus", req.vcpus, u64::from(meta.vcpus)),
-        ] {
-            if asked.is_some_and(|a| a != has) {
-                anyhow::bail!(
-                    "template {} has {flag} {has}; {flag} applies only when a template is \
-                     created: leave it out, or remove the template (`cleave template rm {}`)",
-                    req.template,
-                    req.template
-                );
-            }
-        }
-        t
-    } else {
-        eprintln!("cleave: no template {}; creating it", req.template);
-        let args = CreateArgs {
-            name: req.template.clone(),
-            mem: req.mem.unwrap_or(256),
-            vcpus: req.vcpus.unwrap_or(1),
-            boot_timeout: req.boot_timeout,
-            test_reseed: None,
-            warmup: Vec::new(),
-        };
-        create(&store, &args, default_image)?.0
+    let spec = TemplateSpec {
+        mem_mib: req.mem.unwrap_or(256),
+        vcpus: req.vcpus.unwrap_or(1),
+        boot_timeout: Duration::from_secs(req.boot_timeout),
+        ..TemplateSpec::new(req.template.clone())
     };
+    if !store.exists(&spec.name) {
+        eprintln!("cleave: no template {}; creating it", spec.name);
+    }
+    let (template, meta, _) = templates::ensure(
+        &store,
+        &spec,
+        (req.mem.is_some(), req.vcpus.is_some()),
+        default_image,
+    )?;
     // After the template exists (and so after this host's KVM proved it runs guests):
     // nothing is set up on the host's network for forks that cannot run.
-    let node = req.net.node(&req.policy)?;
-    let encoded = Encoded::new(&template)?;
-    let exe = worker_exe()?;
-    let prepared: Vec<_> = (0..req.forks)
-        .map(|_| Prepared::new(&exe, &encoded))
-        .collect();
+    let node = Node::open(NodeOptions {
+        store,
+        net: req.net.options(&req.policy)?,
+        limits: NodeLimits::unlimited(),
+        gate_timeout: req.gate_timeout,
+        warm_workers: 0,
+        state_dir: None,
+    })?;
+    node.load_template(template, meta)?;
+    let outcomes = node.create_sandboxes(&SandboxRequest {
+        template: req.template.clone(),
+        count: req.forks,
+        ttl: None,
+        policy: Some(req.policy.clone()),
+        all_or_nothing: false,
+    })?;
     let stop = AtomicI32::new(0);
     let finished = AtomicBool::new(false);
-    let outcomes: Vec<Outcome> = std::thread::scope(|s| {
+    let outputs: Vec<Option<Output>> = std::thread::scope(|s| {
         // One watcher takes the signals; each fork passes them on to its own command, so
         // every fork ends and is torn down (VM, tap, chains, proxy) before we exit.
         s.spawn(|| {
@@ -108,103 +91,40 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
                 }
             }
         });
-        let handles: Vec<_> = prepared
-            .into_iter()
-            .map(|p| s.spawn(|| one_fork(p, &req, node.as_ref(), &stop)))
-            .collect();
-        let outcomes = handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| Outcome {
-                    id: "?".into(),
-                    fork_ms: None,
-                    reseeded: false,
-                    result: Err(anyhow::anyhow!("the fork's thread panicked")),
-                    gate_reason: None,
-                    ip: None,
-                    net_ms: None,
-                    identity_ms: None,
+        let handles: Vec<_> = outcomes
+            .iter()
+            .map(|o| {
+                s.spawn(|| {
+                    let created = o.as_ref().ok()?;
+                    let mut exec = ExecRequest::new(req.command.iter().cloned());
+                    exec.timeout_ms = req.timeout_ms;
+                    let out = exec_passing_signals(&created.sandbox.client(), exec, &stop)
+                        .context("running the command in the fork");
+                    // Torn down as soon as its command ends.
+                    let _ = node.destroy(&created.sandbox.id);
+                    Some(out)
                 })
             })
             .collect();
+        let outputs = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Some(Err(anyhow::anyhow!("the fork's thread panicked"))))
+            })
+            .collect();
         finished.store(true, Ordering::Release);
-        outcomes
+        outputs
     });
+    node.shutdown();
     match stop.load(Ordering::Acquire) {
-        0 => report(&req, &outcomes),
+        0 => report(&req, &outcomes, outputs),
         sig => {
-            report(&req, &outcomes)?;
+            report(&req, &outcomes, outputs)?;
             eprintln!("cleave: stopped by signal {sig}; every fork was torn down");
             Ok(super::exit_code(128 + sig))
         }
     }
-}
-
-fn one_fork(
-    prepared: Result<Prepared, crate::fork::worker::WorkerError>,
-    req: &ForksRequest,
-    node: Option<&NetNode>,
-    stop: &AtomicI32,
-) -> Outcome {
-    let failed = |id: String, e: anyhow::Error, gate_reason| Outcome {
-        id,
-        fork_ms: None,
-        reseeded: false,
-        result: Err(e),
-        gate_reason,
-        ip: None,
-        net_ms: None,
-        identity_ms: None,
-    };
-    let prepared = match prepared {
-        Ok(p) => p,
-        Err(e) => return failed("-".into(), anyhow::Error::new(e), None),
-    };
-    let id = format!("fork-{}", prepared.pid());
-    let t = std::time::Instant::now();
-    let network = match node {
-        Some(node) => match SandboxNetwork::create(node, &id, &req.policy) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                return failed(
-                    id,
-                    anyhow::Error::new(e).context("creating the fork's network"),
-                    None,
-                )
-            }
-        },
-        None => None,
-    };
-    let net_ms = network.as_ref().map(|_| t.elapsed().as_secs_f64() * 1e3);
-    let sandbox = match Sandbox::start(prepared, req.gate_timeout, network) {
-        Ok(s) => s,
-        Err(e) => {
-            let id = match &e {
-                ForkError::Gate { pid, .. } => format!("fork-{pid}"),
-                _ => "-".into(),
-            };
-            let reason = e.gate_reason();
-            return failed(id, anyhow::Error::new(e), reason);
-        }
-    };
-    let mut exec = ExecRequest::new(req.command.iter().cloned());
-    exec.timeout_ms = req.timeout_ms;
-    let result = exec_passing_signals(sandbox.client(), exec, stop)
-        .context("running the command in the fork");
-    let outcome = Outcome {
-        id: sandbox.id(),
-        fork_ms: Some(sandbox.fork_time().as_secs_f64() * 1e3),
-        reseeded: sandbox.reseed_reply().reseeded,
-        result,
-        gate_reason: None,
-        ip: sandbox.guest_ip(),
-        net_ms,
-        identity_ms: sandbox.identity_time().map(|d| d.as_secs_f64() * 1e3),
-    };
-    if let Err(e) = sandbox.destroy() {
-        tracing::warn!(error = %e, "destroying a fork");
-    }
-    outcome
 }
 
 /// Runs `req` to its end, collecting its output, while a helper passes a host signal
@@ -246,16 +166,28 @@ fn round3(ms: f64) -> f64 {
     (ms * 1000.0).round() / 1000.0
 }
 
-fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> {
+fn report(
+    req: &ForksRequest,
+    outcomes: &[ForkOutcome],
+    outputs: Vec<Option<Output>>,
+) -> anyhow::Result<ExitCode> {
     let mut code = 0;
     let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
-    for (i, o) in outcomes.iter().enumerate() {
-        let (exit_code, signal) = match &o.result {
+    let n = outcomes.len();
+    for (i, (o, out)) in outcomes.iter().zip(outputs).enumerate() {
+        let result: Output = match (o, out) {
+            (Ok(_), Some(r)) => r,
+            (Err(f), _) => Err(anyhow::anyhow!("{}", f.message)),
+            (Ok(_), None) => Err(anyhow::anyhow!("the fork was not run")),
+        };
+        let created = o.as_ref().ok();
+        let id = created.map_or("-".to_string(), |c| c.sandbox.id.to_string());
+        let (exit_code, signal) = match &result {
             Ok((ExitStatus::Code(c), _, _)) => (Some(*c), None),
             Ok((ExitStatus::Signal(n), _, _)) => (None, Some(*n)),
             Err(_) => (None, None),
         };
-        let this = match (&o.result, exit_code, signal) {
+        let this = match (&result, exit_code, signal) {
             (Err(_), _, _) => 1,
             (_, Some(c), _) => c,
             (_, _, Some(n)) => 128i32.saturating_add(n),
@@ -264,8 +196,9 @@ fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> 
         if code == 0 {
             code = this;
         }
+        let ms = |d: Duration| round3(d.as_secs_f64() * 1e3);
         if req.json {
-            let (out, err) = match &o.result {
+            let (out, err) = match &result {
                 Ok((_, out, err)) => (
                     String::from_utf8_lossy(out).into_owned(),
                     String::from_utf8_lossy(err).into_owned(),
@@ -273,32 +206,30 @@ fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> 
                 Err(_) => (String::new(), String::new()),
             };
             let obj = serde_json::json!({
-                "id": o.id,
+                "id": id,
                 "fork": i + 1,
                 "exit_code": exit_code,
                 "signal": signal,
                 "stdout": out,
                 "stderr": err,
-                "reseeded": o.reseeded,
-                "fork_ms": o.fork_ms.map(round3),
-                "error": o.result.as_ref().err().map(|e| format!("{e:#}")),
-                "gate_failure": o.gate_reason,
-                "ip": o.ip.map(|ip| ip.to_string()),
-                "net_ms": o.net_ms.map(round3),
-                "identity_ms": o.identity_ms.map(round3),
+                "reseeded": created.is_some_and(|c| c.sandbox.reseeded),
+                "fork_ms": created.map(|c| ms(c.sandbox.fork_time)),
+                "error": result.as_ref().err().map(|e| format!("{e:#}")),
+                "gate_failure": o.as_ref().err().and_then(|f| f.gate_reason),
+                "ip": created.and_then(|c| c.sandbox.ip).map(|ip| ip.to_string()),
+                "net_ms": created.and_then(|c| c.sandbox.net_time).map(ms),
+                "identity_ms": created.and_then(|c| c.sandbox.identity_time).map(ms),
             });
             writeln!(stdout, "{obj}")?;
             continue;
         }
-        match &o.result {
+        match &result {
             Ok((status, out, err)) => {
                 writeln!(
                     stdout,
-                    "--- fork {}/{} {}: reseeded, ready in {:.2} ms, {} ---",
+                    "--- fork {}/{n} {id}: reseeded, ready in {:.2} ms, {} ---",
                     i + 1,
-                    outcomes.len(),
-                    o.id,
-                    o.fork_ms.unwrap_or(0.0),
+                    created.map_or(0.0, |c| c.sandbox.fork_time.as_secs_f64() * 1e3),
                     match status {
                         ExitStatus::Code(c) => format!("exit {c}"),
                         ExitStatus::Signal(n) => format!("signal {n}"),
@@ -308,13 +239,7 @@ fn report(req: &ForksRequest, outcomes: &[Outcome]) -> anyhow::Result<ExitCode> 
                 stderr.write_all(err)?;
             }
             Err(e) => {
-                writeln!(
-                    stdout,
-                    "--- fork {}/{} {}: failed ---",
-                    i + 1,
-                    outcomes.len(),
-                    o.id
-                )?;
+                writeln!(stdout, "--- fork {}/{n} {id}: failed ---", i + 1)?;
                 writeln!(stderr, "cleave: fork {}: {e:#}", i + 1)?;
             }
         }

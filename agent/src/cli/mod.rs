@@ -8,8 +8,6 @@ mod rig;
 mod run;
 mod template;
 
-pub use boot::BASE_CMDLINE;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

@@ -48,6 +48,16 @@ impl NetArgs {
 
     /// The node's networking, when `policy` asks for any.
     pub fn node(&self, policy: &EgressPolicy) -> anyhow::Result<Option<NetNode>> {
+        let Some(options) = self.options(policy)? else {
+            return Ok(None);
+        };
+        NetNode::open(options)
+            .map(Some)
+            .context("setting up sandbox networking")
+    }
+
+    /// How to set the node's networking up, when `policy` asks for any.
+    pub fn options(&self, policy: &EgressPolicy) -> anyhow::Result<Option<NetOptions>> {
         if policy.is_empty() {
             if self.dns_upstream.is_some() || self.uplink.is_some() {
                 anyhow::bail!(
@@ -57,14 +67,11 @@ impl NetArgs {
             }
             return Ok(None);
         }
-        let options = NetOptions {
+        Ok(Some(NetOptions {
             uplink: self.uplink.clone(),
             dns_upstream: self.dns_upstream.into_iter().collect(),
             ..NetOptions::default()
-        };
-        NetNode::open(options)
-            .map(Some)
-            .context("setting up sandbox networking")
+        }))
     }
 }
 

@@ -18,10 +18,10 @@ use cleave_guest::protocol::{
 use nix::sys::signal::{SigSet, Signal};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::boot::{default_image, prepare, Prepared, BASE_CMDLINE};
 use super::net_args::NetArgs;
 use crate::fork::store::TemplateName;
 use crate::net::SandboxNetwork;
+use crate::node::boot::{default_image, BootKit, BASE_CMDLINE};
 use crate::vmm::agent_vm::AgentVm;
 
 #[derive(Args, Debug)]
@@ -98,11 +98,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // The image and this host's KVM are checked first: nothing is set up on the host's
     // network for a guest that cannot run here.
-    let Prepared {
+    let BootKit {
         machine,
         image,
         kvm,
-    } = prepare(
+    } = BootKit::check(
         args.mem.unwrap_or(256),
         args.vcpus.unwrap_or(1),
         default_image,

@@ -6,14 +6,11 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::boot::{default_image, prepare, Prepared, BASE_CMDLINE};
-use crate::fork::freeze::{freeze, FreezeOptions};
-use crate::fork::store::{TemplateMeta, TemplateName, TemplateStore};
-use crate::fork::Template;
-use crate::image::ImageSpec;
+use crate::fork::store::{TemplateName, TemplateStore};
+use crate::node::boot::default_image;
+use crate::node::templates::{self, TemplateSpec, TestReseed};
 
 #[derive(Subcommand, Debug)]
 pub enum TemplateCommand {
@@ -26,14 +23,6 @@ pub enum TemplateCommand {
         /// The template's name.
         name: TemplateName,
     },
-}
-
-/// How a template guest misbehaves at its reseed, for the gate's tests.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TestReseed {
-    Fail,
-    Hang,
-    WrongNonce,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -64,18 +53,40 @@ pub struct CreateArgs {
     pub warmup: Vec<OsString>,
 }
 
+impl CreateArgs {
+    fn spec(&self) -> TemplateSpec {
+        TemplateSpec {
+            name: self.name.clone(),
+            mem_mib: self.mem,
+            vcpus: self.vcpus,
+            boot_timeout: Duration::from_secs(self.boot_timeout),
+            test_reseed: self.test_reseed,
+            warmup: self.warmup.clone(),
+        }
+    }
+}
+
 pub fn run(cmd: TemplateCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::default_location();
     match cmd {
         TemplateCommand::Create(args) => {
-            if store.exists(&args.name) {
-                anyhow::bail!(
-                    "a template named {} exists already (remove it with `cleave template rm {}`)",
-                    args.name,
-                    args.name
-                );
+            let created = templates::create(&store, &args.spec(), default_image)?;
+            if let Some((_, out, err)) = &created.warmup {
+                std::io::stdout().write_all(out)?;
+                std::io::stderr().write_all(err)?;
             }
-            create(&store, &args, default_image)?;
+            let meta = &created.meta;
+            eprintln!(
+                "cleave: template {}: {} MiB, {} vCPU(s); agent ready after {:.0} ms, quiesced \
+                 and captured in {:.0} ms; {:.1} MiB in {}",
+                meta.name,
+                meta.mem_mib,
+                meta.vcpus,
+                created.boot.as_secs_f64() * 1e3,
+                created.capture.as_secs_f64() * 1e3,
+                store.disk_usage(&meta.name) as f64 / (1 << 20) as f64,
+                store.dir().join(meta.name.as_str()).display(),
+            );
             Ok(ExitCode::SUCCESS)
         }
         TemplateCommand::Ls => {
@@ -88,70 +99,6 @@ pub fn run(cmd: TemplateCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// Boots, captures and saves a template; prints what it did.
-pub fn create(
-    store: &TemplateStore,
-    args: &CreateArgs,
-    image: impl FnOnce() -> anyhow::Result<ImageSpec>,
-) -> anyhow::Result<(Template, TemplateMeta)> {
-    let spec = image()?;
-    let spec_for_meta = spec.clone();
-    let Prepared {
-        machine,
-        image,
-        kvm,
-    } = prepare(args.mem, args.vcpus, || Ok(spec))?;
-    let mut cmdline = BASE_CMDLINE.to_string();
-    if let Some(mode) = args.test_reseed {
-        let v = match mode {
-            TestReseed::Fail => "fail",
-            TestReseed::Hang => "hang",
-            TestReseed::WrongNonce => "wrong-nonce",
-        };
-        cmdline.push_str(&format!(" {}={v}", cleave_guest::reseed::TEST_RESEED_FLAG));
-    }
-    let opts = FreezeOptions {
-        machine,
-        cmdline,
-        warmup: (!args.warmup.is_empty()).then(|| args.warmup.clone()),
-        boot_timeout: Duration::from_secs(args.boot_timeout),
-    };
-    let frozen =
-        freeze(&kvm, &image, &opts).with_context(|| format!("creating template {}", args.name))?;
-    if let Some((_, out, err)) = &frozen.warmup {
-        std::io::stdout().write_all(out)?;
-        std::io::stderr().write_all(err)?;
-    }
-    let meta = TemplateMeta {
-        name: args.name.clone(),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        mem_mib: machine.mem.mib(),
-        vcpus: machine.vcpus.get(),
-        kernel_sha256: spec_for_meta.kernel.sha256.to_string(),
-        initrd_sha256: spec_for_meta.initrd.sha256.to_string(),
-        cmdline: opts.guest_cmdline(),
-        warmup: opts
-            .warmup
-            .as_ref()
-            .map(|w| w.iter().map(|a| a.to_string_lossy().into_owned()).collect()),
-    };
-    store.save(&frozen.template, &meta)?;
-    eprintln!(
-        "cleave: template {}: {} MiB, {} vCPU(s); agent ready after {:.0} ms, quiesced and \
-         captured in {:.0} ms; {:.1} MiB in {}",
-        meta.name,
-        meta.mem_mib,
-        meta.vcpus,
-        frozen.boot.as_secs_f64() * 1e3,
-        frozen.capture.as_secs_f64() * 1e3,
-        store.disk_usage(&meta.name) as f64 / (1 << 20) as f64,
-        store.dir().join(meta.name.as_str()).display(),
-    );
-    Ok((frozen.template, meta))
 }
 
 fn list(store: &TemplateStore) -> anyhow::Result<()> {
@@ -180,6 +127,9 @@ fn list(store: &TemplateStore) -> anyhow::Result<()> {
             format!("{}s", now.saturating_sub(m.created)),
             &m.kernel_sha256[..12.min(m.kernel_sha256.len())],
         );
+        if let Some(why) = m.unusable_reason() {
+            println!("  ^ cannot be forked here: {why}");
+        }
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ pub mod store;
 pub mod worker;
 
 pub use capture::{capture, CaptureError};
-pub use restore::{prepare, restore, RestoreError, RestoreTimings, Restored, Shell};
+pub use restore::{restore, RestoreError, RestoreTimings, Restored, Shell};
 pub use sealed::{SealError, SealedMemory};
 pub use state::MachineState;
 

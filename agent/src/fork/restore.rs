@@ -146,7 +146,7 @@ impl RestoreTimings {
     }
 
     /// Building the shell.
-    pub fn prepare(&self) -> Duration {
+    pub fn shell_build(&self) -> Duration {
         self.steps()[..5].iter().sum()
     }
 
@@ -175,7 +175,7 @@ fn timed<T>(slot: &mut Duration, step: impl FnOnce() -> T) -> T {
 }
 
 /// Forks `template` into a new VM whose console writes to `console` (and whose vsock
-/// device, if the template has one, listens on `vsock`): [`prepare`] then
+/// device, if the template has one, listens on `vsock`): [`Shell::build`] then
 /// [`Shell::finish`].
 pub fn restore(
     kvm: &Kvm,
@@ -184,7 +184,7 @@ pub fn restore(
     vsock: Option<&VsockConfig>,
     net: NetBackend,
 ) -> Result<Restored, RestoreError> {
-    prepare(kvm, template)?.finish(template, console, vsock, net)
+    Shell::build(kvm, template)?.finish(template, console, vsock, net)
 }
 
 /// A VM for one template with nothing of the template's state in it yet: created, its
@@ -202,50 +202,50 @@ pub struct Shell {
     timings: RestoreTimings,
 }
 
-/// Builds a [`Shell`] for `template`.
-pub fn prepare(kvm: &Kvm, template: &Template) -> Result<Shell, RestoreError> {
-    let state = template.state();
-    let memory = template.memory();
-    let mut tm = RestoreTimings::default();
-    let fd = timed(&mut tm.create_vm, || vmm::create_vm_fd(kvm))?;
-    let ram = timed(&mut tm.map_memory, || -> Result<GuestRam, RestoreError> {
-        let ram = GuestRam::map(memory.file().clone(), memory.size(), Sharing::Private)?;
-        ram.register(&fd)?;
-        Ok(ram)
-    })?;
-    timed(&mut tm.irqchip, || vmm::create_irqchip(&fd))?;
-    timed(&mut tm.pit, || vmm::create_pit(&fd))?;
-    let vcpus = timed(&mut tm.create_vcpus, || {
-        state
-            .vcpus
-            .iter()
-            .map(|v| {
-                let err = |op| {
-                    move |source| RestoreError::Vcpu {
-                        index: v.index,
-                        op,
-                        source,
-                    }
-                };
-                let vcpu_fd = fd
-                    .create_vcpu(u64::from(v.index))
-                    .map_err(err("KVM_CREATE_VCPU"))?;
-                vcpu_fd
-                    .set_cpuid2(&v.cpuid)
-                    .map_err(err("KVM_SET_CPUID2"))?;
-                Ok::<_, RestoreError>(Vcpu::from_fd(v.index, vcpu_fd))
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })?;
-    Ok(Shell {
-        vcpus,
-        fd,
-        ram,
-        timings: tm,
-    })
-}
-
 impl Shell {
+    /// Builds a [`Shell`] for `template`.
+    pub fn build(kvm: &Kvm, template: &Template) -> Result<Shell, RestoreError> {
+        let state = template.state();
+        let memory = template.memory();
+        let mut tm = RestoreTimings::default();
+        let fd = timed(&mut tm.create_vm, || vmm::create_vm_fd(kvm))?;
+        let ram = timed(&mut tm.map_memory, || -> Result<GuestRam, RestoreError> {
+            let ram = GuestRam::map(memory.file().clone(), memory.size(), Sharing::Private)?;
+            ram.register(&fd)?;
+            Ok(ram)
+        })?;
+        timed(&mut tm.irqchip, || vmm::create_irqchip(&fd))?;
+        timed(&mut tm.pit, || vmm::create_pit(&fd))?;
+        let vcpus = timed(&mut tm.create_vcpus, || {
+            state
+                .vcpus
+                .iter()
+                .map(|v| {
+                    let err = |op| {
+                        move |source| RestoreError::Vcpu {
+                            index: v.index,
+                            op,
+                            source,
+                        }
+                    };
+                    let vcpu_fd = fd
+                        .create_vcpu(u64::from(v.index))
+                        .map_err(err("KVM_CREATE_VCPU"))?;
+                    vcpu_fd
+                        .set_cpuid2(&v.cpuid)
+                        .map_err(err("KVM_SET_CPUID2"))?;
+                    Ok::<_, RestoreError>(Vcpu::from_fd(v.index, vcpu_fd))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        Ok(Shell {
+            vcpus,
+            fd,
+            ram,
+            timings: tm,
+        })
+    }
+
     /// Puts `template`'s state into the shell and gives it its own devices: the fork, ready
     /// to [`start`](Vm::start). Its NIC (if the template has one) is on `net`.
     pub fn finish(

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleave_guest::protocol::{Client, ReseedReply};
@@ -66,15 +67,15 @@ pub fn worker_exe() -> Result<PathBuf, ForkError> {
 
 /// A worker process with a template loaded and a VM shell prepared: the part of a fork
 /// that can happen before anyone asks for one.
-pub struct Prepared {
+pub struct WarmWorker {
     worker: Worker,
 }
 
-impl Prepared {
-    pub fn new(exe: &std::path::Path, template: &Encoded) -> Result<Prepared, WorkerError> {
+impl WarmWorker {
+    pub fn new(exe: &std::path::Path, template: &Encoded) -> Result<WarmWorker, WorkerError> {
         let mut worker = Worker::spawn(exe)?;
         match worker.load(template) {
-            Ok(()) => Ok(Prepared { worker }),
+            Ok(()) => Ok(WarmWorker { worker }),
             Err(e) => {
                 let _ = worker.destroy();
                 Err(e)
@@ -92,7 +93,7 @@ impl Prepared {
 pub struct Sandbox {
     // Drop order: the connection, then the worker (closing its socket ends the fork), then
     // (in `destroy`/`Drop`) its network.
-    client: Client,
+    client: Arc<Client>,
     worker: Option<Worker>,
     network: Option<SandboxNetwork>,
     ready: ReadyReport,
@@ -109,12 +110,12 @@ impl Sandbox {
     /// any failure the worker is destroyed (its VM stopped, its process reaped) and the
     /// network taken down before this returns.
     pub fn start(
-        prepared: Prepared,
+        warm: WarmWorker,
         gate_timeout: Duration,
         network: Option<SandboxNetwork>,
     ) -> Result<Sandbox, ForkError> {
         let t = Instant::now();
-        let mut worker = prepared.worker;
+        let mut worker = warm.worker;
         let ready = match worker.go(network.as_ref().map(SandboxNetwork::tap)) {
             Ok(r) => r,
             Err(e) => {
@@ -144,7 +145,7 @@ impl Sandbox {
                 }
                 let identity_time = network.as_ref().map(|_| configured.elapsed());
                 Ok(Sandbox {
-                    client: passed.client,
+                    client: Arc::new(passed.client),
                     worker: Some(worker),
                     network,
                     ready,
@@ -170,6 +171,12 @@ impl Sandbox {
     /// The agent's connection (after the gate).
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The connection, to use without holding the sandbox (it fails with
+    /// `ClientError::Closed` once the sandbox is destroyed).
+    pub fn shared_client(&self) -> Arc<Client> {
+        self.client.clone()
     }
 
     /// A name for the fork: its worker's pid.

@@ -22,8 +22,9 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use serde::{Deserialize, Serialize};
 
 use super::sealed::{SealError, SealedMemory};
-use super::state::MachineState;
+use super::state::{MachineState, STATE_FORMAT};
 use super::Template;
+use crate::host::fingerprint::HostFingerprint;
 use crate::vmm::runtime_dir::RuntimeDir;
 
 /// A template's name: 1..=63 of `a-z 0-9 . _ -`, starting with a letter or digit (it is a
@@ -95,6 +96,31 @@ pub struct TemplateMeta {
     pub cmdline: String,
     /// The command run in the template before capture, if any.
     pub warmup: Option<Vec<String>>,
+    /// The state's [`STATE_FORMAT`]; templates from before it was recorded read as 0.
+    #[serde(default)]
+    pub format: u32,
+    /// The host it was captured on; it forks only on a host with the same fingerprint.
+    #[serde(default)]
+    pub host: Option<HostFingerprint>,
+}
+
+impl TemplateMeta {
+    /// Why this template cannot be forked on this host, if it cannot.
+    pub fn unusable_reason(&self) -> Option<String> {
+        if self.format != STATE_FORMAT {
+            return Some(format!(
+                "it was made by a cleave with template format {} (this one reads {STATE_FORMAT})",
+                self.format
+            ));
+        }
+        let Some(then) = &self.host else {
+            return Some("it records no host fingerprint".into());
+        };
+        match HostFingerprint::current() {
+            Ok(here) => then.mismatch(here),
+            Err(e) => Some(format!("this host's fingerprint cannot be read: {e}")),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +148,11 @@ pub enum StoreError {
         what: &'static str,
         why: String,
     },
+    #[error(
+        "template {name} cannot be forked on this host: {why}; remove it (`cleave template rm \
+         {name}`) and create it again"
+    )]
+    Unusable { name: TemplateName, why: String },
     #[error("template memory: creating its memfd: {0}")]
     Memfd(nix::Error),
     #[error(transparent)]
@@ -242,6 +273,13 @@ impl TemplateStore {
     /// Reads a template back: its state checked, its memory in a new sealed memfd.
     pub fn load(&self, name: &TemplateName) -> Result<(Template, TemplateMeta), StoreError> {
         let meta = self.meta(name)?;
+        // Refused here with the difference named, not deep in a KVM ioctl at restore.
+        if let Some(why) = meta.unusable_reason() {
+            return Err(StoreError::Unusable {
+                name: name.clone(),
+                why,
+            });
+        }
         let dir = self.path(name);
         let damaged = |what: &'static str| {
             let name = name.clone();

@@ -6,7 +6,7 @@
 //!
 //! Messages are one packet each: a kind byte, then a JSON body. Parent → worker:
 //! `template` (body: [`MachineState`], one fd: the memfd), `go`, `probe`. Worker →
-//! parent: `prepared`, `ready` (body: [`ReadyReport`]), `status` (body: exit counts),
+//! parent: `shell-ready`, `ready` (body: [`ReadyReport`]), `status` (body: exit counts),
 //! `failed` (body: the error text). Closing the socket ends the fork: the worker stops
 //! the VM and exits, so teardown cost lands in that process, off everyone's fork path.
 
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sealed::{SealError, SealedMemory};
 use super::state::MachineState;
-use super::{prepare, RestoreError, Template};
+use super::{RestoreError, Shell, Template};
 use crate::devices::virtio::net::{NetBackend, Tap};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::vmm::control::ExitCounts;
@@ -40,7 +40,7 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 #[repr(u8)]
 enum Kind {
     Template = 1,
-    Prepared = 2,
+    ShellReady = 2,
     Go = 3,
     Ready = 4,
     Probe = 5,
@@ -52,7 +52,7 @@ impl Kind {
     fn from_byte(b: u8) -> Option<Kind> {
         [
             Kind::Template,
-            Kind::Prepared,
+            Kind::ShellReady,
             Kind::Go,
             Kind::Ready,
             Kind::Probe,
@@ -250,10 +250,15 @@ impl Encoded {
     }
 }
 
-/// The parent's handle on one worker process.
+/// How long a worker has to stop its VM and exit once its socket is closed, before it
+/// is killed.
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// The parent's handle on one worker process. Dropping it ends the worker as
+/// [`destroy`](Worker::destroy) does.
 pub struct Worker {
-    sock: OwnedFd,
-    child: Child,
+    sock: Option<OwnedFd>,
+    child: Option<Child>,
 }
 
 impl Worker {
@@ -274,23 +279,33 @@ impl Worker {
                 exe: exe.display().to_string(),
                 source,
             })?;
-        Ok(Worker { sock: ours, child })
+        Ok(Worker {
+            sock: Some(ours),
+            child: Some(child),
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn sock(&self) -> Result<&OwnedFd, WorkerError> {
+        self.sock
+            .as_ref()
+            .ok_or(WorkerError::Closed("a live worker"))
     }
 
     /// Hands the worker a template and waits until it has prepared a shell for it.
     pub fn load(&mut self, template: &Encoded) -> Result<(), WorkerError> {
+        let sock = self.sock()?;
         send(
-            &self.sock,
+            sock,
             Kind::Template,
             &template.body,
             Some(template.memfd.as_fd()),
             "the template",
         )?;
-        expect(&self.sock, Kind::Prepared, "the prepared shell").map(drop)
+        expect(sock, Kind::ShellReady, "the prepared shell").map(drop)
     }
 
     /// The fork request: the worker restores and starts its fork, its NIC on `tap` (or
@@ -300,8 +315,9 @@ impl Worker {
             tap: tap.map(|t| t.name().to_string()),
         };
         let body = serde_json::to_vec(&req).map_err(WorkerError::Encode)?;
-        send(&self.sock, Kind::Go, &body, tap.map(|t| t.as_fd()), "go")?;
-        let msg = expect(&self.sock, Kind::Ready, "ready")?;
+        let sock = self.sock()?;
+        send(sock, Kind::Go, &body, tap.map(|t| t.as_fd()), "go")?;
+        let msg = expect(sock, Kind::Ready, "ready")?;
         serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
             what: "ready",
             why: e.to_string(),
@@ -310,25 +326,81 @@ impl Worker {
 
     /// The running fork's exit counters (proof that its guest runs).
     pub fn probe(&mut self) -> Result<ExitCounts, WorkerError> {
-        send(&self.sock, Kind::Probe, &[], None, "probe")?;
-        let msg = expect(&self.sock, Kind::Status, "status")?;
+        let sock = self.sock()?;
+        send(sock, Kind::Probe, &[], None, "probe")?;
+        let msg = expect(sock, Kind::Status, "status")?;
         serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
             what: "status",
             why: e.to_string(),
         })
     }
 
-    /// Ends the fork: closes the socket (the worker stops its VM and exits) and reaps it.
-    pub fn destroy(self) -> Result<ExitStatus, WorkerError> {
-        let Worker { sock, mut child } = self;
-        drop(sock);
+    /// Ends the fork: closes the socket (the worker stops its VM and exits) and reaps it,
+    /// killing it when it has not exited within [`EXIT_GRACE`].
+    pub fn destroy(mut self) -> Result<ExitStatus, WorkerError> {
+        self.end(EXIT_GRACE)
+    }
+
+    fn end(&mut self, grace: Duration) -> Result<ExitStatus, WorkerError> {
+        drop(self.sock.take());
+        let Some(mut child) = self.child.take() else {
+            return Err(WorkerError::Closed("a live worker"));
+        };
+        if !exits_within(&child, grace) {
+            tracing::warn!(
+                pid = child.id(),
+                grace_ms = grace.as_millis() as u64,
+                "fork worker did not exit after its socket closed; killing it"
+            );
+            let _ = child.kill();
+        }
         child.wait().map_err(WorkerError::Wait)
     }
 
     /// Closes the socket without waiting: the worker tears its VM down on its own time.
     /// Reap the returned child later.
-    pub fn release(self) -> Child {
+    pub fn release(mut self) -> Child {
+        drop(self.sock.take());
         self.child
+            .take()
+            .expect("a worker's child is taken only once")
+    }
+}
+
+/// Waits up to `grace` for `child` to exit (without reaping it), on a pidfd: no polling
+/// interval, so a worker that exits at once is reaped at once.
+fn exits_within(child: &Child, grace: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; the pid is our
+    // own unreaped child, so it cannot have been reused.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    let Ok(fd) = i32::try_from(fd) else {
+        return false;
+    };
+    if fd < 0 {
+        // No pidfd (an old kernel): fall back to a plain wait, as before.
+        return true;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut fds = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(grace.as_millis()).unwrap_or(u16::MAX);
+    loop {
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(n) => return n > 0,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.end(EXIT_GRACE);
+        }
     }
 }
 
@@ -379,9 +451,9 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     };
     let kvm = vmm::open_kvm()?;
     let t = Instant::now();
-    let shell = prepare(&kvm, &template)?;
+    let shell = Shell::build(&kvm, &template)?;
     let prepare_us = micros(t.elapsed());
-    send(sock, Kind::Prepared, &[], None, "prepared")?;
+    send(sock, Kind::ShellReady, &[], None, "shell-ready")?;
 
     // A pool may retire a prepared worker without using it: closing is not an error then.
     let go = match recv(sock, MAX_SMALL_MESSAGE, "go")? {

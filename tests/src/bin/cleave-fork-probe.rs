@@ -14,16 +14,16 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use cleave_agent::cli::BASE_CMDLINE;
 use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::devices::virtio::vsock::hybrid;
 use cleave_agent::fork::gate;
-use cleave_agent::fork::sandbox::{worker_exe, Prepared, Sandbox};
+use cleave_agent::fork::sandbox::{worker_exe, Sandbox, WarmWorker};
 use cleave_agent::fork::store::{TemplateMeta, TemplateStore};
 use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::host::memory::{self, ProcessMemory};
 use cleave_agent::host::{kvm, paths};
 use cleave_agent::image::Manifest;
+use cleave_agent::node::boot::BASE_CMDLINE;
 use cleave_agent::vmm::agent_vm::AgentVm;
 use cleave_agent::vmm::config::MachineConfig;
 use cleave_agent::vmm::open_kvm;
@@ -109,7 +109,7 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     let mut restore_ms = Vec::with_capacity(forks);
     let started = Instant::now();
     for i in 1..=forks {
-        let p = Prepared::new(&exe, &encoded)?;
+        let p = WarmWorker::new(&exe, &encoded)?;
         let s = Sandbox::start(p, gate_timeout, None).with_context(|| format!("fork {i}"))?;
         fork_ms.push(s.fork_time().as_secs_f64() * 1e3);
         restore_ms.push(s.ready_report().finish_us as f64 / 1e3);
@@ -173,7 +173,7 @@ fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
         let before = memory::available_kib()?;
         let t = Instant::now();
         let prepared = (0..n)
-            .map(|_| Prepared::new(&exe, &encoded))
+            .map(|_| WarmWorker::new(&exe, &encoded))
             .collect::<Result<Vec<_>, _>>()?;
         let prepare_s = t.elapsed().as_secs_f64();
         let t = Instant::now();

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use cleave_agent::cli::BASE_CMDLINE;
 use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::host::{kvm, paths};
 use cleave_agent::image::Manifest;
+use cleave_agent::node::boot::BASE_CMDLINE;
 use cleave_agent::vmm::agent_vm::AgentVm;
 use cleave_agent::vmm::config::MachineConfig;
 use cleave_agent::vmm::open_kvm;
