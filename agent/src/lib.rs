@@ -3,6 +3,7 @@
 //! `cleave` command line ([`cli`]).
 
 pub mod cli;
+pub mod daemon;
 pub mod devices;
 pub mod fork;
 pub mod host;

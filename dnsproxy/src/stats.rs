@@ -62,3 +62,21 @@ impl Stats {
         }
     }
 }
+
+impl std::ops::AddAssign for StatsSnapshot {
+    fn add_assign(&mut self, o: StatsSnapshot) {
+        self.queries += o.queries;
+        self.answered += o.answered;
+        self.cache_hits += o.cache_hits;
+        self.refused += o.refused;
+        self.servfail += o.servfail;
+        self.dropped_malformed += o.dropped_malformed;
+        self.dropped_source += o.dropped_source;
+        self.dropped_rate += o.dropped_rate;
+        self.dropped_busy += o.dropped_busy;
+        self.tcp_closed_oversized += o.tcp_closed_oversized;
+        self.blocked_addrs += o.blocked_addrs;
+        self.capped_addrs += o.capped_addrs;
+        self.pinned += o.pinned;
+    }
+}

@@ -1,11 +1,14 @@
 //! The `cleave` command line: parsing, logging, and one module per subcommand.
 
 mod boot;
+mod daemon;
 mod dns;
+mod exec;
 mod forks;
 mod net_args;
 mod rig;
 mod run;
+mod sandbox;
 mod template;
 
 use std::process::ExitCode;
@@ -27,23 +30,56 @@ struct Cli {
 enum Command {
     /// Boot a guest image and stream its console until it ends.
     Boot(boot::BootArgs),
+    /// Copy a file into or out of a sandbox (through the daemon): `cleave cp ./f sb-…:/tmp/f`.
+    Cp {
+        #[command(flatten)]
+        socket: sandbox::SocketArg,
+        #[command(flatten)]
+        args: exec::CpArgs,
+    },
+    /// The node daemon: serves the cleave API on a Unix socket.
+    Daemon(daemon::DaemonArgs),
     /// DNS tools: `cleave dns classify ADDR...` shows the pin filter's verdict.
     #[command(subcommand)]
     Dns(dns::DnsCommand),
+    /// Run a command in a sandbox (through the daemon): `cleave exec sb-… -- uname -a`.
+    Exec {
+        #[command(flatten)]
+        socket: sandbox::SocketArg,
+        #[command(flatten)]
+        args: exec::ExecArgs,
+    },
     /// Run a cleave command inside the KVM rig, e.g. `cleave rig -- boot --selftest`.
     Rig(rig::RigArgs),
     /// Boot the default image and run one command in it: `cleave run -- uname -a`; or run
     /// it in N forks of a template: `cleave run --forks 3 -- head -c 16 /dev/urandom`.
     Run(run::RunArgs),
+    /// Sandboxes on the daemon: `cleave sandbox create|ls|rm`.
+    Sandbox {
+        #[command(flatten)]
+        socket: sandbox::SocketArg,
+        #[command(subcommand)]
+        cmd: sandbox::SandboxCommand,
+    },
     /// Templates to fork from: `cleave template create|ls|rm`.
     #[command(subcommand)]
     Template(template::TemplateCommand),
 }
 
-/// Logs go to stderr as structured lines; `RUST_LOG` picks the level (default: warnings).
-fn init_logging() {
+/// Logs go to stderr as structured lines; `RUST_LOG` picks the level (default: warnings;
+/// the daemon: info, as JSON lines).
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    if daemon {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -55,9 +91,13 @@ fn init_logging() {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(matches!(cli.command, Command::Daemon(_)));
     let result = match cli.command {
         Command::Boot(args) => boot::run(args),
+        Command::Cp { socket, args } => exec::cp(args, socket),
+        Command::Daemon(args) => daemon::run(args),
+        Command::Exec { socket, args } => exec::exec(args, socket),
+        Command::Sandbox { socket, cmd } => sandbox::run(cmd, socket),
         Command::Dns(cmd) => dns::run(cmd),
         Command::Rig(args) => rig::run(args),
         Command::Run(args) => run::run(args),

@@ -210,6 +210,10 @@ impl Sandbox {
         self.gate_attempts
     }
 
+    pub fn network(&self) -> Option<&SandboxNetwork> {
+        self.network.as_ref()
+    }
+
     /// The guest's IPv4 address, when it has a network.
     pub fn guest_ip(&self) -> Option<std::net::Ipv4Addr> {
         self.network.as_ref().map(|n| n.addrs().guest4)

@@ -129,6 +129,11 @@ impl SandboxNetwork {
     }
 
     /// The tap the sandbox's NIC is to use.
+    /// What its DNS proxy has done so far.
+    pub fn dns_stats(&self) -> Option<cleave_dnsproxy::StatsSnapshot> {
+        self.dns.as_ref().map(|d| d.handler().stats().snapshot())
+    }
+
     pub fn tap(&self) -> &Tap {
         self.slot().tap()
     }

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use cleave_dnsproxy::StatsSnapshot;
 use cleave_guest::protocol::Client;
 
 use self::credential::{Credential, SandboxId, Token};
@@ -225,6 +226,8 @@ pub struct Node {
     refill_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
     reconciled: Reconciled,
+    /// DNS counters of destroyed sandboxes (so node-wide totals never go down).
+    retired_dns: Mutex<StatsSnapshot>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -275,6 +278,7 @@ impl Node {
             refill_thread: Mutex::new(None),
             closed: AtomicBool::new(false),
             reconciled,
+            retired_dns: Mutex::new(StatsSnapshot::default()),
         });
         let wants_refill =
             node.options.warm_workers > 0 || node.options.net.as_ref().is_some_and(|n| n.pool > 0);
@@ -618,6 +622,9 @@ impl Node {
     fn end(&self, s: &LiveSandbox) {
         let sandbox = lock(&s.sandbox).take();
         if let Some(sb) = sandbox {
+            if let Some(st) = sb.network().and_then(SandboxNetwork::dns_stats) {
+                *lock(&self.retired_dns) += st;
+            }
             if let Err(e) = sb.destroy() {
                 tracing::warn!(sandbox = %s.id, error = %e, "destroying a sandbox");
             }
@@ -651,6 +658,20 @@ impl Node {
             self.wake_refill();
         }
         due.into_iter().map(|s| s.id.clone()).collect()
+    }
+
+    /// DNS proxy counters over every sandbox this node has run.
+    pub fn dns_stats(&self) -> StatsSnapshot {
+        let mut total = *lock(&self.retired_dns);
+        for s in self.list() {
+            if let Some(st) = lock(&s.sandbox)
+                .as_ref()
+                .and_then(|sb| sb.network().and_then(SandboxNetwork::dns_stats))
+            {
+                total += st;
+            }
+        }
+        total
     }
 
     /// Whether every loaded template's pool (and the network pool) is at its target.

@@ -1,0 +1,223 @@
+//! The daemon's configuration file (TOML). Every key is optional and has a safe default;
+//! an unknown key is an error (a typo must not silently leave a limit at its default).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::node::NodeLimits;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Peer uids (SO_PEERCRED on the Unix socket) allowed operator calls.
+    pub allowed_uids: Vec<u32>,
+    pub max_sandboxes: usize,
+    pub memory_budget_mib: u64,
+    /// Forks in one create request.
+    pub max_per_request: u32,
+    /// A sandbox created without a TTL lives this long.
+    pub default_ttl_secs: u64,
+    /// The longest TTL a request may ask for.
+    pub max_ttl_secs: u64,
+    pub max_execs_per_sandbox: u32,
+    /// API requests per second per caller (a burst of twice as many is allowed).
+    pub requests_per_second: u32,
+    /// Journal, lock and daemon-owned files.
+    pub state_dir: PathBuf,
+    /// Warm workers kept per loaded template.
+    pub warm_workers: usize,
+    pub gate_timeout_ms: u64,
+    /// The largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// The largest file read or written through the API.
+    pub max_file_bytes: u64,
+    /// Create (if missing) and load the `default` template at start.
+    pub default_template: bool,
+    pub default_template_mem_mib: u64,
+    pub network: Option<NetworkConfig>,
+    pub tls: Option<TlsConfig>,
+}
+
+/// Sandbox networking; without this section sandboxes have no network and a request with
+/// a policy is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The interface egress is masqueraded out of (default: the default route's).
+    pub uplink: Option<String>,
+    /// Upstream resolvers (default: the host's /etc/resolv.conf).
+    #[serde(default)]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// Network slots built ahead.
+    #[serde(default)]
+    pub pool: usize,
+}
+
+/// An optional TCP listener; it requires client certificates signed by `client_ca`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Required: there is no TLS listener without client authentication.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            allowed_uids: vec![0],
+            max_sandboxes: 256,
+            memory_budget_mib: 64 * 1024,
+            max_per_request: 64,
+            default_ttl_secs: 3600,
+            max_ttl_secs: 24 * 3600,
+            max_execs_per_sandbox: 16,
+            requests_per_second: 100,
+            state_dir: crate::vmm::runtime_dir::RuntimeDir::base().join("daemon"),
+            warm_workers: 4,
+            gate_timeout_ms: 10_000,
+            max_message_bytes: 1 << 20,
+            max_file_bytes: 64 << 20,
+            default_template: true,
+            default_template_mem_mib: 256,
+            network: None,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config {path} is not valid: {why}")]
+    Invalid { path: PathBuf, why: String },
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|why| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            why,
+        })
+    }
+
+    /// Parses and checks a config; the error names the key and what is allowed.
+    pub fn parse(text: &str) -> Result<DaemonConfig, String> {
+        let c: DaemonConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("max_sandboxes", self.max_sandboxes as u64),
+            ("memory_budget_mib", self.memory_budget_mib),
+            ("max_per_request", u64::from(self.max_per_request)),
+            ("default_ttl_secs", self.default_ttl_secs),
+            ("max_ttl_secs", self.max_ttl_secs),
+            (
+                "max_execs_per_sandbox",
+                u64::from(self.max_execs_per_sandbox),
+            ),
+            ("requests_per_second", u64::from(self.requests_per_second)),
+            ("gate_timeout_ms", self.gate_timeout_ms),
+            ("max_file_bytes", self.max_file_bytes),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{key} must be at least 1"));
+        }
+        if self.default_ttl_secs > self.max_ttl_secs {
+            return Err(format!(
+                "default_ttl_secs ({}) is longer than max_ttl_secs ({})",
+                self.default_ttl_secs, self.max_ttl_secs
+            ));
+        }
+        if !(64 << 10..=64 << 20).contains(&self.max_message_bytes) {
+            return Err("max_message_bytes must be from 65536 to 67108864".into());
+        }
+        if self.allowed_uids.is_empty() {
+            return Err("allowed_uids is empty: no one could create a sandbox".into());
+        }
+        if let Some(tls) = &self.tls {
+            if tls.client_ca.is_none() {
+                return Err(
+                    "[tls] has no client_ca: the TCP listener requires client certificates \
+                     (mutual TLS); name the CA that signs them, or remove [tls]"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> NodeLimits {
+        NodeLimits {
+            max_sandboxes: self.max_sandboxes,
+            memory_budget_mib: self.memory_budget_mib,
+            max_per_request: self.max_per_request,
+            default_ttl: Some(Duration::from_secs(self.default_ttl_secs)),
+            max_ttl: Some(Duration::from_secs(self.max_ttl_secs)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        assert_eq!(DaemonConfig::parse("").unwrap(), DaemonConfig::default());
+    }
+
+    #[test]
+    fn the_daemonset_config_map_parses() {
+        let yaml = include_str!("../../../images/deploy/daemonset.yaml");
+        let start = yaml.find("cleave.toml: |").unwrap();
+        let body: String = yaml[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+            .map(|l| format!("{}\n", l.trim_start()))
+            .collect();
+        let c = DaemonConfig::parse(&body).unwrap();
+        assert_eq!(c.allowed_uids, [0]);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_key_named() {
+        let cases = [
+            ("max_sandboxs = 3", "unknown field"),
+            ("max_sandboxes = 0", "max_sandboxes must be at least 1"),
+            ("max_sandboxes = \"many\"", "invalid type"),
+            (
+                "default_ttl_secs = 10\nmax_ttl_secs = 5",
+                "longer than max_ttl_secs",
+            ),
+            ("allowed_uids = []", "allowed_uids is empty"),
+            ("max_message_bytes = 10", "max_message_bytes"),
+            (
+                "[tls]\nlisten = \"127.0.0.1:9000\"\ncert = \"c\"\nkey = \"k\"",
+                "requires client certificates",
+            ),
+            ("[network]\npool = 4\nbogus = 1", "unknown field"),
+        ];
+        for (text, want) in cases {
+            let e = DaemonConfig::parse(text).unwrap_err();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}
