@@ -7,7 +7,7 @@ TRIPLE := x86_64-unknown-linux-gnu
 GUEST_BIN := target/guest/$(TRIPLE)/release/cleave-guest
 CLEAVE := target/debug/cleave
 
-.PHONY: run test deps guest image rig build lint unit bench-boot bench-net clean-cache
+.PHONY: run test deps guest image rig build lint unit bench-boot bench-net clean-cache manifests
 
 ## make run: install what is missing, build images and agent, run the main job
 ## (boot the default image and time the guest agent's readiness, then run commands in a
@@ -17,7 +17,7 @@ run: deps image rig build
 	@scripts/kvm-or-rig scripts/demo.sh
 
 ## make test: the whole suite (formatting, lints, unit, KVM-ioctl, namespace and rig tests).
-test: deps image rig
+test: deps image rig manifests
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --all-targets
@@ -25,6 +25,11 @@ test: deps image rig
 
 deps:
 	@scripts/install-deps.sh
+
+## The Kubernetes manifests, checked offline: strict API schemas (kubernetes-validate from
+## PyPI, in a venv under the cache), the daemon's TOML config, images pinned by digest.
+manifests: deps
+	@scripts/validate-manifests.sh
 
 # The guest agent is PID 1 in an initramfs with no libc: link it statically. Its own
 # target dir keeps these flags from invalidating the host build.

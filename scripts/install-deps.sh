@@ -17,8 +17,8 @@ PKGS=(
   protobuf-compiler
   # dnsproxy benchmark peer
   dnsmasq-base
-  # tooling used by scripts
-  jq
+  # tooling used by scripts; scripts/validate-manifests.sh keeps its validator in a venv
+  jq python3-venv
 )
 
 missing=()
