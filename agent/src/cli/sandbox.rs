@@ -36,7 +36,8 @@ pub enum SandboxCommand {
 pub struct CreateArgs {
     #[arg(long, default_value = "default")]
     template: String,
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
     count: u32,
     /// Lifetime in seconds [default: the daemon's].
     #[arg(long, value_name = "SECS")]

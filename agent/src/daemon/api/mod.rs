@@ -73,22 +73,25 @@ pub fn caller_of<T>(req: &Request<T>) -> Caller {
 }
 
 /// Runs blocking node work on a thread of its own (not a runtime thread: a sandbox's
-/// network waits there for its DNS listener to close when it is torn down).
-pub async fn blocking<R: Send + 'static>(
+/// network waits there for its DNS listener to close when it is torn down). The thread
+/// starts now, not when the returned future is first polled.
+pub fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> R + Send + 'static,
-) -> Result<R, Status> {
+) -> impl std::future::Future<Output = Result<R, Status>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
+    let started = std::thread::Builder::new()
         .name("cleave-api".into())
         .spawn(move || {
             let _ = tx.send(f());
-        })
-        .map_err(|e| {
+        });
+    async move {
+        started.map_err(|e| {
             tracing::error!(error = %e, "starting an API thread");
             Status::unavailable("the daemon cannot start a thread now; retry shortly")
         })?;
-    rx.await
-        .map_err(|_| Status::internal("the request's worker thread failed; see the node log"))
+        rx.await
+            .map_err(|_| Status::internal("the request's worker thread failed; see the node log"))
+    }
 }
 
 /// A node error as the caller sees it: what and how to fix; internal detail (paths, OS

@@ -1,0 +1,78 @@
+#!/bin/sh
+# Drives a `cleave daemon` for tests/tests/daemon.rs, inside the lab's node namespace
+# (tests/lab/lab.sh): its taps, chains and DNS proxies live there; its API socket is a
+# file, reachable from anywhere in the rig.
+#
+#   daemon.sh start          start it (config: $D/cleave.toml), wait until /readyz is ready
+#   daemon.sh get PATH       an HTTP GET of its metrics listener (127.0.0.1:9464 in cl-node)
+#   daemon.sh leftovers      what a dead or stopped daemon could leave, one `key=value` a line
+#   daemon.sh kill9          kill -9 the daemon
+#   daemon.sh stop           SIGTERM and wait; prints rc=
+#
+# $CLEAVE is the cleave binary; $D the test's runtime directory (XDG_RUNTIME_DIR).
+set -u
+: "${CLEAVE:?}" "${D:?}"
+export XDG_RUNTIME_DIR="$D"
+NODE="ip netns exec cl-node"
+RUN="$D/cleave"
+
+pid() { cat "$D/daemon.pid" 2>/dev/null; }
+
+get() {
+  printf 'GET %s HTTP/1.0\r\n\r\n' "$1" | $NODE busybox nc -w 3 127.0.0.1 9464 2>/dev/null
+}
+
+case "$1" in
+start)
+  $NODE "$CLEAVE" daemon --config "$D/cleave.toml" --metrics-listen 127.0.0.1:9464 \
+    --audit-log "$D/audit.jsonl" >>"$D/daemon.log" 2>&1 &
+  echo $! >"$D/daemon.pid"
+  i=0
+  while [ $i -lt 600 ]; do
+    if get /readyz | grep -q '^ready'; then
+      echo "ready_after_tenths=$i"
+      exit 0
+    fi
+    kill -0 "$(pid)" 2>/dev/null || { echo "daemon died"; tail -20 "$D/daemon.log"; exit 1; }
+    sleep 0.1
+    i=$((i + 1))
+  done
+  echo "not ready after 60 s"; get /readyz; tail -20 "$D/daemon.log"; exit 1
+  ;;
+get) get "$2" ;;
+kill9)
+  kill -9 "$(pid)"
+  while kill -0 "$(pid)" 2>/dev/null; do sleep 0.1; done
+  ;;
+stop)
+  kill -TERM "$(pid)"
+  wait "$(pid)" 2>/dev/null
+  while kill -0 "$(pid)" 2>/dev/null; do sleep 0.1; done
+  echo "rc=$(grep -c 'stopping: destroying every sandbox' "$D/daemon.log")"
+  ;;
+leftovers)
+  me=$(pid)
+  alive=0; kill -0 "$me" 2>/dev/null && alive=1
+  # Workers not started by the running daemon (all of them when it is not running).
+  orphans=0; ours=0
+  for p in $(ps -eo pid,ppid,comm | awk '$3=="cleave-fork-wor" {print $1":"$2}'); do
+    if [ "$alive" = 1 ] && [ "${p#*:}" = "$me" ]; then ours=$((ours + 1)); else orphans=$((orphans + 1)); fi
+  done
+  echo "orphan_workers=$orphans"
+  echo "workers=$ours"
+  dead_dirs=0
+  for d in "$RUN"/vm-*; do
+    [ -e "$d" ] || continue
+    p=${d##*/vm-}; p=${p%%-*}
+    [ -e "/proc/$p" ] || dead_dirs=$((dead_dirs + 1))
+  done
+  echo "dead_runtime_dirs=$dead_dirs"
+  echo "runtime_dirs=$(ls -d "$RUN"/vm-* 2>/dev/null | wc -l)"
+  echo "journal=$(ls "$RUN/daemon/workers" 2>/dev/null | wc -l)"
+  echo "taps=$($NODE ip -o link show type tun | wc -l)"
+  echo "chains=$($NODE nft list table inet cleave 2>/dev/null | grep -cE 'chain (fwd|in|to|nat)-')"
+  echo "sets=$($NODE nft list table inet cleave 2>/dev/null | grep -cE 'set (pin|allow)')"
+  echo "sockets=$(find "$RUN" -type s | wc -l)"
+  ;;
+*) echo "usage: daemon.sh start|get PATH|leftovers|kill9|stop" >&2; exit 2 ;;
+esac
