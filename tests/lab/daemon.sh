@@ -18,8 +18,10 @@ RUN="$D/cleave"
 
 pid() { cat "$D/daemon.pid" 2>/dev/null; }
 
+# busybox nc closes the connection when its stdin ends: keep it open until the reply
+# (HTTP/1.0: the server closes when it has answered).
 get() {
-  printf 'GET %s HTTP/1.0\r\n\r\n' "$1" | $NODE busybox nc -w 3 127.0.0.1 9464 2>/dev/null
+  (printf 'GET %s HTTP/1.0\r\n\r\n' "$1"; sleep 1) | $NODE busybox nc 127.0.0.1 9464 2>/dev/null
 }
 
 case "$1" in
@@ -28,16 +30,16 @@ start)
     --audit-log "$D/audit.jsonl" >>"$D/daemon.log" 2>&1 &
   echo $! >"$D/daemon.pid"
   i=0
-  while [ $i -lt 600 ]; do
+  while [ $i -lt 120 ]; do
+    # Each try takes about a second (see get).
     if get /readyz | grep -q '^ready'; then
-      echo "ready_after_tenths=$i"
+      echo "ready_after_tries=$i"
       exit 0
     fi
     kill -0 "$(pid)" 2>/dev/null || { echo "daemon died"; tail -20 "$D/daemon.log"; exit 1; }
-    sleep 0.1
     i=$((i + 1))
   done
-  echo "not ready after 60 s"; get /readyz; tail -20 "$D/daemon.log"; exit 1
+  echo "not ready after 120 tries"; get /readyz; tail -20 "$D/daemon.log"; exit 1
   ;;
 get) get "$2" ;;
 kill9)
