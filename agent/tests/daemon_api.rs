@@ -354,3 +354,110 @@ fn a_caller_over_the_rate_limit_is_refused_and_a_second_daemon_is_not_started() 
         "{err}"
     );
 }
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (openssl).
+fn make_pki(dir: &Path) {
+    let script = r#"
+set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=cleave-test-ca 2>/dev/null
+for who in server client; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout $who.key -out $who.csr -subj /CN=$who 2>/dev/null
+done
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > server.ext
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+for who in server client; do
+  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.pem -days 1 -extfile $who.ext 2>/dev/null
+done
+"#;
+    let st = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl failed");
+}
+
+#[test]
+fn the_tcp_listener_requires_a_client_certificate() {
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path());
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Daemon::start(&format!(
+        "[tls]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    ));
+    let read = |f: &str| std::fs::read(pki.path().join(f)).unwrap();
+    runtime().block_on(async {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+        let addr = format!("https://127.0.0.1:{port}");
+        let t = Instant::now();
+        let tls = |with_cert: bool| {
+            let c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem")));
+            if with_cert {
+                c.identity(Identity::from_pem(read("client.pem"), read("client.key")))
+            } else {
+                c
+            }
+        };
+        // With a client certificate the CA signed: an operator.
+        let ch = loop {
+            match Channel::from_shared(addr.clone())
+                .unwrap()
+                .tls_config(tls(true))
+                .unwrap()
+                .connect()
+                .await
+            {
+                Ok(ch) => break ch,
+                Err(e) => {
+                    assert!(t.elapsed() < Duration::from_secs(10), "{e:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let mut sb = SandboxesClient::new(ch);
+        sb.list_sandboxes(pb::ListSandboxesRequest {})
+            .await
+            .unwrap();
+        let e = sb
+            .delete_sandbox(pb::DeleteSandboxRequest {
+                id: "sb-0123456789abcdef".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::NotFound,
+            "an operator call, authorised: {e:?}"
+        );
+        // Without one: no call gets through.
+        let refused = match Channel::from_shared(addr.clone())
+            .unwrap()
+            .tls_config(tls(false))
+            .unwrap()
+            .connect()
+            .await
+        {
+            Err(_) => true,
+            Ok(ch) => SandboxesClient::new(ch)
+                .list_sandboxes(pb::ListSandboxesRequest {})
+                .await
+                .is_err(),
+        };
+        assert!(refused, "a client without a certificate was served");
+    });
+    // The audit line names the certificate (by its hash), not a uid.
+    let audit = d.audit();
+    assert!(
+        audit.iter().any(|j| j["action"] == "sandbox.delete"
+            && j["caller"].as_str().is_some_and(|c| c.starts_with("cert:"))),
+        "{audit:?}"
+    );
+}
