@@ -51,7 +51,7 @@ tokens=($(awk 'NR > 1 {print $2}' "$demo_runtime/created"))
 for n in 0 1; do
   echo "-- cleave exec ${ids[$n]} (its own token)"
   CLEAVE_TOKEN=${tokens[$n]} "$cleave" exec "${ids[$n]}" -- sh -c \
-    'echo "$(hostname) $(ip -4 -o addr show eth0 | awk "{print \$4}") random=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d " ")"; printf "GET / HTTP/1.0\r\n\r\n" | nc -w 3 45.45.0.10 80 | tail -1' </dev/null
+    'echo "$(hostname) $(ip -4 -o addr show eth0 | awk "{print \$4}") random=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d " ")"; nslookup -type=A allowed.test >/dev/null; printf "GET / HTTP/1.0\r\n\r\n" | nc -w 3 45.45.0.10 80 | tail -1' </dev/null
 done
 echo "-- cleave exec ${ids[1]} with the token of ${ids[0]}"
 CLEAVE_TOKEN=${tokens[0]} "$cleave" exec "${ids[1]}" -- true </dev/null || echo "(refused, exit $?)"

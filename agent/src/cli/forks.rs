@@ -70,6 +70,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
         gate_timeout: req.gate_timeout,
         warm_workers: 0,
         state_dir: None,
+        worker_exe: None,
     })?;
     node.load_template(template, meta)?;
     let outcomes = node.create_sandboxes(&SandboxRequest {

@@ -79,6 +79,7 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         gate_timeout: Duration::from_millis(config.gate_timeout_ms),
         warm_workers: config.warm_workers,
         state_dir: Some(config.state_dir.clone()),
+        worker_exe: None,
     })?;
     let r = node.reconciled();
     tracing::info!(

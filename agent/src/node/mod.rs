@@ -74,6 +74,8 @@ pub struct NodeOptions {
     pub warm_workers: usize,
     /// Where the journal lives; `None`: no journal (a one-shot command).
     pub state_dir: Option<PathBuf>,
+    /// The `cleave-fork-worker` binary; `None`: the one beside this executable.
+    pub worker_exe: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,7 +241,10 @@ impl Node {
     /// firewall objects of dead slots), opens networking, and starts the thread that keeps
     /// the warm pools full.
     pub fn open(options: NodeOptions) -> Result<Arc<Node>, NodeError> {
-        let exe = worker_exe()?;
+        let exe = match &options.worker_exe {
+            Some(p) => p.clone(),
+            None => worker_exe()?,
+        };
         let journal = options
             .state_dir
             .as_deref()
