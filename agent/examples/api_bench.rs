@@ -213,6 +213,7 @@ fn main() -> anyhow::Result<()> {
     // The template first (the daemon then loads the same one).
     let spec = TemplateSpec::new(TemplateName::default_name());
     node.ensure_template(&spec, (false, false), default_image)?;
+    eprintln!("api_bench: template ready; starting the daemon");
     let cfg = dir.path().join("cleave.toml");
     std::fs::write(
         &cfg,
@@ -236,6 +237,7 @@ fn main() -> anyhow::Result<()> {
         client::connect(&dir.path().join("cleave/cleave.sock")).await
     })?;
 
+    eprintln!("api_bench: daemon ready; {runs} interleaved runs");
     let (mut lc, mut le, mut ac, mut ae) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let (c, e) = lib_once(&node)?;
@@ -245,6 +247,7 @@ fn main() -> anyhow::Result<()> {
         ac.push(c);
         ae.push(e);
     }
+    eprintln!("api_bench: rates, {secs} s per path");
     let (mut lib_done, mut api_done) = (0, 0);
     for _ in 0..2 {
         lib_done += lib_rate(&node, secs / 2);
