@@ -103,6 +103,18 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
                 i1 = id(1)
             ),
         ),
+        // max_execs_per_sandbox = 4: a fifth concurrent exec is refused, naming the limit.
+        Scenario::new(
+            "exec-limit",
+            format!(
+                "for k in 1 2 3 4; do CLEAVE_TOKEN={t1} {c} exec --no-stdin {i1} -- sleep 8 & done; \
+                 for w in $(seq 1 60); do n=$({c} sandbox ls --json | grep {i1} | \
+                 grep -o 'active_execs.:[0-9]*' | cut -d: -f2); [ \"$n\" = 4 ] && break; sleep 0.2; done; \
+                 echo active=$n; CLEAVE_TOKEN={t1} {c} exec --no-stdin {i1} -- true; echo fifth_rc=$?; wait",
+                t1 = tok(1),
+                i1 = id(1)
+            ),
+        ),
         Scenario::new(
             "files",
             format!(
@@ -267,6 +279,15 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
         r,
         value(r, "sig_rc") == Some("143"),
         "a signal death is 128+N",
+    );
+
+    let r = get("exec-limit");
+    f.check(
+        r,
+        value(r, "active") == Some("4")
+            && value(r, "fifth_rc") == Some("1")
+            && r.output.contains("runs 4 execs already"),
+        "a fifth concurrent exec in one sandbox is refused, naming the limit",
     );
 
     let r = get("files");

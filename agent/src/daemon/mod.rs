@@ -10,10 +10,10 @@ pub mod config;
 pub mod metrics;
 pub mod rate;
 
-use std::fs::{DirBuilder, File};
+use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -286,29 +286,8 @@ fn tls_config(tls: &config::TlsConfig) -> anyhow::Result<tonic::transport::Serve
         .client_auth_optional(false))
 }
 
-/// A directory only we may enter (created if missing; an existing one must be ours and
-/// not writable by others).
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no arguments and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if m.uid() != me || m.mode() & 0o022 != 0 {
-        anyhow::bail!(
-            "{} is owned by uid {} with mode {:o}: the daemon keeps its state only in a \
-             directory it owns that no one else can write (chown/chmod it, or choose \
-             another state_dir)",
-            dir.display(),
-            m.uid(),
-            m.mode() & 0o7777
-        );
-    }
-    Ok(())
+    Ok(crate::host::paths::private_dir(dir)?)
 }
 
 fn exclusive(path: &Path) -> anyhow::Result<File> {

@@ -153,6 +153,8 @@ pub enum StoreError {
          {name}`) and create it again"
     )]
     Unusable { name: TemplateName, why: String },
+    #[error("the template store: {0}")]
+    Unsafe(#[from] crate::host::paths::PrivateDirError),
     #[error("template memory: creating its memfd: {0}")]
     Memfd(nix::Error),
     #[error(transparent)]
@@ -201,11 +203,7 @@ impl TemplateStore {
 
     /// Writes `template` under `meta.name`; fails if that name is taken.
     pub fn save(&self, template: &Template, meta: &TemplateMeta) -> Result<(), StoreError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io_err("creating", &self.dir))?;
+        crate::host::paths::private_dir(&self.dir)?;
         let final_path = self.path(&meta.name);
         if final_path.exists() {
             return Err(StoreError::Exists {
@@ -273,6 +271,8 @@ impl TemplateStore {
     /// Reads a template back: its state checked, its memory in a new sealed memfd.
     pub fn load(&self, name: &TemplateName) -> Result<(Template, TemplateMeta), StoreError> {
         let meta = self.meta(name)?;
+        // What forks map must come from a store no one else can write.
+        crate::host::paths::private_dir(&self.dir)?;
         // Refused here with the difference named, not deep in a KVM ioctl at restore.
         if let Some(why) = meta.unusable_reason() {
             return Err(StoreError::Unusable {

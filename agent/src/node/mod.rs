@@ -139,6 +139,16 @@ pub struct Created {
     pub token: Token,
 }
 
+impl std::fmt::Debug for Created {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of every log line and assertion message.
+        f.debug_struct("Created")
+            .field("sandbox", &self.sandbox.id)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
 pub type ForkOutcome = Result<Created, ForkFailure>;
 
 /// A live sandbox.

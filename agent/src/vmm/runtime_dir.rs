@@ -7,10 +7,17 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-#[error("creating the VM runtime directory {path}: {source} (set XDG_RUNTIME_DIR to a writable directory)")]
-pub struct RuntimeDirError {
-    path: PathBuf,
-    source: std::io::Error,
+pub enum RuntimeDirError {
+    #[error(
+        "creating the VM runtime directory {path}: {source} (set XDG_RUNTIME_DIR to a \
+         writable directory)"
+    )]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VM runtime base: {0}")]
+    Base(#[from] crate::host::paths::PrivateDirError),
 }
 
 #[derive(Debug)]
@@ -31,13 +38,10 @@ impl RuntimeDir {
     pub fn create_in(base: &Path) -> Result<RuntimeDir, RuntimeDirError> {
         let err = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| RuntimeDirError { path, source }
+            move |source| RuntimeDirError::Create { path, source }
         };
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(base)
-            .map_err(err(base))?;
+        // Sockets go here: a base someone else can write is refused.
+        crate::host::paths::private_dir(base)?;
         let mut random = [0u8; 8];
         getrandom(&mut random);
         let path = base.join(format!("vm-{}-{}", std::process::id(), hex::encode(random)));

@@ -1,0 +1,179 @@
+//! The node's admission: a create request beyond a limit (sandboxes, memory budget,
+//! request size, TTL), with a policy on a node without networking, or for an unknown
+//! template is refused whole, naming the limit, before any worker starts; a reservation
+//! is released whatever the forks did. A tiny hand-made template (no guest agent) is
+//! enough: every check here happens before, or regardless of, a guest answering.
+
+use std::time::Duration;
+
+use cleave_agent::devices::GuestEnd;
+use cleave_agent::fork::state::STATE_FORMAT;
+use cleave_agent::fork::store::{TemplateMeta, TemplateName, TemplateStore};
+use cleave_agent::fork::{self};
+use cleave_agent::host::fingerprint::HostFingerprint;
+use cleave_agent::net::EgressPolicy;
+use cleave_agent::node::{Node, NodeError, NodeLimits, NodeOptions, SandboxRequest};
+use cleave_agent::vmm::config::MachineConfig;
+use cleave_agent::vmm::{self, tiny, Irqchip, Vm};
+
+/// A 32 MiB template of the tiny guest, saved as `name` in `store`.
+fn tiny_template(store: &TemplateStore, name: &str) {
+    let kvm = vmm::open_kvm().expect("these tests need /dev/kvm");
+    let vm = Vm::create(
+        &kvm,
+        MachineConfig::new(32, 1).unwrap(),
+        Irqchip::InKernel,
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    tiny::load(vm.ram().memory(), tiny::Ending::Count).unwrap();
+    vm.vcpus()[0]
+        .configure_cpu(vm.supported_cpuid(), 1)
+        .unwrap();
+    tiny::setup_vcpu(&vm.vcpus()[0]).unwrap();
+    let running = vm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let (end, vm) = running.stop_and_keep();
+    assert_eq!(end, GuestEnd::Stopped);
+    let template = fork::capture(&kvm, vm).unwrap();
+    let meta = TemplateMeta {
+        name: name.parse().unwrap(),
+        created: 0,
+        mem_mib: 32,
+        vcpus: 1,
+        kernel_sha256: "none".into(),
+        initrd_sha256: "none".into(),
+        cmdline: String::new(),
+        warmup: None,
+        format: STATE_FORMAT,
+        host: Some(HostFingerprint::current().unwrap().clone()),
+    };
+    store.save(&template, &meta).unwrap();
+}
+
+fn node(store: TemplateStore, limits: NodeLimits) -> std::sync::Arc<Node> {
+    Node::open(NodeOptions {
+        store,
+        net: None,
+        limits,
+        gate_timeout: Duration::from_secs(2),
+        warm_workers: 0,
+        state_dir: None,
+        worker_exe: Some(env!("CARGO_BIN_EXE_cleave-fork-worker").into()),
+    })
+    .unwrap()
+}
+
+fn req(count: u32) -> SandboxRequest {
+    SandboxRequest {
+        template: "tiny".parse::<TemplateName>().unwrap(),
+        count,
+        ttl: None,
+        policy: None,
+        all_or_nothing: false,
+    }
+}
+
+#[test]
+fn requests_beyond_a_limit_are_refused_whole_and_reservations_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TemplateStore::at(dir.path().join("templates"));
+    tiny_template(&store, "tiny");
+    let limits = NodeLimits {
+        max_sandboxes: 2,
+        memory_budget_mib: 48,
+        max_per_request: 4,
+        default_ttl: Some(Duration::from_secs(60)),
+        max_ttl: Some(Duration::from_secs(120)),
+    };
+    let node = node(store, limits);
+
+    let e = node.create_sandboxes(&req(3)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            NodeError::TooManySandboxes {
+                live: 0,
+                asked: 3,
+                max: 2
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("max_sandboxes"), "{e}");
+    // 2 × 32 MiB > 48 MiB.
+    let e = node.create_sandboxes(&req(2)).unwrap_err();
+    assert!(
+        matches!(e, NodeError::MemoryBudget { asked: 64, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("memory_budget_mib"), "{e}");
+    for (r, want) in [
+        (req(0), "1 to 4"),
+        (req(5), "1 to 4"),
+        (
+            SandboxRequest {
+                ttl: Some(Duration::from_secs(121)),
+                ..req(1)
+            },
+            "longer than this node allows",
+        ),
+        (
+            SandboxRequest {
+                ttl: Some(Duration::ZERO),
+                ..req(1)
+            },
+            "at least 1 s",
+        ),
+    ] {
+        let e = node.create_sandboxes(&r).unwrap_err();
+        assert!(
+            matches!(e, NodeError::BadRequest(_)) && e.to_string().contains(want),
+            "{e}"
+        );
+    }
+    let policy = EgressPolicy::parse(&["example.com".into()], &[]).unwrap();
+    let e = node
+        .create_sandboxes(&SandboxRequest {
+            policy: Some(policy),
+            ..req(1)
+        })
+        .unwrap_err();
+    assert!(matches!(e, NodeError::NoNetwork(_)), "{e}");
+    let e = node
+        .create_sandboxes(&SandboxRequest {
+            template: "nosuch".parse().unwrap(),
+            ..req(1)
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("no template named nosuch"), "{e}");
+
+    // Admitted: the fork itself fails (the tiny guest has no agent to reach), reported
+    // per fork; nothing stays reserved or alive, so the same request is admitted again.
+    for _ in 0..2 {
+        let outcomes = node.create_sandboxes(&req(1)).unwrap();
+        assert_eq!(outcomes.len(), 1);
+        let f = outcomes
+            .into_iter()
+            .next()
+            .unwrap()
+            .expect_err("no agent: no sandbox");
+        assert!(f.message.contains("no vsock device"), "{}", f.message);
+        assert!(node.list().is_empty());
+    }
+    node.shutdown();
+}
+
+#[test]
+fn an_unknown_or_malformed_sandbox_is_never_authorised() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(
+        TemplateStore::at(dir.path().join("templates")),
+        NodeLimits::unlimited(),
+    );
+    let id = "sb-0123456789abcdef".parse().unwrap();
+    assert!(node.authorize(&id, &"ab".repeat(32)).is_none());
+    assert!(node.authorize(&id, "").is_none());
+    assert!(matches!(node.destroy(&id), Err(NodeError::NotFound(_))));
+    assert!(node.reap_expired().is_empty());
+}
