@@ -60,6 +60,7 @@ fn node(store: TemplateStore, limits: NodeLimits) -> std::sync::Arc<Node> {
         warm_workers: 0,
         state_dir: None,
         worker_exe: Some(env!("CARGO_BIN_EXE_cleave-fork-worker").into()),
+        jail: None,
     })
     .unwrap()
 }
@@ -176,4 +177,89 @@ fn an_unknown_or_malformed_sandbox_is_never_authorised() {
     assert!(node.authorize(&id, "").is_none());
     assert!(matches!(node.destroy(&id), Err(NodeError::NotFound(_))));
     assert!(node.reap_expired().is_empty());
+}
+
+fn status_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
+    use cleave_agent::fork::jail::JailRange;
+    use cleave_agent::fork::sandbox::WarmWorker;
+    use cleave_agent::fork::worker::Encoded;
+    use cleave_agent::vmm::runtime_dir::RuntimeDir;
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = TemplateStore::at(dir.path().join("templates"));
+    tiny_template(&store, "tiny");
+    let (template, _) = store.load(&"tiny".parse().unwrap()).unwrap();
+    let encoded = Encoded::new(&template).unwrap();
+    let range = JailRange {
+        lock_dir: dir.path().join("jail"),
+        first_uid: 910_000,
+        count: 4,
+    };
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_cleave-fork-worker"));
+    let a = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
+    let b = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
+    let (pa, pb) = (a.pid(), b.pid());
+    assert_eq!(status_field(pa, "Uid"), "910000\t910000\t910000\t910000");
+    assert_eq!(status_field(pa, "Gid"), "910000\t910000\t910000\t910000");
+    assert_eq!(
+        status_field(pb, "Uid"),
+        "910001\t910001\t910001\t910001",
+        "one uid per worker"
+    );
+    assert_eq!(status_field(pa, "Groups"), "");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pa, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(pa, "NoNewPrivs"), "1");
+    // Not dumpable: its /proc files belong to root, not to its uid (no sibling can
+    // ptrace it or read its memory).
+    let mem = std::fs::metadata(format!("/proc/{pa}/mem")).unwrap();
+    assert_eq!(mem.uid(), 0);
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pa}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace");
+    }
+    // Its root is its runtime directory: owned by its uid, 0700, nothing else in it.
+    let rundir = std::fs::read_dir(RuntimeDir::base())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("vm-{pa}-")))
+        })
+        .expect("the worker's runtime directory");
+    let m = std::fs::metadata(&rundir).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (910_000, 0o700));
+    let limits = std::fs::read_to_string(format!("/proc/{pa}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max core file size") && l.contains(" 0 ")),
+        "{limits}"
+    );
+    // Ended: its directory is removed by the parent and its uid is free again.
+    drop(a);
+    assert!(!rundir.exists());
+    let c = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
+    assert_eq!(
+        status_field(c.pid(), "Uid"),
+        "910000\t910000\t910000\t910000"
+    );
+    drop((b, c));
 }

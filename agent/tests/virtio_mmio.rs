@@ -247,6 +247,7 @@ fn a_started_transport_and_device_restore_to_the_same_state_on_a_new_socket() {
     let config = VsockConfig {
         guest_cid: device.guest_cid,
         uds_path: t.h.dir.path().join("fork.sock"),
+        peer_uid: None,
     };
     let irq = Arc::new(Interrupt::new(None, 0).unwrap());
     let dev = Arc::new(Mutex::new(Vsock::restore((&config, irq), &device).unwrap()));
@@ -272,6 +273,7 @@ fn a_started_transport_and_device_restore_to_the_same_state_on_a_new_socket() {
         let c = VsockConfig {
             guest_cid: device.guest_cid,
             uds_path: t.h.dir.path().join(name),
+            peer_uid: None,
         };
         let d: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(
             Vsock::restore((&c, Arc::new(Interrupt::new(None, 0).unwrap())), &device).unwrap(),
@@ -290,6 +292,7 @@ fn a_started_transport_and_device_restore_to_the_same_state_on_a_new_socket() {
     let other = VsockConfig {
         guest_cid: device.guest_cid + 1,
         uds_path: t.h.dir.path().join("other.sock"),
+        peer_uid: None,
     };
     let irq = Arc::new(Interrupt::new(None, 0).unwrap());
     assert!(

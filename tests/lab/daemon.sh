@@ -6,6 +6,7 @@
 #   daemon.sh start          start it (config: $D/cleave.toml), wait until /readyz is ready
 #   daemon.sh get PATH       an HTTP GET of its metrics listener (127.0.0.1:9464 in cl-node)
 #   daemon.sh leftovers      what a dead or stopped daemon could leave, one `key=value` a line
+#   daemon.sh jail           how each of its workers is confined, `key=value`
 #   daemon.sh kill9          kill -9 the daemon
 #   daemon.sh stop           SIGTERM and wait; prints rc=
 #
@@ -76,5 +77,26 @@ leftovers)
   echo "sets=$($NODE nft list table inet cleave 2>/dev/null | grep -cE 'set (pin|allow)')"
   echo "sockets=$(find "$RUN" -type s | wc -l)"
   ;;
-*) echo "usage: daemon.sh start|get PATH|leftovers|kill9|stop" >&2; exit 2 ;;
+jail)
+  # Every worker of the running daemon: its own non-root uid (distinct), no
+  # capabilities, no_new_privs, its own mount and network namespaces, and a runtime
+  # directory (its whole filesystem) that only its uid can enter.
+  me=$(pid); n=0; bad=0; uids=""
+  for p in $(ps -eo pid,ppid,comm | awk -v d="$me" '$2==d && $3=="cleave-fork-wor" {print $1}'); do
+    n=$((n + 1))
+    uid=$(awk '/^Uid:/ {print $2}' /proc/$p/status)
+    [ "$uid" != 0 ] || { echo "worker $p runs as root"; bad=$((bad + 1)); }
+    grep -q '^NoNewPrivs:[[:space:]]*1' /proc/$p/status || { echo "worker $p: no_new_privs off"; bad=$((bad + 1)); }
+    grep -q '^CapEff:[[:space:]]*0000000000000000' /proc/$p/status || { echo "worker $p has capabilities"; bad=$((bad + 1)); }
+    [ "$(readlink /proc/$p/ns/mnt)" != "$(readlink /proc/$me/ns/mnt)" ] || { echo "worker $p shares the mount namespace"; bad=$((bad + 1)); }
+    [ "$(readlink /proc/$p/ns/net)" != "$(readlink /proc/$me/ns/net)" ] || { echo "worker $p shares the network namespace"; bad=$((bad + 1)); }
+    d=$(ls -d "$RUN"/vm-$p-* 2>/dev/null | head -1)
+    [ -n "$d" ] && [ "$(stat -c '%u %a' "$d")" = "$uid 700" ] || { echo "worker $p: runtime dir ${d:-missing} is not its own 0700"; bad=$((bad + 1)); }
+    uids="$uids $uid"
+  done
+  echo "jailed_workers=$n"
+  echo "jail_violations=$bad"
+  echo "distinct_uids=$(echo $uids | tr ' ' '\n' | sort -u | grep -c .)"
+  ;;
+*) echo "usage: daemon.sh start|get PATH|leftovers|jail|kill9|stop" >&2; exit 2 ;;
 esac

@@ -71,6 +71,8 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
                  {c} sandbox ls"
             ),
         ),
+        // Every worker (the two sandboxes' and the warm ones) is jailed.
+        Scenario::new("jail", format!("{ctl} jail")),
         Scenario::new(
             "own-tokens",
             format!(
@@ -227,6 +229,16 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
             })
             && created[0]["id"] != created[1]["id"],
         "each sandbox has its own id and a 256-bit token",
+    );
+
+    let r = get("jail");
+    f.check(
+        r,
+        value(r, "jailed_workers").is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 4))
+            && value(r, "jail_violations") == Some("0")
+            && value(r, "distinct_uids") == value(r, "jailed_workers"),
+        "every worker runs as its own uid, without capabilities, with no_new_privs, in its \
+         own mount and network namespaces, in a directory only it can enter",
     );
 
     let r = get("own-tokens");

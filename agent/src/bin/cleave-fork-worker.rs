@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+use cleave_agent::fork::jail::JailIds;
 use cleave_agent::fork::worker;
 
 fn main() -> ExitCode {
@@ -24,6 +25,22 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+    // `--jail UID:GID`: the worker jails itself as that uid before it builds its fork.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let jail = match args.as_slice() {
+        [] => None,
+        [flag, ids] if flag == "--jail" => match JailIds::parse(ids) {
+            Some(ids) => Some(ids),
+            None => {
+                eprintln!("cleave-fork-worker: --jail {ids:?} is not UID:GID (neither 0)");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => {
+            eprintln!("cleave-fork-worker: usage: cleave-fork-worker [--jail UID:GID] (started by cleave)");
+            return ExitCode::FAILURE;
+        }
+    };
     let sock = match worker::socket_from_stdin() {
         Ok(s) => s,
         Err(e) => {
@@ -31,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match worker::serve(sock) {
+    match worker::serve(sock, jail) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cleave-fork-worker: {e}");

@@ -37,6 +37,10 @@ pub struct DaemonConfig {
     /// Create (if missing) and load the `default` template at start.
     pub default_template: bool,
     pub default_template_mem_mib: u64,
+    /// Fork workers run as uids (and gids) `jail_first_uid ..+ jail_uids`, one per live
+    /// worker (warm ones included).
+    pub jail_first_uid: u32,
+    pub jail_uids: u32,
     pub network: Option<NetworkConfig>,
     pub tls: Option<TlsConfig>,
 }
@@ -85,6 +89,8 @@ impl Default for DaemonConfig {
             max_file_bytes: 64 << 20,
             default_template: true,
             default_template_mem_mib: 256,
+            jail_first_uid: crate::fork::jail::DEFAULT_FIRST_UID,
+            jail_uids: crate::fork::jail::DEFAULT_UIDS,
             network: None,
             tls: None,
         }
@@ -147,6 +153,16 @@ impl DaemonConfig {
         }
         if !(64 << 10..=64 << 20).contains(&self.max_message_bytes) {
             return Err("max_message_bytes must be from 65536 to 67108864".into());
+        }
+        if self.jail_first_uid == 0
+            || u64::from(self.jail_first_uid) + u64::from(self.jail_uids) > u64::from(u32::MAX)
+            || (self.jail_uids as usize) < self.max_sandboxes + self.warm_workers
+        {
+            return Err(format!(
+                "jail_first_uid/jail_uids: the worker uids must be above 0 and below \
+                 4294967295, at least max_sandboxes + warm_workers of them ({})",
+                self.max_sandboxes + self.warm_workers
+            ));
         }
         if self.allowed_uids.is_empty() {
             return Err("allowed_uids is empty: no one could create a sandbox".into());

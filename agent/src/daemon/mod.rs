@@ -80,6 +80,10 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         warm_workers: config.warm_workers,
         state_dir: Some(config.state_dir.clone()),
         worker_exe: None,
+        jail: crate::fork::jail::JailRange::for_this_process(
+            config.jail_first_uid,
+            config.jail_uids,
+        ),
     })?;
     let r = node.reconciled();
     tracing::info!(

@@ -12,6 +12,7 @@
 pub mod capture;
 pub mod freeze;
 pub mod gate;
+pub mod jail;
 pub mod restore;
 pub mod sandbox;
 pub mod sealed;

@@ -72,8 +72,22 @@ pub struct WarmWorker {
 }
 
 impl WarmWorker {
-    pub fn new(exe: &std::path::Path, template: &Encoded) -> Result<WarmWorker, WorkerError> {
-        let mut worker = Worker::spawn(exe)?;
+    /// Starts a worker and has it load `template` and build its VM shell; with `jail`,
+    /// the worker runs as a uid of that range, jailed before it builds anything.
+    pub fn new(
+        exe: &std::path::Path,
+        template: &Encoded,
+        jail: Option<&super::jail::JailRange>,
+    ) -> Result<WarmWorker, WorkerError> {
+        let mut worker = match jail {
+            Some(range) => {
+                let lease = range
+                    .claim(0)
+                    .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
+                Worker::spawn_jailed(exe, lease)?
+            }
+            None => Worker::spawn(exe)?,
+        };
         match worker.load(template) {
             Ok(()) => Ok(WarmWorker { worker }),
             Err(e) => {

@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::jail::{self, JailIds, JailLease};
 use super::sealed::{SealError, SealedMemory};
 use super::state::MachineState;
 use super::{RestoreError, Shell, Template};
@@ -100,6 +101,8 @@ pub enum WorkerError {
     RuntimeDir(#[from] crate::vmm::runtime_dir::RuntimeDirError),
     #[error("fork worker: waiting for it to exit: {0}")]
     Wait(std::io::Error),
+    #[error("fork worker: {0}")]
+    Jail(std::io::Error),
 }
 
 /// What a worker reports when its fork is ready to run.
@@ -114,6 +117,16 @@ pub struct ReadyReport {
     /// Restoring state into it and starting the vCPUs, after the request.
     pub finish_us: u64,
 }
+
+/// The body of `shell-ready`: the runtime directory the parent removes after reaping a
+/// jailed worker (a jailed worker cannot remove it itself).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct ShellReady {
+    runtime_dir: Option<PathBuf>,
+}
+
+/// The fork's vsock socket in its runtime directory.
+const VSOCK_SOCKET: &str = "vsock.sock";
 
 /// The body of `go`: the name of the tap whose fd comes with it, if one does.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,11 +272,25 @@ pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 pub struct Worker {
     sock: Option<OwnedFd>,
     child: Option<Child>,
+    /// A jailed worker's runtime directory, removed here once it is reaped.
+    runtime_dir: Option<PathBuf>,
+    /// A jailed worker's uid, held until it is reaped.
+    jail: Option<JailLease>,
 }
 
 impl Worker {
     /// Starts `exe` (the `cleave-fork-worker` binary) with its end of the socket as stdin.
     pub fn spawn(exe: &Path) -> Result<Worker, WorkerError> {
+        Self::spawn_in(exe, None)
+    }
+
+    /// [`spawn`](Self::spawn), and the worker jails itself as `jail`'s uid/gid before it
+    /// builds anything for its fork.
+    pub fn spawn_jailed(exe: &Path, jail: JailLease) -> Result<Worker, WorkerError> {
+        Self::spawn_in(exe, Some(jail))
+    }
+
+    fn spawn_in(exe: &Path, jail: Option<JailLease>) -> Result<Worker, WorkerError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -271,7 +298,11 @@ impl Worker {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(WorkerError::Socket)?;
-        let child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        if let Some(j) = &jail {
+            cmd.arg("--jail").arg(j.ids().arg());
+        }
+        let child = cmd
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .spawn()
@@ -282,6 +313,8 @@ impl Worker {
         Ok(Worker {
             sock: Some(ours),
             child: Some(child),
+            runtime_dir: None,
+            jail,
         })
     }
 
@@ -305,7 +338,24 @@ impl Worker {
             Some(template.memfd.as_fd()),
             "the template",
         )?;
-        expect(sock, Kind::ShellReady, "the prepared shell").map(drop)
+        let msg = expect(sock, Kind::ShellReady, "the prepared shell")?;
+        let ready: ShellReady = if msg.body.is_empty() {
+            ShellReady::default()
+        } else {
+            serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
+                what: "shell-ready",
+                why: e.to_string(),
+            })?
+        };
+        // Only a directory under the runtime base, named as workers name theirs, is ever
+        // removed on a worker's word.
+        self.runtime_dir = ready.runtime_dir.filter(|d| {
+            d.parent() == Some(RuntimeDir::base().as_path())
+                && d.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("vm-{}-", self.pid())))
+        });
+        Ok(())
     }
 
     /// The fork request: the worker restores and starts its fork, its NIC on `tap` (or
@@ -354,7 +404,15 @@ impl Worker {
             );
             let _ = child.kill();
         }
-        child.wait().map_err(WorkerError::Wait)
+        let status = child.wait().map_err(WorkerError::Wait);
+        if let Some(dir) = self.runtime_dir.take() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "removing a worker's runtime directory");
+            }
+        }
+        // Its uid is free only now that nothing runs as it.
+        drop(self.jail.take());
+        status
     }
 
     /// Closes the socket without waiting: the worker tears its VM down on its own time.
@@ -407,8 +465,8 @@ impl Drop for Worker {
 /// The worker's side, run by `cleave-fork-worker` with the socket as `sock`. Returns when
 /// the parent closes the socket (after stopping the fork) or on the first error (after
 /// telling the parent why).
-pub fn serve(sock: OwnedFd) -> Result<(), WorkerError> {
-    let result = serve_inner(&sock);
+pub fn serve(sock: OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError> {
+    let result = serve_inner(&sock, jail);
     if let Err(e) = &result {
         let _ = send(
             &sock,
@@ -421,7 +479,9 @@ pub fn serve(sock: OwnedFd) -> Result<(), WorkerError> {
     result
 }
 
-fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
+fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError> {
+    // The parent is the only peer the fork's socket accepts: the uid we were started as.
+    let parent_uid = nix::unistd::getuid().as_raw();
     let msg = expect(sock, Kind::Template, "the template")?;
     let memfd = msg.fd.ok_or_else(|| WorkerError::Protocol {
         what: "the template",
@@ -437,23 +497,53 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     // whatever the sender did.
     let memory = SealedMemory::from_sealed(Arc::new(File::from(memfd)), state.machine.mem.bytes())?;
     let template = Template::new(memory, state);
-    // The fork's socket lives in a directory of this process's own, removed when it exits.
+    // The fork's socket lives in a directory of this process's own. Jailed, that
+    // directory becomes the whole filesystem: the socket is `/vsock.sock` inside, and the
+    // parent (who sees the real path) removes the directory after reaping us.
+    let kvm = vmm::open_kvm()?;
+    let mut runtime_dir = None;
     let vsock = match &template.state().devices.vsock {
         Some(saved) => {
-            let dir = RuntimeDir::create()?;
+            let mut dir = RuntimeDir::create()?;
+            let outside = dir.vsock_path();
+            let inside = match jail {
+                Some(ids) => {
+                    std::os::unix::fs::chown(dir.path(), Some(ids.uid), Some(ids.gid))
+                        .map_err(WorkerError::Jail)?;
+                    jail::enter(ids, dir.path())
+                        .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
+                    dir.disown();
+                    runtime_dir = Some(dir.path().to_path_buf());
+                    PathBuf::from("/").join(VSOCK_SOCKET)
+                }
+                None => outside.clone(),
+            };
             let config = VsockConfig {
                 guest_cid: saved.device.guest_cid,
-                uds_path: dir.vsock_path(),
+                uds_path: inside,
+                peer_uid: Some(parent_uid),
             };
-            Some((dir, config))
+            Some((dir, config, outside))
         }
-        None => None,
+        None => {
+            if let Some(ids) = jail {
+                // No socket to keep: an empty private directory still makes the root.
+                let mut dir = RuntimeDir::create()?;
+                std::os::unix::fs::chown(dir.path(), Some(ids.uid), Some(ids.gid))
+                    .map_err(WorkerError::Jail)?;
+                jail::enter(ids, dir.path())
+                    .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
+                dir.disown();
+                runtime_dir = Some(dir.path().to_path_buf());
+            }
+            None
+        }
     };
-    let kvm = vmm::open_kvm()?;
     let t = Instant::now();
     let shell = Shell::build(&kvm, &template)?;
     let prepare_us = micros(t.elapsed());
-    send(sock, Kind::ShellReady, &[], None, "shell-ready")?;
+    let body = serde_json::to_vec(&ShellReady { runtime_dir }).map_err(WorkerError::Encode)?;
+    send(sock, Kind::ShellReady, &body, None, "shell-ready")?;
 
     // A pool may retire a prepared worker without using it: closing is not an error then.
     let go = match recv(sock, MAX_SMALL_MESSAGE, "go")? {
@@ -468,12 +558,12 @@ fn serve_inner(sock: &OwnedFd) -> Result<(), WorkerError> {
     };
     let t = Instant::now();
     let net = go_backend(go)?;
-    let config = vsock.as_ref().map(|(_, c)| c);
+    let config = vsock.as_ref().map(|(_, c, _)| c);
     let restored = shell.finish(&template, Box::new(std::io::sink()), config, net)?;
     let running = restored.vm.start()?;
     let report = ReadyReport {
         pid: std::process::id(),
-        vsock: config.map(|c| c.uds_path.clone()),
+        vsock: vsock.as_ref().map(|(_, _, outside)| outside.clone()),
         prepare_us,
         finish_us: micros(t.elapsed()),
     };

@@ -28,6 +28,7 @@ use self::credential::{Credential, SandboxId, Token};
 use self::journal::{Journal, JournalError, Reconciled};
 use self::templates::{unix_now, CreatedTemplate, TemplateSpec};
 use self::warm::WarmPool;
+use crate::fork::jail::JailRange;
 use crate::fork::sandbox::{worker_exe, ForkError, Sandbox};
 use crate::fork::store::{StoreError, TemplateMeta, TemplateName, TemplateStore};
 use crate::fork::worker::Encoded;
@@ -76,6 +77,9 @@ pub struct NodeOptions {
     pub state_dir: Option<PathBuf>,
     /// The `cleave-fork-worker` binary; `None`: the one beside this executable.
     pub worker_exe: Option<PathBuf>,
+    /// Worker uids; `None`: workers run unjailed, as this process's uid (only for tests
+    /// and benchmarks of the unjailed path, or a node not running as root).
+    pub jail: Option<JailRange>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -370,7 +374,12 @@ impl Node {
     ) -> Result<Arc<Forkable>, NodeError> {
         let encoded = Encoded::new(&template).map_err(ForkError::from)?;
         let f = Arc::new(Forkable {
-            pool: WarmPool::new(self.exe.clone(), encoded, self.options.warm_workers),
+            pool: WarmPool::new(
+                self.exe.clone(),
+                encoded,
+                self.options.jail.clone(),
+                self.options.warm_workers,
+            ),
             meta,
         });
         let f = lock(&self.templates)

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use crate::fork::jail::JailRange;
 use crate::fork::sandbox::WarmWorker;
 use crate::fork::worker::{Encoded, WorkerError};
 
@@ -12,15 +13,17 @@ use super::journal::Journal;
 pub struct WarmPool {
     exe: PathBuf,
     encoded: Encoded,
+    jail: Option<JailRange>,
     target: usize,
     ready: Mutex<Vec<WarmWorker>>,
 }
 
 impl WarmPool {
-    pub fn new(exe: PathBuf, encoded: Encoded, target: usize) -> WarmPool {
+    pub fn new(exe: PathBuf, encoded: Encoded, jail: Option<JailRange>, target: usize) -> WarmPool {
         WarmPool {
             exe,
             encoded,
+            jail,
             target,
             ready: Mutex::new(Vec::new()),
         }
@@ -35,7 +38,7 @@ impl WarmPool {
     }
 
     fn start_one(&self, journal: Option<&Journal>) -> Result<WarmWorker, WorkerError> {
-        let w = WarmWorker::new(&self.exe, &self.encoded)?;
+        let w = WarmWorker::new(&self.exe, &self.encoded, self.jail.as_ref())?;
         if let Some(j) = journal {
             if let Err(e) = j.record(w.pid(), None) {
                 // Not fatal: the worker still ends when this process does.

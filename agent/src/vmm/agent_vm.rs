@@ -63,6 +63,8 @@ impl AgentVm {
         let vsock = VsockConfig {
             guest_cid: DEFAULT_GUEST_CID,
             uds_path: dir.vsock_path(),
+            // This process is the only client.
+            peer_uid: Some(nix::unistd::geteuid().as_raw()),
         };
         let (console, writer) = Console::new(None, Some(READY_PREFIX));
         let start = Instant::now();

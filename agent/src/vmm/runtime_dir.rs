@@ -23,6 +23,8 @@ pub enum RuntimeDirError {
 #[derive(Debug)]
 pub struct RuntimeDir {
     path: PathBuf,
+    /// Someone else (the parent of a jailed worker) removes it.
+    disowned: bool,
 }
 
 impl RuntimeDir {
@@ -50,7 +52,10 @@ impl RuntimeDir {
             .mode(0o700)
             .create(&path)
             .map_err(err(&path))?;
-        Ok(RuntimeDir { path })
+        Ok(RuntimeDir {
+            path,
+            disowned: false,
+        })
     }
 
     pub fn create() -> Result<RuntimeDir, RuntimeDirError> {
@@ -67,8 +72,19 @@ impl RuntimeDir {
     }
 }
 
+impl RuntimeDir {
+    /// Leaves removing the directory to someone else (a jailed worker cannot: its parent
+    /// directory is not its own, and after the jail the path does not exist for it).
+    pub fn disown(&mut self) {
+        self.disowned = true;
+    }
+}
+
 impl Drop for RuntimeDir {
     fn drop(&mut self) {
+        if self.disowned {
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "removing the VM runtime directory");
         }

@@ -285,6 +285,7 @@ impl Harness {
             &VsockConfig {
                 guest_cid: GUEST_CID,
                 uds_path: uds.clone(),
+                peer_uid: None,
             },
             interrupt.clone(),
         )

@@ -109,7 +109,7 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     let mut restore_ms = Vec::with_capacity(forks);
     let started = Instant::now();
     for i in 1..=forks {
-        let p = WarmWorker::new(&exe, &encoded)?;
+        let p = WarmWorker::new(&exe, &encoded, None)?;
         let s = Sandbox::start(p, gate_timeout, None).with_context(|| format!("fork {i}"))?;
         fork_ms.push(s.fork_time().as_secs_f64() * 1e3);
         restore_ms.push(s.ready_report().finish_us as f64 / 1e3);
@@ -173,7 +173,7 @@ fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
         let before = memory::available_kib()?;
         let t = Instant::now();
         let prepared = (0..n)
-            .map(|_| WarmWorker::new(&exe, &encoded))
+            .map(|_| WarmWorker::new(&exe, &encoded, None))
             .collect::<Result<Vec<_>, _>>()?;
         let prepare_s = t.elapsed().as_secs_f64();
         let t = Instant::now();

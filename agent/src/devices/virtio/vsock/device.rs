@@ -88,9 +88,11 @@ impl Vsock {
             .reset(TICK, Some(TICK))
             .map_err(|e| VsockError::Fd(e.into()))?;
         let muxer =
-            Muxer::bind(&config.uds_path, config.guest_cid).map_err(|source| VsockError::Bind {
-                path: config.uds_path.clone(),
-                source,
+            Muxer::bind(&config.uds_path, config.guest_cid, config.peer_uid).map_err(|source| {
+                VsockError::Bind {
+                    path: config.uds_path.clone(),
+                    source,
+                }
             })?;
         Ok(Vsock {
             cid: config.guest_cid,

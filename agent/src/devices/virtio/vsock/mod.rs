@@ -35,4 +35,7 @@ pub struct VsockConfig {
     /// The VM's hybrid-vsock Unix socket (host-initiated connections arrive here; guest
     /// connections to port P go to `<uds_path>_P`).
     pub uds_path: PathBuf,
+    /// Only peers with this uid (`SO_PEERCRED`) may connect to the socket; `None`: any
+    /// peer the socket's directory lets in.
+    pub peer_uid: Option<u32>,
 }

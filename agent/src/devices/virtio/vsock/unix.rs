@@ -68,6 +68,8 @@ pub struct MuxerCounts {
     pub guest_connects: u64,
     pub resets_sent: u64,
     pub refused: u64,
+    /// Host connections from a peer uid other than the allowed one.
+    pub refused_peers: u64,
 }
 
 pub struct Muxer {
@@ -85,15 +87,18 @@ pub struct Muxer {
     registered: HashMap<RawFd, EventSet>,
     counts: MuxerCounts,
     log: LogLimit,
+    /// Who may connect (`SO_PEERCRED`), when restricted.
+    peer_uid: Option<u32>,
 }
 
 impl Muxer {
-    /// Binds the VM's Unix socket at `path`.
-    pub fn bind(path: &Path, guest_cid: u64) -> io::Result<Muxer> {
+    /// Binds the VM's Unix socket at `path`; with `peer_uid`, only that uid may connect.
+    pub fn bind(path: &Path, guest_cid: u64, peer_uid: Option<u32>) -> io::Result<Muxer> {
         let listener = UnixListener::bind(path)?;
         listener.set_nonblocking(true)?;
         Ok(Muxer {
             guest_cid,
+            peer_uid,
             path: path.to_path_buf(),
             listener,
             pending: HashMap::new(),
@@ -327,6 +332,20 @@ impl Muxer {
                     return;
                 }
             };
+            if let Some(want) = self.peer_uid {
+                let peer = nix::sys::socket::getsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::PeerCredentials,
+                )
+                .map(|c| c.uid());
+                if peer != Ok(want) {
+                    self.counts.refused_peers += 1;
+                    self.log.warn(format_args!(
+                        "vsock: host connection refused: peer uid {peer:?} is not {want}"
+                    ));
+                    continue;
+                }
+            }
             if self.pending.len() >= MAX_PENDING_CONNECTS
                 || self.conns.len() >= MAX_CONNECTIONS
                 || stream.set_nonblocking(true).is_err()
@@ -655,6 +674,26 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_allowed_peer_uid_gets_a_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        // Another uid only: this process is refused.
+        let mut m = Muxer::bind(&dir.path().join("a.sock"), 3, Some(me.wrapping_add(1))).unwrap();
+        let _c = UnixStream::connect(dir.path().join("a.sock")).unwrap();
+        m.accept_host();
+        assert!(m.pending.is_empty());
+        assert_eq!(m.counts().refused_peers, 1);
+        // Our uid: accepted; no restriction: accepted.
+        for (name, peer) in [("b.sock", Some(me)), ("c.sock", None)] {
+            let mut m = Muxer::bind(&dir.path().join(name), 3, peer).unwrap();
+            let _c = UnixStream::connect(dir.path().join(name)).unwrap();
+            m.accept_host();
+            assert_eq!(m.pending.len(), 1, "{name}");
+            assert_eq!(m.counts().refused_peers, 0);
+        }
+    }
 
     #[test]
     fn connect_lines() {
