@@ -70,8 +70,7 @@ enum Command {
 /// the daemon: info, as JSON lines).
 fn init_logging(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = crate::host::log_filter(default);
     if daemon {
         let _ = tracing_subscriber::fmt()
             .json()

@@ -52,6 +52,17 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 /// Checks the queues a driver hands a device at activation: `count` of them, each valid
 /// in `mem`.
+/// Whether the guest's avail index is at most one queue ahead of where the device is. A
+/// driver that claims more lies: `virtio-queue` refuses (and logs) every pop for ever, and a
+/// device that re-arms itself while "buffers are left" spins. Devices stop instead.
+pub fn avail_index_sane(q: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) => idx.0.wrapping_sub(q.next_avail()) <= q.size(),
+        Err(_) => false,
+    }
+}
+
 pub fn check_queues(
     queues: &[virtio_queue::Queue],
     count: usize,

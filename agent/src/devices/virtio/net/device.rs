@@ -5,7 +5,6 @@
 //! guest cannot hold the event loop, and a guest that corrupts its rings (an avail index
 //! more than a queue ahead) gets a device that stops, not one that spins.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -138,11 +137,7 @@ impl Net {
         let Some(a) = self.active.as_ref() else {
             return false;
         };
-        let q = &a.queues[index];
-        let sane = match q.avail_idx(&a.mem, Ordering::Acquire) {
-            Ok(idx) => idx.0.wrapping_sub(q.next_avail()) <= q.size(),
-            Err(_) => false,
-        };
+        let sane = super::super::avail_index_sane(&a.queues[index], &a.mem);
         if !sane {
             self.broken = true;
             self.log.warn(format_args!(

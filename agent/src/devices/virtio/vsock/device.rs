@@ -73,6 +73,8 @@ pub struct Vsock {
     /// The guest gave us no RX buffer last time we had something for it.
     pub(super) rx_starved: bool,
     reset_event_pending: bool,
+    /// The guest broke a queue (its avail index lies); nothing is processed until reset.
+    broken: bool,
     counts: VsockCounts,
     log: LogLimit,
 }
@@ -104,6 +106,7 @@ impl Vsock {
             muxer,
             rx_starved: false,
             reset_event_pending: false,
+            broken: false,
             counts: VsockCounts::default(),
             log: LogLimit::new(),
         })
@@ -125,8 +128,35 @@ impl Vsock {
         self.counts
     }
 
+    /// Whether the guest broke a queue and the device stopped (until the guest resets it).
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// See [`super::super::avail_index_sane`]: a lying queue stops the device.
+    fn queue_sane(&mut self, index: usize) -> bool {
+        if self.broken {
+            return false;
+        }
+        let Some(a) = self.active.as_ref() else {
+            return false;
+        };
+        if super::super::avail_index_sane(&a.queues[index], &a.mem) {
+            return true;
+        }
+        self.broken = true;
+        self.log.warn(format_args!(
+            "vsock: queue {index}'s avail index is corrupt; the device stops until the guest \
+             resets it"
+        ));
+        false
+    }
+
     /// Takes every packet the guest queued on TX and acts on it.
     pub fn process_tx(&mut self) {
+        if !self.queue_sane(TXQ) {
+            return;
+        }
         let Some(a) = self.active.as_mut() else {
             return;
         };
@@ -178,6 +208,9 @@ impl Vsock {
 
     /// Fills guest RX buffers with whatever the host side has for the guest.
     pub fn process_rx(&mut self) {
+        if !self.queue_sane(RXQ) {
+            return;
+        }
         let Some(a) = self.active.as_mut() else {
             return;
         };
@@ -337,6 +370,7 @@ impl VirtioDevice for Vsock {
         self.acked_features = acked_features;
         self.active = Some(Active { mem, queues });
         self.rx_starved = false;
+        self.broken = false;
         // Anything queued while the driver was starting goes out on the next loop turn.
         let _ = self.queue_evts[RXQ].write(1);
         Ok(())
@@ -345,6 +379,7 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+        self.broken = false;
         self.reset_event_pending = false;
         self.muxer.reset_all();
     }
