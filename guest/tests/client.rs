@@ -72,6 +72,28 @@ fn output_beyond_the_window_fails_that_exec() {
 }
 
 #[test]
+fn empty_output_frames_fail_that_exec_instead_of_queueing_without_credit() {
+    // Empty frames take no credit: a guest could queue them without bound in the host.
+    let c = fake_guest(|m, w| {
+        if let Body::Exec(_) = m.body {
+            for _ in 0..100_000 {
+                send(w, m.id, Body::Stdout(Vec::new()));
+            }
+        }
+    });
+    let mut h = c.start_exec(ExecRequest::new(["true"])).unwrap();
+    let why = loop {
+        match h.next_event() {
+            Ok(OutputEvent::Stdout(d)) => assert!(!d.is_empty(), "an empty frame was delivered"),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => break protocol_error(e),
+        }
+    };
+    assert!(why.contains("empty stdout"), "{why}");
+    c.hello(T).unwrap();
+}
+
+#[test]
 fn frames_that_do_not_belong_to_a_request_fail_it() {
     let c = fake_guest(|m, w| match m.body {
         Body::Exec(_) => send(w, m.id, Body::ReadDone { bytes: 0 }),

@@ -590,7 +590,11 @@ fn judge(route: &mut Route, body: &Body) -> Verdict {
         (Kind::Single(k), b) if b.kind() == *k => Terminal,
         (Kind::Exec, Body::Stdout(d) | Body::Stderr(d))
         | (Kind::ReadFile { started: true }, Body::FileData(d)) => {
-            if route.recv.receive(d.len()) {
+            // An empty frame costs no credit, so nothing would bound how many of them
+            // queue up here: a guest never needs to send one.
+            if d.is_empty() {
+                Violation(format!("an empty {} frame", body.name()))
+            } else if route.recv.receive(d.len()) {
                 Forward
             } else {
                 Violation(format!("{} beyond the flow-control window", body.name()))
