@@ -12,7 +12,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use cleave_guest::protocol::{Client, ClientError, ExecRequest, ExitStatus, OutputEvent};
+use cleave_guest::protocol::{
+    BoundedOutput, Client, ClientError, ExecRequest, ExitStatus, OutputEvent, MAX_COLLECTED,
+};
 use nix::sys::signal::SigSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -153,12 +155,16 @@ fn exec_passing_signals(
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        let (mut out, mut err) = (Vec::new(), Vec::new());
+        // Each fork's output is held until all are done: bounded, the rest marked.
+        let (mut out, mut err) = (
+            BoundedOutput::new(MAX_COLLECTED),
+            BoundedOutput::new(MAX_COLLECTED),
+        );
         let result = loop {
             match handle.next_event() {
-                Ok(OutputEvent::Stdout(d)) => out.extend_from_slice(&d),
-                Ok(OutputEvent::Stderr(d)) => err.extend_from_slice(&d),
-                Ok(OutputEvent::Exited(x)) => break Ok((x.status, out, err)),
+                Ok(OutputEvent::Stdout(d)) => out.push(&d),
+                Ok(OutputEvent::Stderr(d)) => err.push(&d),
+                Ok(OutputEvent::Exited(x)) => break Ok((x.status, out.finish(), err.finish())),
                 Err(e) => break Err(e),
             }
         };

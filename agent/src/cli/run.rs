@@ -13,7 +13,8 @@ use anyhow::Context;
 use crate::devices::virtio::net::NetBackend;
 use clap::Args;
 use cleave_guest::protocol::{
-    Client, ClientError, ExecRequest, ExitReport, ExitStatus, OutputEvent,
+    BoundedOutput, Client, ClientError, ExecRequest, ExitReport, ExitStatus, OutputEvent,
+    MAX_COLLECTED,
 };
 use nix::sys::signal::{SigSet, Signal};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -151,13 +152,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     req.timeout_ms = args.timeout.map(|s| s.saturating_mul(1000));
     let stdin: Box<dyn Read + Send> = Box::new(std::io::stdin());
     let started = Instant::now();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
+    // --json holds the output until the end: bounded, the rest marked.
+    let (mut out, mut err) = (
+        BoundedOutput::new(MAX_COLLECTED),
+        BoundedOutput::new(MAX_COLLECTED),
+    );
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     let report = exec_forwarding_signals(vm.client(), req, stdin, &signals, |ev| {
         // A closed stdout (`| head`) must not stop the command's exit from arriving.
         let _ = match (args.json, ev) {
-            (true, OutputEvent::Stdout(d)) => out.write_all(d),
-            (true, OutputEvent::Stderr(d)) => err.write_all(d),
+            (true, OutputEvent::Stdout(d)) => {
+                out.push(d);
+                Ok(())
+            }
+            (true, OutputEvent::Stderr(d)) => {
+                err.push(d);
+                Ok(())
+            }
             (false, OutputEvent::Stdout(d)) => stdout.write_all(d).and_then(|_| stdout.flush()),
             (false, OutputEvent::Stderr(d)) => stderr.write_all(d),
             (_, OutputEvent::Exited(_)) => Ok(()),
@@ -191,8 +202,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "id": id,
             "exit_code": code,
             "signal": signal,
-            "stdout": String::from_utf8_lossy(&out),
-            "stderr": String::from_utf8_lossy(&err),
+            "stdout": String::from_utf8_lossy(&out.finish()),
+            "stderr": String::from_utf8_lossy(&err.finish()),
             "ms": (ms * 1000.0).round() / 1000.0,
             "ip": network.as_ref().map(|n| n.addrs().guest4.to_string()),
         });

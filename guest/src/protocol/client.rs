@@ -42,6 +42,53 @@ pub enum ClientError {
 /// How an exec ended.
 pub type ExecResult = ExitReport;
 
+/// The most output of one stream a collecting call keeps in memory.
+pub const MAX_COLLECTED: usize = 16 << 20;
+
+/// Output kept in memory up to a limit; what comes beyond it is counted, not kept, and
+/// [`BoundedOutput::finish`] says so at the end.
+#[derive(Debug, Clone)]
+pub struct BoundedOutput {
+    bytes: Vec<u8>,
+    dropped: u64,
+    limit: usize,
+}
+
+impl BoundedOutput {
+    pub fn new(limit: usize) -> Self {
+        BoundedOutput {
+            bytes: Vec::new(),
+            dropped: 0,
+            limit,
+        }
+    }
+
+    pub fn push(&mut self, d: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len()).min(d.len());
+        self.bytes.extend_from_slice(&d[..room]);
+        self.dropped += (d.len() - room) as u64;
+    }
+
+    /// Bytes that were not kept.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// What was kept, followed by a marker line when anything was dropped.
+    pub fn finish(mut self) -> Vec<u8> {
+        if self.dropped > 0 {
+            self.bytes.extend_from_slice(
+                format!(
+                    "\n[cleave: output truncated: {} more bytes were not kept]\n",
+                    self.dropped
+                )
+                .as_bytes(),
+            );
+        }
+        self.bytes
+    }
+}
+
 /// One event of a running exec, in the order the guest sent them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputEvent {
@@ -224,20 +271,24 @@ impl Client {
         }
     }
 
-    /// Runs an exec with `stdin` as its whole input and collects its output.
+    /// Runs an exec with `stdin` as its whole input and collects its output, at most
+    /// [`MAX_COLLECTED`] bytes of each stream (the rest is counted and marked).
     pub fn exec_collect(
         &self,
         req: ExecRequest,
         stdin: Option<Vec<u8>>,
     ) -> Result<(ExecResult, Vec<u8>, Vec<u8>), ClientError> {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (mut out, mut err) = (
+            BoundedOutput::new(MAX_COLLECTED),
+            BoundedOutput::new(MAX_COLLECTED),
+        );
         let stdin = stdin.map(|v| Box::new(io::Cursor::new(v)) as Box<dyn Read + Send>);
         let x = self.exec(req, stdin, |ev| match ev {
-            OutputEvent::Stdout(d) => out.extend_from_slice(d),
-            OutputEvent::Stderr(d) => err.extend_from_slice(d),
+            OutputEvent::Stdout(d) => out.push(d),
+            OutputEvent::Stderr(d) => err.push(d),
             OutputEvent::Exited(_) => {}
         })?;
-        Ok((x, out, err))
+        Ok((x, out.finish(), err.finish()))
     }
 
     /// Writes exactly `size` bytes from `data` to `path` in the guest with
@@ -663,5 +714,27 @@ fn fail(shared: &Shared, id: RequestId, why: String) {
     if let Some(r) = lock(&shared.routes).map.remove(&id) {
         r.send.close();
         let _ = r.tx.send(Err(why));
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::BoundedOutput;
+
+    #[test]
+    fn output_beyond_the_limit_is_counted_and_marked_not_kept() {
+        let mut b = BoundedOutput::new(10);
+        b.push(b"0123456");
+        b.push(b"789abcdef");
+        b.push(b"more");
+        assert_eq!(b.dropped(), 10);
+        let text = String::from_utf8(b.finish()).unwrap();
+        assert!(
+            text.starts_with("0123456789\n[cleave: output truncated: 10 more bytes"),
+            "{text}"
+        );
+        let mut small = BoundedOutput::new(10);
+        small.push(b"ok");
+        assert_eq!(small.finish(), b"ok");
     }
 }

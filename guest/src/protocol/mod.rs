@@ -25,7 +25,9 @@ pub mod frame;
 pub mod message;
 mod wire;
 
-pub use client::{Client, ClientError, ExecHandle, ExecResult, OutputEvent};
+pub use client::{
+    BoundedOutput, Client, ClientError, ExecHandle, ExecResult, OutputEvent, MAX_COLLECTED,
+};
 pub use error::{DecodeError, EncodeError, PayloadError};
 pub use frame::{encode, write_message, FrameDecoder, FrameReader, HEADER_LEN};
 pub use message::*;
