@@ -95,8 +95,8 @@ fn forks_end_to_end() {
         Scenario::new(
             "no-leftovers",
             format!(
-                "{env} ls -A {RUNTIME}/cleave; ps -eo comm | grep -c '^cleave-fork-wor'; \
-                 rm -rf {RUNTIME}"
+                "{env} ls -A1 {RUNTIME}/cleave; echo jail_leases=$(ls -A {RUNTIME}/cleave/jail | wc -l); \
+                 ps -eo comm | grep -c '^cleave-fork-wor'; rm -rf {RUNTIME}"
             ),
         ),
         // The README's path: no template yet, `run --forks` makes the default one.
@@ -239,8 +239,9 @@ fn forks_end_to_end() {
     let lines: Vec<&str> = r.output.lines().map(str::trim).collect();
     f.check(
         r,
-        lines == ["templates", "0"],
-        "only the template store remains; no worker process is left",
+        lines == ["jail", "templates", "jail_leases=0", "0"],
+        "only the template store (and the empty directory of worker uid leases) remains; no \
+         worker process is left",
     );
 
     let r = by("auto-default");
