@@ -92,6 +92,15 @@ fn forks_end_to_end() {
                  echo rc=$?"
             ),
         ),
+        // The guest's kernel goes away mid-exec (an immediate reboot ends the VM; this
+        // kernel has no sysrq): the host reports it and goes on, it does not wait forever.
+        Scenario::new(
+            "guest-dies",
+            format!(
+                "{cleave} run --forks 1 --template rnd --json -- sh -c 'echo before; sleep 1; \
+                 reboot -f'; echo rc=$?"
+            ),
+        ),
         Scenario::new(
             "no-leftovers",
             format!(
@@ -233,6 +242,15 @@ fn forks_end_to_end() {
         r,
         r.output.contains("not a valid template name"),
         "a bad name is refused with the rule",
+    );
+
+    let r = by("guest-dies");
+    f.check(
+        r,
+        r.output.contains("rc=1")
+            && r.output
+                .contains("the connection to the guest agent is closed"),
+        "a guest that dies mid-exec ends that exec with an error; the host does not hang",
     );
 
     let r = by("no-leftovers");
