@@ -181,9 +181,13 @@ impl<'a> RxSlot<'a> {
         Ok(RxSlot { pkt })
     }
 
-    /// How many data bytes fit.
+    /// How many data bytes fit, at most [`MAX_PKT_DATA`]: `virtio-vsock` applies that
+    /// limit to a separate data descriptor but not to a single descriptor holding header
+    /// and data (Linux >= 6.2 drivers), whose length the guest chooses freely.
     pub fn capacity(&self) -> usize {
-        self.pkt.data_slice().map_or(0, |s| s.len())
+        self.pkt
+            .data_slice()
+            .map_or(0, |s| s.len().min(MAX_PKT_DATA as usize))
     }
 
     /// Writes the packet; `data` must fit (callers size it by [`capacity`](Self::capacity)).
@@ -204,7 +208,10 @@ impl<'a> RxSlot<'a> {
             .set_fwd_cnt(hdr.fwd_cnt)
             .set_len(data.len() as u32);
         if let Some(slice) = self.pkt.data_slice() {
-            slice.copy_from(data);
+            // `data` fits by the clamp above; only its own length is written.
+            if let Ok(part) = slice.subslice(0, data.len()) {
+                part.copy_from(data);
+            }
         }
         (virtio_vsock::packet::PKT_HEADER_SIZE + data.len()) as u32
     }
