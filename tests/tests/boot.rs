@@ -57,6 +57,18 @@ fn default_image_boots_and_bad_images_are_refused() {
                  set +e; RUST_LOG=info CLEAVE_CACHE=$c {cleave} boot --selftest"
             ),
         ),
+        // The cached kernel and its manifest line rewritten together: the pins this cleave
+        // was built with still refuse it.
+        Scenario::new(
+            "rewritten-cache",
+            format!(
+                "set -e; c=/tmp/rewritten-cache; mkdir -p $c/images; cp {k} $c/vmlinux; \
+                 printf x >> $c/vmlinux; ks2=$(sha256sum $c/vmlinux | cut -d' ' -f1); \
+                 printf '{{\"kernel\":{{\"path\":\"%s\",\"sha256\":\"%s\"}},\"initrd\":{{\"path\":\"%s\",\"sha256\":\"%s\"}}}}' \
+                   $c/vmlinux $ks2 {i} {is} > $c/images/default.json; \
+                 set +e; RUST_LOG=info CLEAVE_CACHE=$c {cleave} boot --selftest; echo rc=$?; rm -rf $c"
+            ),
+        ),
         // `cleave run` boots through the same checks; a command must never run in a guest
         // booted from a file that fails its pin. (Reuses the tampered cache made above.)
         Scenario::new(
@@ -161,6 +173,16 @@ fn default_image_boots_and_bad_images_are_refused() {
         );
         f.check(r, !r.output.contains("creating VM"), "no VM was created");
     }
+    let r = by("rewritten-cache");
+    f.check(
+        r,
+        r.output.contains("rc=1")
+            && r.output.contains("this cleave was built with")
+            && r.output.contains(ks.as_str())
+            && !r.output.contains("creating VM"),
+        "a cache whose kernel and manifest were rewritten together is refused by the built-in pins",
+    );
+
     let r = by("run-tampered-cached-kernel");
     f.check(
         r,

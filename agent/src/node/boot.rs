@@ -12,9 +12,43 @@ use crate::vmm::{self, config::MachineConfig};
 pub const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1 no_timer_check quiet";
 
-/// The built-in default image (`make image`), pinned by its manifest.
+/// The default image's pins, embedded when this binary was built (agent/build.rs).
+const EMBEDDED_PINS: (&str, &str) = (
+    env!("CLEAVE_DEFAULT_KERNEL_SHA256"),
+    env!("CLEAVE_DEFAULT_INITRD_SHA256"),
+);
+
+/// The built-in default image (`make image`): its files where its manifest says, pinned by
+/// the digests embedded in this binary — never by the manifest's alone, which sits in the
+/// cache beside the files it pins.
 pub fn default_image() -> anyhow::Result<ImageSpec> {
-    Ok(Manifest::load(&paths::default_image_manifest())?.spec())
+    pinned_by(
+        Manifest::load(&paths::default_image_manifest())?,
+        EMBEDDED_PINS,
+    )
+}
+
+fn pinned_by(manifest: Manifest, (kernel, initrd): (&str, &str)) -> anyhow::Result<ImageSpec> {
+    if kernel.is_empty() || initrd.is_empty() {
+        anyhow::bail!(
+            "this cleave was built before the default image existed, so it carries no pins \
+             for it: run `make image`, then build cleave again"
+        );
+    }
+    let spec = manifest.spec();
+    for (what, in_cache, built) in [
+        ("kernel", spec.kernel.sha256.to_string(), kernel),
+        ("initramfs", spec.initrd.sha256.to_string(), initrd),
+    ] {
+        if in_cache != built {
+            anyhow::bail!(
+                "refusing the default image: its manifest pins the {what} as {in_cache}, but \
+                 this cleave was built with {built}. The cache was rebuilt or rewritten; if \
+                 you rebuilt the image (`make image`), build cleave again"
+            );
+        }
+    }
+    Ok(spec)
 }
 
 /// A guest ready to boot on this host: its machine shape, its verified image bytes and an
@@ -54,6 +88,50 @@ impl BootKit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest(kernel: &str, initrd: &str) -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "kernel": {"path": "/cache/vmlinux", "sha256": kernel},
+            "initrd": {"path": "/cache/initramfs.cpio", "sha256": initrd},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_default_images_pins_come_from_the_build_not_the_cache() {
+        let (k, i) = ("ab".repeat(32), "cd".repeat(32));
+        let spec = pinned_by(manifest(&k, &i), (&k, &i)).unwrap();
+        assert_eq!(spec.kernel.sha256.to_string(), k);
+        // Someone rewrote the cached kernel and its manifest line: refused, both named.
+        let evil = "ee".repeat(32);
+        let e = pinned_by(manifest(&evil, &i), (&k, &i))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&evil) && e.contains(&k) && e.contains("kernel"),
+            "{e}"
+        );
+        let e = pinned_by(manifest(&k, &evil), (&k, &i))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("initramfs"), "{e}");
+        // Built without an image: no pins, nothing boots.
+        let e = pinned_by(manifest(&k, &i), ("", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("make image"), "{e}");
+    }
+
+    #[test]
+    fn this_build_carries_pins() {
+        // `make test` builds the image first; a build without one boots nothing.
+        let (k, i) = EMBEDDED_PINS;
+        assert_eq!(
+            (k.len(), i.len()),
+            (64, 64),
+            "built without `make image` first"
+        );
+    }
 
     #[test]
     fn the_boot_benchmark_gives_qemu_the_same_command_line() {
