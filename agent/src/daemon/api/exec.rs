@@ -78,13 +78,10 @@ impl Exec for Api {
         if let Err(e) = &result {
             // A started exec is counted and audited when it ends.
             self.finish(Finish {
-                method: "exec",
-                caller: &caller,
-                started,
-                audited: true,
-                sandboxes: vec![bounded(&id)],
-                template: None,
                 result: Err(e.code()),
+                ..Finish::new("exec", &caller, started)
+                    .audited()
+                    .sandboxes(vec![bounded(&id)])
             });
         }
         result.map(Response::new)

@@ -116,16 +116,7 @@ impl Files for Api {
             Ok(Box::pin(ReceiverStream::new(rx)) as ChunkStream)
         }
         .await;
-        self.finish(Finish {
-            method: "file.read",
-            caller: &caller,
-            started,
-            audited: false,
-            sandboxes: Vec::new(),
-            template: None,
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(Finish::new("file.read", &caller, started), result)
     }
 
     async fn write_file(
@@ -211,15 +202,11 @@ impl Files for Api {
             Ok(pb::WriteFileResponse { bytes })
         }
         .await;
-        self.finish(Finish {
-            method: "file.write",
-            caller: &caller,
-            started,
-            audited: true,
-            sandboxes: vec![bounded(&id)],
-            template: None,
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(
+            Finish::new("file.write", &caller, started)
+                .audited()
+                .sandboxes(vec![bounded(&id)]),
+            result,
+        )
     }
 }

@@ -188,6 +188,19 @@ impl Api {
             })
     }
 
+    /// Records a unary request's end ([`Api::finish`]) and answers with its result.
+    pub fn respond<T>(
+        &self,
+        f: Finish<'_>,
+        result: Result<T, Status>,
+    ) -> Result<tonic::Response<T>, Status> {
+        self.finish(Finish {
+            result: result.as_ref().map(drop).map_err(Status::code),
+            ..f
+        });
+        result.map(tonic::Response::new)
+    }
+
     /// Counts a finished request and, for mutating ones, writes its audit line.
     pub fn finish(&self, f: Finish<'_>) {
         let code = f.result.as_ref().err().map_or(tonic::Code::Ok, |c| *c);
@@ -215,6 +228,40 @@ pub struct Finish<'a> {
     pub sandboxes: Vec<String>,
     pub template: Option<String>,
     pub result: Result<(), tonic::Code>,
+}
+
+impl<'a> Finish<'a> {
+    /// A request counted (not audited) with no sandbox or template named, so far a success.
+    pub fn new(method: &'static str, caller: &'a Caller, started: Instant) -> Self {
+        Finish {
+            method,
+            caller,
+            started,
+            audited: false,
+            sandboxes: Vec::new(),
+            template: None,
+            result: Ok(()),
+        }
+    }
+
+    /// A mutating request: it gets an audit line.
+    pub fn audited(self) -> Self {
+        Finish {
+            audited: true,
+            ..self
+        }
+    }
+
+    pub fn sandboxes(self, sandboxes: Vec<String>) -> Self {
+        Finish { sandboxes, ..self }
+    }
+
+    pub fn template(self, name: &str) -> Self {
+        Finish {
+            template: Some(bounded(name)),
+            ..self
+        }
+    }
 }
 
 /// The `authorization: Bearer <token>` metadata.

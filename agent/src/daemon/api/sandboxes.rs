@@ -110,16 +110,13 @@ impl Sandboxes for Api {
             Ok(pb::CreateSandboxesResponse { results })
         }
         .await;
-        self.finish(Finish {
-            method: "sandbox.create",
-            caller: &caller,
-            started,
-            audited: true,
-            sandboxes: ids,
-            template: Some(super::bounded(&req.template)),
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(
+            Finish::new("sandbox.create", &caller, started)
+                .audited()
+                .sandboxes(ids)
+                .template(&req.template),
+            result,
+        )
     }
 
     async fn list_sandboxes(
@@ -135,16 +132,7 @@ impl Sandboxes for Api {
                 sandboxes: self.node.list().iter().map(|s| sandbox_pb(s)).collect(),
             })
         })();
-        self.finish(Finish {
-            method: "sandbox.list",
-            caller: &caller,
-            started,
-            audited: false,
-            sandboxes: Vec::new(),
-            template: None,
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(Finish::new("sandbox.list", &caller, started), result)
     }
 
     async fn get_sandbox(
@@ -161,16 +149,7 @@ impl Sandboxes for Api {
             let s = self.node.get(&id).map_err(status_of)?;
             Ok(sandbox_pb(&s))
         })();
-        self.finish(Finish {
-            method: "sandbox.get",
-            caller: &caller,
-            started,
-            audited: false,
-            sandboxes: Vec::new(),
-            template: None,
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(Finish::new("sandbox.get", &caller, started), result)
     }
 
     async fn delete_sandbox(
@@ -191,15 +170,11 @@ impl Sandboxes for Api {
             Ok(pb::DeleteSandboxResponse {})
         }
         .await;
-        self.finish(Finish {
-            method: "sandbox.delete",
-            caller: &caller,
-            started,
-            audited: true,
-            sandboxes: vec![super::bounded(&req.id)],
-            template: None,
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(
+            Finish::new("sandbox.delete", &caller, started)
+                .audited()
+                .sandboxes(vec![super::bounded(&req.id)]),
+            result,
+        )
     }
 }

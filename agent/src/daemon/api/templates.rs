@@ -70,16 +70,12 @@ impl Templates for Api {
             Ok(template_pb(&created.meta))
         }
         .await;
-        self.finish(Finish {
-            method: "template.create",
-            caller: &caller,
-            started,
-            audited: true,
-            sandboxes: Vec::new(),
-            template: Some(super::bounded(&req.name)),
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(
+            Finish::new("template.create", &caller, started)
+                .audited()
+                .template(&req.name),
+            result,
+        )
     }
 
     async fn list_templates(
@@ -100,16 +96,7 @@ impl Templates for Api {
             })
         }
         .await;
-        self.finish(Finish {
-            method: "template.list",
-            caller: &caller,
-            started,
-            audited: false,
-            sandboxes: Vec::new(),
-            template: None,
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(Finish::new("template.list", &caller, started), result)
     }
 
     async fn delete_template(
@@ -130,15 +117,11 @@ impl Templates for Api {
             Ok(pb::DeleteTemplateResponse {})
         }
         .await;
-        self.finish(Finish {
-            method: "template.delete",
-            caller: &caller,
-            started,
-            audited: true,
-            sandboxes: Vec::new(),
-            template: Some(super::bounded(&req.name)),
-            result: result.as_ref().map(drop).map_err(Status::code),
-        });
-        result.map(Response::new)
+        self.respond(
+            Finish::new("template.delete", &caller, started)
+                .audited()
+                .template(&req.name),
+            result,
+        )
     }
 }
