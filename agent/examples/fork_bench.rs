@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cleave_agent::devices::virtio::net::NetBackend;
+use cleave_agent::fork::jail::JailRange;
 use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, RestoreTimings, Template};
 use cleave_agent::host::memory::{self, ProcessMemory};
@@ -297,6 +298,11 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     let mut fresh = Column::new("**fresh process: request → ready**", n);
     let mut pooled = Column::new("**pre-started pool: request → ready**", n);
     let mut in_worker = Column::new("(pool: finish + start inside the worker)", n);
+    // The same fresh path with the worker jailed (when root): what the jail adds, and
+    // that it adds it before the request (`go` should not move).
+    let jail = JailRange::for_this_process(920_000, 4096);
+    let mut jailed_load = Column::new("fresh, jailed: template → prepared (+ jail)", n);
+    let mut jailed_go = Column::new("fresh, jailed: go → ready", n);
     let mut released: VecDeque<Child> = VecDeque::new();
 
     for i in 0..args.warmup + n {
@@ -315,6 +321,20 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
             load.samples.push(t2 - t1);
             go.samples.push(t3 - t2);
             fresh.samples.push(t3 - t0);
+        }
+        if let Some(range) = &jail {
+            let mut w = Worker::spawn_jailed(&exe, range.claim(0)?)?;
+            let t1 = Instant::now();
+            w.load(&encoded)?;
+            let t2 = Instant::now();
+            w.go(None)?;
+            let t3 = Instant::now();
+            // Reaped here (not timed): its uid and runtime directory go with it.
+            w.destroy()?;
+            if record {
+                jailed_load.samples.push(t2 - t1);
+                jailed_go.samples.push(t3 - t2);
+            }
         }
     }
 
@@ -371,6 +391,11 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         &mut in_worker,
     ] {
         writeln!(out, "{}", col.row())?;
+    }
+    if jail.is_some() {
+        for col in [&mut jailed_load, &mut jailed_go] {
+            writeln!(out, "{}", col.row())?;
+        }
     }
     Ok(())
 }
