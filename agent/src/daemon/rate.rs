@@ -1,25 +1,29 @@
-//! Per-caller request rate: a token bucket per caller (uid or certificate), refilled at
-//! the configured rate with a burst of twice that. The table is bounded: callers idle
-//! long enough to have a full bucket are forgotten when it grows.
+//! Per-caller request rate: one token bucket per caller (uid or certificate), the same
+//! bucket the DNS proxy uses per sandbox (`cleave_dnsproxy::rate::TokenBucket`), refilled
+//! at the configured rate with a burst of twice that. The table is bounded: callers idle
+//! long enough to have a full bucket again are forgotten when it grows.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use cleave_dnsproxy::rate::TokenBucket;
 
 const MAX_CALLERS: usize = 4096;
 
 pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    per_second: u32,
+    /// How long an idle bucket takes to fill up again (then forgetting it loses nothing).
+    refill: Duration,
+    buckets: Mutex<HashMap<String, (TokenBucket, Instant)>>,
 }
 
 impl RateLimiter {
     pub fn new(per_second: u32) -> Self {
-        let per_second = f64::from(per_second.max(1));
+        let per_second = per_second.max(1);
         RateLimiter {
             per_second,
-            burst: per_second * 2.0,
+            refill: Duration::from_secs(2),
             buckets: Mutex::new(HashMap::new()),
         }
     }
@@ -32,24 +36,17 @@ impl RateLimiter {
     fn allow_at(&self, caller: &str, now: Instant) -> bool {
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if b.len() >= MAX_CALLERS && !b.contains_key(caller) {
-            let (rate, burst) = (self.per_second, self.burst);
-            b.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
-            });
+            let refill = self.refill;
+            b.retain(|_, (_, seen)| now.saturating_duration_since(*seen) < refill);
         }
-        let (tokens, at) = b.entry(caller.to_string()).or_insert((self.burst, now));
-        *tokens =
-            (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let rate = self.per_second;
+        let (bucket, seen) = b
+            .entry(caller.to_string())
+            .or_insert_with(|| (TokenBucket::new(rate, rate.saturating_mul(2), now), now));
+        *seen = now;
+        bucket.allow(now)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
