@@ -31,7 +31,7 @@ use super::{RestoreError, Shell, Template};
 use crate::devices::virtio::net::{NetBackend, Tap};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::vmm::control::ExitCounts;
-use crate::vmm::runtime_dir::RuntimeDir;
+use crate::vmm::runtime_dir::{RuntimeDir, VSOCK_SOCKET};
 use crate::vmm::{self, VmmError};
 
 /// Largest packet either side accepts (a template's state is ~30 KB of JSON per vCPU).
@@ -124,9 +124,6 @@ pub struct ReadyReport {
 struct ShellReady {
     runtime_dir: Option<PathBuf>,
 }
-
-/// The fork's vsock socket in its runtime directory.
-const VSOCK_SOCKET: &str = "vsock.sock";
 
 /// The body of `go`: the name of the tap whose fd comes with it, if one does.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -501,44 +498,33 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     // directory becomes the whole filesystem: the socket is `/vsock.sock` inside, and the
     // parent (who sees the real path) removes the directory after reaping us.
     let kvm = vmm::open_kvm()?;
-    let mut runtime_dir = None;
-    let vsock = match &template.state().devices.vsock {
-        Some(saved) => {
-            let mut dir = RuntimeDir::create()?;
-            let outside = dir.vsock_path();
-            let inside = match jail {
-                Some(ids) => {
-                    std::os::unix::fs::chown(dir.path(), Some(ids.uid), Some(ids.gid))
-                        .map_err(WorkerError::Jail)?;
-                    jail::enter(ids, dir.path())
-                        .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
-                    dir.disown();
-                    runtime_dir = Some(dir.path().to_path_buf());
-                    PathBuf::from("/").join(VSOCK_SOCKET)
-                }
-                None => outside.clone(),
-            };
-            let config = VsockConfig {
-                guest_cid: saved.device.guest_cid,
-                uds_path: inside,
-                peer_uid: Some(parent_uid),
-            };
-            Some((dir, config, outside))
-        }
-        None => {
-            if let Some(ids) = jail {
-                // No socket to keep: an empty private directory still makes the root.
-                let mut dir = RuntimeDir::create()?;
-                std::os::unix::fs::chown(dir.path(), Some(ids.uid), Some(ids.gid))
-                    .map_err(WorkerError::Jail)?;
-                jail::enter(ids, dir.path())
-                    .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
-                dir.disown();
-                runtime_dir = Some(dir.path().to_path_buf());
-            }
-            None
-        }
+    let has_vsock = template.state().devices.vsock.as_ref();
+    let mut dir = match (has_vsock, jail) {
+        (None, None) => None,
+        _ => Some(RuntimeDir::create()?),
     };
+    let outside = dir.as_ref().map(RuntimeDir::vsock_path);
+    let mut runtime_dir = None;
+    if let (Some(ids), Some(d)) = (jail, dir.as_mut()) {
+        // Even without a socket, the empty private directory makes the jail's root.
+        std::os::unix::fs::chown(d.path(), Some(ids.uid), Some(ids.gid))
+            .map_err(WorkerError::Jail)?;
+        jail::enter(ids, d.path()).map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
+        d.disown();
+        runtime_dir = Some(d.path().to_path_buf());
+    }
+    let vsock = has_vsock.zip(outside).map(|(saved, outside)| {
+        let inside = match jail {
+            Some(_) => PathBuf::from("/").join(VSOCK_SOCKET),
+            None => outside.clone(),
+        };
+        let config = VsockConfig {
+            guest_cid: saved.device.guest_cid,
+            uds_path: inside,
+            peer_uid: Some(parent_uid),
+        };
+        (config, outside)
+    });
     let t = Instant::now();
     let shell = Shell::build(&kvm, &template)?;
     let prepare_us = micros(t.elapsed());
@@ -558,12 +544,12 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     };
     let t = Instant::now();
     let net = go_backend(go)?;
-    let config = vsock.as_ref().map(|(_, c, _)| c);
+    let config = vsock.as_ref().map(|(c, _)| c);
     let restored = shell.finish(&template, Box::new(std::io::sink()), config, net)?;
     let running = restored.vm.start()?;
     let report = ReadyReport {
         pid: std::process::id(),
-        vsock: vsock.as_ref().map(|(_, _, outside)| outside.clone()),
+        vsock: vsock.as_ref().map(|(_, outside)| outside.clone()),
         prepare_us,
         finish_us: micros(t.elapsed()),
     };
@@ -586,7 +572,7 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     }
     let end = running.stop();
     tracing::debug!(%end, "fork ended");
-    drop(vsock);
+    drop(dir);
     Ok(())
 }
 

@@ -20,6 +20,9 @@ pub enum RuntimeDirError {
     Base(#[from] crate::host::paths::PrivateDirError),
 }
 
+/// The VM's hybrid-vsock socket's name in its directory.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+
 #[derive(Debug)]
 pub struct RuntimeDir {
     path: PathBuf,
@@ -68,7 +71,7 @@ impl RuntimeDir {
 
     /// The VM's hybrid-vsock socket.
     pub fn vsock_path(&self) -> PathBuf {
-        self.path.join("vsock.sock")
+        self.path.join(VSOCK_SOCKET)
     }
 }
 
