@@ -30,8 +30,6 @@ pub struct WorkerEntry {
     pub pid: u32,
     /// `/proc/<pid>/stat`'s start time: a recycled pid is not mistaken for our worker.
     pub start_time: u64,
-    /// The sandbox it runs, once it runs one.
-    pub sandbox: Option<String>,
 }
 
 /// What reconcile found and removed.
@@ -70,11 +68,10 @@ impl Journal {
     }
 
     /// Records `pid` (written to a temporary file and renamed: never half an entry).
-    pub fn record(&self, pid: u32, sandbox: Option<&str>) -> Result<(), JournalError> {
+    pub fn record(&self, pid: u32) -> Result<(), JournalError> {
         let entry = WorkerEntry {
             pid,
             start_time: start_time(pid).unwrap_or(0),
-            sandbox: sandbox.map(str::to_string),
         };
         let path = self.path(pid);
         let tmp = self.dir.join(format!(".{pid}.tmp"));
@@ -125,7 +122,7 @@ impl Journal {
         let mut waiting = Vec::new();
         for w in &entries {
             if is_our_worker(w) {
-                tracing::warn!(pid = w.pid, sandbox = ?w.sandbox, "killing a worker a previous agent left");
+                tracing::warn!(pid = w.pid, "killing a worker a previous agent left");
                 // SAFETY: kill(2) with a pid we checked is our worker (same start time).
                 let _ = unsafe { libc::kill(w.pid as libc::pid_t, libc::SIGKILL) };
                 waiting.push(w.clone());
@@ -206,7 +203,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
         let me = std::process::id();
-        j.record(me, Some("sb-0123456789abcdef")).unwrap();
+        j.record(me).unwrap();
         let e = j.entries();
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].pid, me);
@@ -220,12 +217,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(&d.path().join("state")).unwrap();
         // This test process is alive but not a worker: never killed.
-        j.record(std::process::id(), None).unwrap();
+        j.record(std::process::id()).unwrap();
         // A dead pid's entry is just forgotten.
         let mut dead = std::process::Command::new("true").spawn().unwrap();
         let dead_pid = dead.id();
         dead.wait().unwrap();
-        j.record(dead_pid, None).unwrap();
+        j.record(dead_pid).unwrap();
         fs::write(j.dir.join("garbage.json"), b"{not json").unwrap();
         let base = d.path().join("run");
         fs::create_dir_all(base.join(format!("vm-{dead_pid}-00ff"))).unwrap();

@@ -546,10 +546,8 @@ impl Node {
             .pool
             .take(self.journal.as_ref())
             .map_err(|e| fail(e.to_string()))?;
+        // Journaled when it was started (warm pool): nothing to write on the request path.
         let pid = warm.pid();
-        if let Some(j) = &self.journal {
-            let _ = j.record(pid, Some(id.as_str()));
-        }
         let forget = || {
             if let Some(j) = &self.journal {
                 j.forget(pid);

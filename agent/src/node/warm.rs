@@ -40,7 +40,7 @@ impl WarmPool {
     fn start_one(&self, journal: Option<&Journal>) -> Result<WarmWorker, WorkerError> {
         let w = WarmWorker::new(&self.exe, &self.encoded, self.jail.as_ref())?;
         if let Some(j) = journal {
-            if let Err(e) = j.record(w.pid(), None) {
+            if let Err(e) = j.record(w.pid()) {
                 // Not fatal: the worker still ends when this process does.
                 tracing::warn!(error = %e, "journaling a worker");
             }
