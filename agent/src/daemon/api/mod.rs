@@ -148,6 +148,12 @@ impl Api {
         }
     }
 
+    /// An operator call: within the caller's rate, from an operator.
+    pub fn admit_operator(&self, caller: &Caller) -> Result<(), Status> {
+        self.admit(caller)?;
+        self.operator(caller)
+    }
+
     /// Operator calls: an allowed uid on the socket, or any verified client certificate.
     pub fn operator(&self, caller: &Caller) -> Result<(), Status> {
         match caller {

@@ -43,8 +43,7 @@ impl Templates for Api {
         let caller = caller_of(&request);
         let req = request.into_inner();
         let result = async {
-            self.admit(&caller)?;
-            self.operator(&caller)?;
+            self.admit_operator(&caller)?;
             let name = parse_name(&req.name)?;
             if req.warmup.len() > MAX_WARMUP_ARGS {
                 return Err(Status::invalid_argument(format!(
@@ -85,8 +84,7 @@ impl Templates for Api {
         let started = Instant::now();
         let caller = caller_of(&request);
         let result = async {
-            self.admit(&caller)?;
-            self.operator(&caller)?;
+            self.admit_operator(&caller)?;
             let node = self.node.clone();
             let all = blocking(move || node.list_templates())
                 .await?
@@ -107,8 +105,7 @@ impl Templates for Api {
         let caller = caller_of(&request);
         let req = request.into_inner();
         let result = async {
-            self.admit(&caller)?;
-            self.operator(&caller)?;
+            self.admit_operator(&caller)?;
             let name = parse_name(&req.name)?;
             let node = self.node.clone();
             blocking(move || node.remove_template(&name))
