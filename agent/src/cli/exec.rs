@@ -183,9 +183,15 @@ fn remote(s: &str) -> Option<(&str, &str)> {
 }
 
 pub fn cp(args: CpArgs, socket: SocketArg) -> anyhow::Result<ExitCode> {
+    let (src, dst) = (remote(&args.src), remote(&args.dst));
+    if src.is_some() == dst.is_some() {
+        anyhow::bail!(
+            "one side of `cleave cp` must be ID:/ABSOLUTE/PATH in a sandbox and the other a \
+             local file (or -), e.g. `cleave cp ./in.txt sb-0123456789abcdef:/tmp/in.txt`"
+        );
+    }
     let token = args.token.get()?.to_string();
     let path = client::socket_path(socket.socket);
-    let (src, dst) = (remote(&args.src), remote(&args.dst));
     runtime()?.block_on(async {
         let mut c = FilesClient::new(client::connect(&path).await?);
         match (src, dst) {
@@ -262,10 +268,7 @@ pub fn cp(args: CpArgs, socket: SocketArg) -> anyhow::Result<ExitCode> {
                 eprintln!("cleave: {} bytes to {}", r.bytes, args.dst);
                 Ok(ExitCode::SUCCESS)
             }
-            _ => anyhow::bail!(
-                "one side of `cleave cp` must be ID:/ABSOLUTE/PATH in a sandbox and the other a \
-                 local file (or -), e.g. `cleave cp ./in.txt sb-0123456789abcdef:/tmp/in.txt`"
-            ),
+            _ => unreachable!("checked above: exactly one side is in a sandbox"),
         }
     })
 }

@@ -27,10 +27,15 @@ pub async fn connect(path: &Path) -> anyhow::Result<Channel> {
             }
         }))
         .await
-        .with_context(|| {
-            format!(
-                "connecting to the cleave daemon at {} (is `cleave daemon` running? --socket \
-                 or CLEAVE_SOCKET choose another socket)",
+        .map_err(|e| {
+            // The transport's own chain repeats its cause; say it once.
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            anyhow::anyhow!(
+                "connecting to the cleave daemon at {}: {cause} (is `cleave daemon` running? \
+                 --socket or CLEAVE_SOCKET choose another socket)",
                 path.display()
             )
         })

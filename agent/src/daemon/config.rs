@@ -99,10 +99,11 @@ impl Default for DaemonConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading the config {path}: {source}")]
+    // `error`, not `source`: shown once, in the message (the CLI prints error chains).
+    #[error("reading the config {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the config {path} is not valid: {why}")]
     Invalid { path: PathBuf, why: String },
@@ -110,9 +111,9 @@ pub enum ConfigError {
 
 impl DaemonConfig {
     pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|why| ConfigError::Invalid {
             path: path.to_path_buf(),
