@@ -32,6 +32,7 @@ use crate::devices::virtio::net::{NetBackend, Tap};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::vmm::control::ExitCounts;
 use crate::vmm::runtime_dir::{RuntimeDir, VSOCK_SOCKET};
+use crate::vmm::seccomp::{self, SeccompError};
 use crate::vmm::{self, VmmError};
 
 /// Largest packet either side accepts (a template's state is ~30 KB of JSON per vCPU).
@@ -93,8 +94,8 @@ pub enum WorkerError {
     BadState(String),
     #[error("fork worker: {0}")]
     Seal(#[from] SealError),
-    #[error("fork worker: opening KVM: {0}")]
-    Kvm(#[from] VmmError),
+    #[error("fork worker: {0}")]
+    Vmm(#[from] VmmError),
     #[error("fork worker: {0}")]
     Restore(#[from] RestoreError),
     #[error("fork worker: {0}")]
@@ -103,6 +104,10 @@ pub enum WorkerError {
     Wait(std::io::Error),
     #[error("fork worker: {0}")]
     Jail(std::io::Error),
+    #[error("fork worker: {0}")]
+    Filter(#[from] SeccompError),
+    #[error("fork worker: installing the seccomp violation handler: {0}")]
+    Seccomp(std::io::Error),
 }
 
 /// What a worker reports when its fork is ready to run.
@@ -401,8 +406,17 @@ impl Worker {
             );
             let _ = child.kill();
         }
+        let pid = child.id();
         let status = child.wait().map_err(WorkerError::Wait);
-        if let Some(dir) = self.runtime_dir.take() {
+        if let Ok(st) = &status {
+            report_end(pid, st);
+        }
+        // A worker that failed before it reported its directory may still have made one.
+        let dirs = match self.runtime_dir.take() {
+            Some(dir) => vec![dir],
+            None => dirs_of(pid),
+        };
+        for dir in dirs {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(path = %dir.display(), error = %e, "removing a worker's runtime directory");
             }
@@ -419,6 +433,45 @@ impl Worker {
         self.child
             .take()
             .expect("a worker's child is taken only once")
+    }
+}
+
+/// The runtime directories named for worker `pid`.
+fn dirs_of(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("vm-{pid}-");
+    std::fs::read_dir(RuntimeDir::base())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Why a worker ended, in words, when it was not the plain exit it makes after its socket
+/// closes.
+pub fn describe_end(status: &ExitStatus) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => None,
+        (Some(seccomp::VIOLATION_EXIT), _) => Some(format!(
+            "killed by its seccomp filter (exit {}): it made a system call its thread may \
+             not; the worker's stderr line above names the thread and the call",
+            seccomp::VIOLATION_EXIT
+        )),
+        (Some(code), _) => Some(format!("exited with status {code}")),
+        (None, Some(sig)) => Some(format!("killed by signal {sig}")),
+        (None, None) => Some(format!("ended: {status}")),
+    }
+}
+
+fn report_end(pid: u32, status: &ExitStatus) {
+    if let Some(why) = describe_end(status) {
+        tracing::warn!(pid, "fork worker {why}");
     }
 }
 
@@ -504,15 +557,21 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
         _ => Some(RuntimeDir::create()?),
     };
     let outside = dir.as_ref().map(RuntimeDir::vsock_path);
-    let mut runtime_dir = None;
-    if let (Some(ids), Some(d)) = (jail, dir.as_mut()) {
+    if let (Some(ids), Some(d)) = (jail, dir.as_ref()) {
         // Even without a socket, the empty private directory makes the jail's root.
         std::os::unix::fs::chown(d.path(), Some(ids.uid), Some(ids.gid))
             .map_err(WorkerError::Jail)?;
         jail::enter(ids, d.path()).map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
-        d.disown();
-        runtime_dir = Some(d.path().to_path_buf());
     }
+    // The parent removes the directory after reaping us: jailed, we cannot (the path does
+    // not exist for us); confined by seccomp, we touch no file once the fork runs.
+    let runtime_dir = dir.as_mut().map(|d| {
+        d.disown();
+        d.path().to_path_buf()
+    });
+    // Built here, off the fork path; applied by each thread as the fork starts.
+    let filters = Arc::new(seccomp::Filters::build()?);
+    seccomp::install_violation_handler().map_err(WorkerError::Seccomp)?;
     let vsock = has_vsock.zip(outside).map(|(saved, outside)| {
         let inside = match jail {
             Some(_) => PathBuf::from("/").join(VSOCK_SOCKET),
@@ -546,7 +605,9 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     let net = go_backend(go)?;
     let config = vsock.as_ref().map(|(c, _)| c);
     let restored = shell.finish(&template, Box::new(std::io::sink()), config, net)?;
-    let running = restored.vm.start()?;
+    let running = restored.vm.start_confined(Some(filters.clone()))?;
+    // From here on this thread only talks to the parent and stops the VM.
+    filters.apply(seccomp::ThreadKind::Control)?;
     let report = ReadyReport {
         pid: std::process::id(),
         vsock: vsock.as_ref().map(|(_, outside)| outside.clone()),
@@ -572,7 +633,6 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     }
     let end = running.stop();
     tracing::debug!(%end, "fork ended");
-    drop(dir);
     Ok(())
 }
 

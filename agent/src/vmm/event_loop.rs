@@ -19,8 +19,12 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the loop with `subscribers` registered.
-    pub fn start(subscribers: Vec<Subscriber>) -> std::io::Result<EventLoop> {
+    /// Starts the loop with `subscribers` registered. `confine`, if given, runs first on
+    /// the loop's thread; when it returns false the loop does not run.
+    pub fn start(
+        subscribers: Vec<Subscriber>,
+        confine: Option<impl FnOnce() -> bool + Send + 'static>,
+    ) -> std::io::Result<EventLoop> {
         let mut manager = EventManager::<Subscriber>::new()
             .map_err(|e| std::io::Error::other(format!("creating the event loop: {e:?}")))?;
         for s in subscribers {
@@ -31,6 +35,11 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("vm-events".into())
             .spawn(move || {
+                if let Some(confine) = confine {
+                    if !confine() {
+                        return;
+                    }
+                }
                 while !flag.load(Ordering::Acquire) {
                     if let Err(e) = manager.run_with_timeout(POLL_MS) {
                         tracing::error!(error = ?e, "event loop failed; devices stop");

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod mmio;
 pub mod mptable;
 pub mod runtime_dir;
+pub mod seccomp;
 pub mod tiny;
 pub mod vcpu;
 
@@ -423,16 +424,29 @@ impl Vm {
         self.net.as_ref().map(|n| &n.device)
     }
 
-    /// Starts one thread per vCPU.
     /// Starts the device event loop (if there are devices) and one thread per vCPU.
-    pub fn start(mut self) -> Result<RunningVm, VmmError> {
+    pub fn start(self) -> Result<RunningVm, VmmError> {
+        self.start_confined(None)
+    }
+
+    /// [`start`](Self::start), each thread confined to its kind's seccomp filter before
+    /// it does any work for the guest. A thread that cannot confine itself ends the VM
+    /// before the guest runs.
+    pub fn start_confined(
+        mut self,
+        filters: Option<Arc<seccomp::Filters>>,
+    ) -> Result<RunningVm, VmmError> {
         install_kick_handler();
+        let control = Arc::new(RunControl::default());
         let event_loop = if self.subscribers.is_empty() {
             None
         } else {
-            Some(EventLoop::start(self.subscribers.clone()).map_err(VmmError::EventLoop)?)
+            let confine = filters.clone().map(|f| {
+                let ctl = control.clone();
+                move || confine_thread(&f, seccomp::ThreadKind::Events, &ctl)
+            });
+            Some(EventLoop::start(self.subscribers.clone(), confine).map_err(VmmError::EventLoop)?)
         };
-        let control = Arc::new(RunControl::default());
         let mmio = Arc::new(std::mem::take(&mut self.mmio));
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
@@ -440,9 +454,17 @@ impl Vm {
             let devices = self.devices.clone();
             let mmio = mmio.clone();
             let ctl = control.clone();
+            let filters = filters.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run(devices, mmio, ctl));
+                .spawn(move || {
+                    if let Some(f) = filters {
+                        if !confine_thread(&f, seccomp::ThreadKind::Vcpu, &ctl) {
+                            return vcpu;
+                        }
+                    }
+                    vcpu.run(devices, mmio, ctl)
+                });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(source) => {
@@ -597,6 +619,21 @@ impl Drop for RunningVm {
         if !self.threads.is_empty() {
             self.control.end(GuestEnd::Stopped);
             self.join_all();
+        }
+    }
+}
+
+/// Confines the calling VM thread; on failure ends the VM (fail closed) and says so.
+fn confine_thread(
+    filters: &seccomp::Filters,
+    kind: seccomp::ThreadKind,
+    control: &RunControl,
+) -> bool {
+    match filters.apply(kind) {
+        Ok(()) => true,
+        Err(e) => {
+            control.end(GuestEnd::Failed(e.to_string()));
+            false
         }
     }
 }
