@@ -209,7 +209,7 @@ fn main() -> anyhow::Result<()> {
         warm_workers: WARM,
         state_dir: None,
         worker_exe: Some(target_dir.join("cleave-fork-worker")),
-        jail: cleave_agent::fork::jail::JailRange::for_this_process(900_000, 65_536),
+        jail: cleave_agent::fork::jail::Jail::best_effort(),
     })?;
     // The template first (the daemon then loads the same one).
     let spec = TemplateSpec::new(TemplateName::default_name());

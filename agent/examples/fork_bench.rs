@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cleave_agent::devices::virtio::net::NetBackend;
-use cleave_agent::fork::jail::JailRange;
+use cleave_agent::fork::jail::Jail;
 use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, RestoreTimings, Template};
 use cleave_agent::host::memory::{self, ProcessMemory};
@@ -300,7 +300,8 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     let mut in_worker = Column::new("(pool: finish + start inside the worker)", n);
     // The same fresh path with the worker jailed (when root): what the jail adds, and
     // that it adds it before the request (`go` should not move).
-    let jail = JailRange::for_this_process(920_000, 4096);
+    let jail = Jail::best_effort();
+    let mut jailed_spawn = Column::new("fresh, jailed: spawn (+ uid, cgroup leaf)", n);
     let mut jailed_load = Column::new("fresh, jailed: template → prepared (+ jail)", n);
     let mut jailed_go = Column::new("fresh, jailed: go → ready", n);
     let mut released: VecDeque<Child> = VecDeque::new();
@@ -322,8 +323,14 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
             go.samples.push(t3 - t2);
             fresh.samples.push(t3 - t0);
         }
-        if let Some(range) = &jail {
-            let mut w = Worker::spawn_jailed(&exe, range.claim(0)?)?;
+        if let Some(jail) = &jail {
+            let t0 = Instant::now();
+            let lease = jail.uids.claim(0)?;
+            let leaf = match &jail.cgroups {
+                Some(c) => Some(c.leaf_for(lease.ids(), encoded.guest_bytes())?),
+                None => None,
+            };
+            let mut w = Worker::spawn_jailed(&exe, lease, leaf)?;
             let t1 = Instant::now();
             w.load(&encoded)?;
             let t2 = Instant::now();
@@ -332,6 +339,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
             // Reaped here (not timed): its uid and runtime directory go with it.
             w.destroy()?;
             if record {
+                jailed_spawn.samples.push(t1 - t0);
                 jailed_load.samples.push(t2 - t1);
                 jailed_go.samples.push(t3 - t2);
             }
@@ -393,7 +401,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         writeln!(out, "{}", col.row())?;
     }
     if jail.is_some() {
-        for col in [&mut jailed_load, &mut jailed_go] {
+        for col in [&mut jailed_spawn, &mut jailed_load, &mut jailed_go] {
             writeln!(out, "{}", col.row())?;
         }
     }

@@ -29,7 +29,11 @@ impl Daemon {
         let cfg = dir.path().join("cleave.toml");
         std::fs::write(
             &cfg,
-            format!("default_template = false\nwarm_workers = 0\n{config}"),
+            // No cgroup leaves: these tests must run on cgroup v1 hosts too (the rig's
+            // daemon test checks the leaves; one test below checks the refusal).
+            format!(
+                "default_template = false\nwarm_workers = 0\nworker_cgroup_parent = \"\"\n{config}"
+            ),
         )
         .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cleave"))
@@ -351,6 +355,27 @@ fn a_caller_over_the_rate_limit_is_refused_and_a_second_daemon_is_not_started() 
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("unknown field"),
+        "{err}"
+    );
+    // Worker cgroups that cannot be prepared stop the daemon before it serves (fail
+    // closed), with the way out named.
+    let cfg = d.dir.path().join("no-cgroup.toml");
+    std::fs::write(
+        &cfg,
+        "default_template = false\nworker_cgroup_parent = \"/sys/fs/cgroup/not-mounted/cleave\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(["daemon", "--config"])
+        .arg(&cfg)
+        .env("XDG_RUNTIME_DIR", d.dir.path().join("other"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("worker cgroups")
+            && err.contains("worker_cgroup_parent = \"\""),
         "{err}"
     );
 }

@@ -6,6 +6,7 @@
 #   daemon.sh start          start it (config: $D/cleave.toml), wait until /readyz is ready
 #   daemon.sh get PATH       an HTTP GET of its metrics listener (127.0.0.1:9464 in cl-node)
 #   daemon.sh leftovers      what a dead or stopped daemon could leave, one `key=value` a line
+#   daemon.sh running        the pids of its workers whose fork runs, one a line
 #   daemon.sh jail           how each of its workers is confined, `key=value`
 #   daemon.sh kill9          kill -9 the daemon
 #   daemon.sh stop           SIGTERM and wait; prints rc=
@@ -72,16 +73,25 @@ leftovers)
   echo "dead_runtime_dirs=$dead_dirs"
   echo "runtime_dirs=$(ls -d "$RUN"/vm-* 2>/dev/null | wc -l)"
   echo "journal=$(ls "$RUN/daemon/workers" 2>/dev/null | wc -l)"
+  echo "cgroups=$(ls -d /sys/fs/cgroup/cleave/worker-* 2>/dev/null | wc -l)"
   echo "taps=$($NODE ip -o link show type tun | wc -l)"
   echo "chains=$($NODE nft list table inet cleave 2>/dev/null | grep -cE 'chain (fwd|in|to|nat)-')"
   echo "sets=$($NODE nft list table inet cleave 2>/dev/null | grep -cE 'set (pin|allow)')"
   echo "sockets=$(find "$RUN" -type s | wc -l)"
   ;;
+running)
+  # The pids of the daemon's workers whose fork runs (they have vCPU threads).
+  me=$(pid)
+  for p in $(ps -eo pid,ppid,comm | awk -v d="$me" '$2==d && $3=="cleave-fork-wor" {print $1}'); do
+    grep -qx 'vcpu0' /proc/$p/task/*/comm 2>/dev/null && echo "$p"
+  done
+  ;;
 jail)
   # Every worker of the running daemon: its own non-root uid (distinct), no
-  # capabilities, no_new_privs, its own mount and network namespaces, and a runtime
-  # directory (its whole filesystem) that only its uid can enter.
-  me=$(pid); n=0; bad=0; uids=""
+  # capabilities, no_new_privs, its own mount and network namespaces, a runtime
+  # directory (its whole filesystem) that only its uid can enter, its own cgroup leaf;
+  # a running fork's threads are all under seccomp.
+  me=$(pid); n=0; bad=0; uids=""; running=0; socks=""; foreign=0
   for p in $(ps -eo pid,ppid,comm | awk -v d="$me" '$2==d && $3=="cleave-fork-wor" {print $1}'); do
     n=$((n + 1))
     uid=$(awk '/^Uid:/ {print $2}' /proc/$p/status)
@@ -92,11 +102,41 @@ jail)
     [ "$(readlink /proc/$p/ns/net)" != "$(readlink /proc/$me/ns/net)" ] || { echo "worker $p shares the network namespace"; bad=$((bad + 1)); }
     d=$(ls -d "$RUN"/vm-$p-* 2>/dev/null | head -1)
     [ -n "$d" ] && [ "$(stat -c '%u %a' "$d")" = "$uid 700" ] || { echo "worker $p: runtime dir ${d:-missing} is not its own 0700"; bad=$((bad + 1)); }
+    # Its own cgroup leaf, with a memory and a pids limit.
+    cg=$(sed -n 's/^0:://p' /proc/$p/cgroup)
+    [ "$cg" = "/cleave/worker-$uid" ] || { echo "worker $p: cgroup $cg"; bad=$((bad + 1)); }
+    [ "$(cat /sys/fs/cgroup$cg/memory.max 2>/dev/null)" != max ] && [ "$(cat /sys/fs/cgroup$cg/pids.max 2>/dev/null)" = 64 ] ||
+      { echo "worker $p: no memory/pids limit in $cg"; bad=$((bad + 1)); }
+    # A running fork (it has vCPU threads): every thread under a seccomp filter.
+    if grep -qx 'vcpu0' /proc/$p/task/*/comm 2>/dev/null; then
+      running=$((running + 1))
+      for t in /proc/$p/task/*; do
+        grep -q '^Seccomp:[[:space:]]*2' $t/status || { echo "worker $p thread $(cat $t/comm): no seccomp filter"; bad=$((bad + 1)); }
+      done
+      socks="$socks $uid:$d/vsock.sock"
+    fi
     uids="$uids $uid"
   done
+  # Another uid (a made-up one, then another worker's) cannot connect to a running fork's
+  # socket: its directory is its own 0700, and the device checks SO_PEERCRED.
+  set -- $socks
+  if [ $# -ge 2 ]; then
+    a_sock=${1#*:}; b_uid=${2%%:*}
+    for u in 12345 "$b_uid"; do
+      if setpriv --reuid="$u" --regid="$u" --clear-groups /usr/bin/python3 -c \
+        "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'CONNECT 1024\\n'); sys.exit(0 if s.recv(64) else 1)" \
+        "$a_sock" 2>/dev/null; then
+        echo "uid $u connected to $a_sock"; bad=$((bad + 1))
+      else
+        foreign=$((foreign + 1))
+      fi
+    done
+  fi
   echo "jailed_workers=$n"
+  echo "running_forks=$running"
+  echo "foreign_connects_refused=$foreign"
   echo "jail_violations=$bad"
   echo "distinct_uids=$(echo $uids | tr ' ' '\n' | sort -u | grep -c .)"
   ;;
-*) echo "usage: daemon.sh start|get PATH|leftovers|jail|kill9|stop" >&2; exit 2 ;;
+*) echo "usage: daemon.sh start|get PATH|leftovers|running|jail|kill9|stop" >&2; exit 2 ;;
 esac

@@ -165,6 +165,26 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
                  grep -c \"sandbox.expire.*$i\" {D}/audit.jsonl | sed 's/^/expired=/'"
             ),
         ),
+        // A worker killed mid-exec (what a crashed VMM or a seccomp violation looks like
+        // from outside): only its sandbox ends, reported as lost; the others go on.
+        Scenario::new(
+            "lost",
+            format!(
+                "{ctl} running > {D}/before; {c} sandbox create --json > {D}/lost; \
+                 i=$(sed -n 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/p' {D}/lost); \
+                 t=$(sed -n 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/p' {D}/lost); \
+                 {ctl} running > {D}/after; p=$(grep -vxFf {D}/before {D}/after | head -1); \
+                 echo pid_found=$([ -n \"$p\" ] && echo 1 || echo 0); \
+                 (CLEAVE_TOKEN=$t {c} exec --no-stdin $i -- sleep 30 >/dev/null 2>&1; echo exec_rc=$?) & \
+                 sleep 2; kill -9 $p; wait; sleep 2; \
+                 echo listed=$({c} sandbox ls | grep -c \"$i\"); echo live=$({c} sandbox ls --json | wc -l); \
+                 grep -c \"sandbox.lost.*$i\" {D}/audit.jsonl | sed 's/^/lost=/'; \
+                 grep -c 'sandbox lost' {D}/daemon.log | sed 's/^/logged=/'; \
+                 CLEAVE_TOKEN={t1} {c} exec --no-stdin {i1} -- true; echo other_rc=$?",
+                t1 = tok(1),
+                i1 = id(1)
+            ),
+        ),
         Scenario::new(
             "metrics",
             format!("{ctl} get /metrics | grep -E '^cleave_(fork_latency_seconds_count|sandboxes_live|pool_depth|api_requests_total|dns_)'"),
@@ -235,10 +255,14 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     f.check(
         r,
         value(r, "jailed_workers").is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 4))
+            && value(r, "running_forks") == Some("2")
+            && value(r, "foreign_connects_refused") == Some("2")
             && value(r, "jail_violations") == Some("0")
             && value(r, "distinct_uids") == value(r, "jailed_workers"),
         "every worker runs as its own uid, without capabilities, with no_new_privs, in its \
-         own mount and network namespaces, in a directory only it can enter",
+         own mount and network namespaces and cgroup leaf (memory and pids limits), in a \
+         directory only it can enter; both running forks have every thread under seccomp; \
+         neither another uid nor another worker's can connect to a fork's socket",
     );
 
     let r = get("own-tokens");
@@ -419,6 +443,20 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
         "no token appears in the audit log or the node log",
     );
 
+    let r = get("lost");
+    f.check(
+        r,
+        value(r, "pid_found") == Some("1")
+            && value(r, "exec_rc").is_some_and(|c| c != "0")
+            && value(r, "listed") == Some("0")
+            && value(r, "live") == Some("2")
+            && value(r, "lost") == Some("1")
+            && value(r, "logged").is_some_and(|n| n != "0")
+            && value(r, "other_rc") == Some("0"),
+        "a worker killed mid-exec ends that exec and only its sandbox, which is audited as \
+         lost and logged; the other sandboxes go on",
+    );
+
     let r = get("kill-9");
     f.check(
         r,
@@ -441,8 +479,10 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     f.check(
         r,
         after(r, "after_restart:", "journal") == after(r, "after_restart:", "workers")
-            && after(r, "after_restart:", "runtime_dirs") == after(r, "after_restart:", "workers"),
-        "after restart: only the new daemon's warm workers, journaled, with their directories",
+            && after(r, "after_restart:", "runtime_dirs") == after(r, "after_restart:", "workers")
+            && after(r, "after_restart:", "cgroups") == after(r, "after_restart:", "workers"),
+        "after restart: only the new daemon's warm workers, journaled, with their directories \
+         and cgroups",
     );
     f.check(
         r,
@@ -471,6 +511,7 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
         "dead_runtime_dirs",
         "runtime_dirs",
         "journal",
+        "cgroups",
         "taps",
         "chains",
         "sockets",

@@ -73,10 +73,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
         warm_workers: 0,
         state_dir: None,
         worker_exe: None,
-        jail: crate::fork::jail::JailRange::for_this_process(
-            crate::fork::jail::DEFAULT_FIRST_UID,
-            crate::fork::jail::DEFAULT_UIDS,
-        ),
+        jail: crate::fork::jail::Jail::best_effort(),
     })?;
     node.load_template(template, meta)?;
     let outcomes = node.create_sandboxes(&SandboxRequest {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::fork::jail::CgroupSettings;
 use crate::node::NodeLimits;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -41,6 +42,12 @@ pub struct DaemonConfig {
     /// worker (warm ones included).
     pub jail_first_uid: u32,
     pub jail_uids: u32,
+    /// Where each worker's cgroup v2 leaf goes; "" runs workers without cgroup limits.
+    pub worker_cgroup_parent: String,
+    /// `pids.max` of each worker's leaf (its threads count).
+    pub worker_pids_max: u32,
+    /// `cpu.max` of each worker's leaf: "max", or "QUOTA PERIOD" in microseconds.
+    pub worker_cpu_max: String,
     pub network: Option<NetworkConfig>,
     pub tls: Option<TlsConfig>,
 }
@@ -91,6 +98,9 @@ impl Default for DaemonConfig {
             default_template_mem_mib: 256,
             jail_first_uid: crate::fork::jail::DEFAULT_FIRST_UID,
             jail_uids: crate::fork::jail::DEFAULT_UIDS,
+            worker_cgroup_parent: crate::host::cgroup::DEFAULT_PARENT.into(),
+            worker_pids_max: crate::fork::jail::DEFAULT_PIDS_MAX,
+            worker_cpu_max: "max".into(),
             network: None,
             tls: None,
         }
@@ -165,6 +175,23 @@ impl DaemonConfig {
                 self.max_sandboxes + self.warm_workers
             ));
         }
+        parse_cpu_max(&self.worker_cpu_max)?;
+        if self.worker_pids_max < 8 {
+            return Err(format!(
+                "worker_pids_max ({}) must be at least 8: a worker runs a thread per vCPU \
+                 beside its own",
+                self.worker_pids_max
+            ));
+        }
+        if !self.worker_cgroup_parent.is_empty()
+            && !Path::new(&self.worker_cgroup_parent).starts_with("/sys/fs/cgroup/")
+        {
+            return Err(format!(
+                "worker_cgroup_parent {:?} must be a directory under /sys/fs/cgroup/, or \"\" \
+                 for no cgroup limits",
+                self.worker_cgroup_parent
+            ));
+        }
         if self.allowed_uids.is_empty() {
             return Err("allowed_uids is empty: no one could create a sandbox".into());
         }
@@ -180,6 +207,15 @@ impl DaemonConfig {
         Ok(())
     }
 
+    /// The workers' cgroup leaves, unless `worker_cgroup_parent` is "".
+    pub fn cgroup_settings(&self) -> Option<CgroupSettings> {
+        (!self.worker_cgroup_parent.is_empty()).then(|| CgroupSettings {
+            parent: PathBuf::from(&self.worker_cgroup_parent),
+            pids_max: self.worker_pids_max,
+            cpu_max: parse_cpu_max(&self.worker_cpu_max).ok().flatten(),
+        })
+    }
+
     pub fn limits(&self) -> NodeLimits {
         NodeLimits {
             max_sandboxes: self.max_sandboxes,
@@ -188,6 +224,26 @@ impl DaemonConfig {
             default_ttl: Some(Duration::from_secs(self.default_ttl_secs)),
             max_ttl: Some(Duration::from_secs(self.max_ttl_secs)),
         }
+    }
+}
+
+/// `cpu.max` as the kernel takes it: "max" (`None`) or "QUOTA PERIOD" in microseconds.
+fn parse_cpu_max(s: &str) -> Result<Option<(u64, u64)>, String> {
+    let bad = || {
+        format!(
+            "worker_cpu_max {s:?} is not \"max\" or \"QUOTA PERIOD\" (microseconds, quota \
+             at least 1000, period 1000 to 1000000; \"50000 100000\" is half a CPU)"
+        )
+    };
+    if s.trim() == "max" {
+        return Ok(None);
+    }
+    let mut parts = s.split_whitespace().map(str::parse::<u64>);
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(q)), Some(Ok(p)), None) if q >= 1000 && (1000..=1_000_000).contains(&p) => {
+            Ok(Some((q, p)))
+        }
+        _ => Err(bad()),
     }
 }
 
@@ -215,6 +271,22 @@ mod tests {
     }
 
     #[test]
+    fn cpu_max_is_read_as_the_kernel_takes_it() {
+        assert_eq!(parse_cpu_max("max"), Ok(None));
+        assert_eq!(parse_cpu_max("50000 100000"), Ok(Some((50_000, 100_000))));
+        for bad in ["", "50000", "50000 100000 1", "x 100000", "50000 10"] {
+            assert!(parse_cpu_max(bad).is_err(), "{bad:?}");
+        }
+        let c = DaemonConfig::parse("worker_cpu_max = \"200000 100000\"").unwrap();
+        assert_eq!(
+            c.cgroup_settings().unwrap().cpu_max,
+            Some((200_000, 100_000))
+        );
+        let off = DaemonConfig::parse("worker_cgroup_parent = \"\"").unwrap();
+        assert_eq!(off.cgroup_settings(), None);
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_key_named() {
         let cases = [
             ("max_sandboxs = 3", "unknown field"),
@@ -231,6 +303,10 @@ mod tests {
                 "requires client certificates",
             ),
             ("[network]\npool = 4\nbogus = 1", "unknown field"),
+            ("worker_cpu_max = \"half\"", "worker_cpu_max"),
+            ("worker_cpu_max = \"10 100000\"", "worker_cpu_max"),
+            ("worker_pids_max = 2", "worker_pids_max"),
+            ("worker_cgroup_parent = \"/tmp/x\"", "under /sys/fs/cgroup/"),
         ];
         for (text, want) in cases {
             let e = DaemonConfig::parse(text).unwrap_err();

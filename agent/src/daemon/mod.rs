@@ -80,10 +80,12 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         warm_workers: config.warm_workers,
         state_dir: Some(config.state_dir.clone()),
         worker_exe: None,
-        jail: crate::fork::jail::JailRange::for_this_process(
+        jail: crate::fork::jail::Jail::for_node(
             config.jail_first_uid,
             config.jail_uids,
-        ),
+            config.cgroup_settings().as_ref(),
+        )
+        .context("preparing the worker cgroups")?,
     })?;
     let r = node.reconciled();
     tracing::info!(
@@ -169,7 +171,7 @@ async fn serve(
         api.metrics.template_ready.store(true, Ordering::Release);
     }
 
-    // TTLs.
+    // TTLs, and sandboxes whose worker ended on its own.
     {
         let a = api.clone();
         let mut stop = stop_rx.clone();
@@ -182,18 +184,28 @@ async fn serve(
                 }
                 let node = a.node.clone();
                 let started = Instant::now();
-                if let Ok(ids) = api::blocking(move || node.reap_expired()).await {
-                    for id in ids {
-                        a.audit.write(&AuditRecord {
-                            time: rfc3339(SystemTime::now()),
-                            caller: "daemon",
-                            action: "sandbox.expire",
-                            sandboxes: vec![id.to_string()],
-                            template: None,
-                            result: "ok",
-                            duration_ms: started.elapsed().as_secs_f64() * 1e3,
-                        });
-                    }
+                let reaped = api::blocking(move || {
+                    let lost = node
+                        .reap_lost()
+                        .into_iter()
+                        .map(|(id, _)| (id, "sandbox.lost"));
+                    let expired = node
+                        .reap_expired()
+                        .into_iter()
+                        .map(|id| (id, "sandbox.expire"));
+                    lost.chain(expired).collect::<Vec<_>>()
+                })
+                .await;
+                for (id, action) in reaped.unwrap_or_default() {
+                    a.audit.write(&AuditRecord {
+                        time: rfc3339(SystemTime::now()),
+                        caller: "daemon",
+                        action,
+                        sandboxes: vec![id.to_string()],
+                        template: None,
+                        result: "ok",
+                        duration_ms: started.elapsed().as_secs_f64() * 1e3,
+                    });
                 }
             }
         });

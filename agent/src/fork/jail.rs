@@ -12,10 +12,15 @@
 //! - `no_new_privs`, not dumpable (no ptrace or /proc/<pid>/mem from a sibling);
 //! - rlimits: no core files, no files written, a bounded number of fds and threads.
 //!
-//! Not here yet: a PID namespace (it needs a fork before exec: the parent's spawn), a
-//! cgroup leaf, seccomp filters.
+//! - a cgroup v2 leaf of its own (memory, cpu and pids limits), which the parent creates
+//!   and moves it into before it is sent a template ([`WorkerCgroups`]);
+//! - seccomp filters per thread ([`crate::vmm::seccomp`]), applied as the fork starts.
+//!
+//! Not here yet: a PID namespace (it needs a fork before exec: the parent's spawn).
 
 use std::path::Path;
+
+use crate::host::cgroup::{CgroupError, CgroupLeaf, CgroupParent, LeafLimits};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
@@ -97,6 +102,106 @@ pub enum JailRangeError {
     Exhausted(u32),
     #[error("claiming a worker uid: {0}")]
     Lease(crate::net::lease::LeaseError),
+}
+
+/// How a node's workers are confined beyond the seccomp filters every worker gets: a uid
+/// of their own, and (where cgroup v2 is available) a cgroup leaf with limits.
+#[derive(Debug, Clone)]
+pub struct Jail {
+    pub uids: JailRange,
+    pub cgroups: Option<WorkerCgroups>,
+}
+
+/// Where worker cgroup leaves go and what they allow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupSettings {
+    pub parent: std::path::PathBuf,
+    pub pids_max: u32,
+    pub cpu_max: Option<(u64, u64)>,
+}
+
+impl Default for CgroupSettings {
+    fn default() -> Self {
+        CgroupSettings {
+            parent: crate::host::cgroup::DEFAULT_PARENT.into(),
+            pids_max: DEFAULT_PIDS_MAX,
+            cpu_max: None,
+        }
+    }
+}
+
+impl Jail {
+    /// The jail for this process's workers: `None` when it cannot give them another uid
+    /// (not root: logged). With `cgroups`, each worker also gets a leaf there; a parent
+    /// that cannot be prepared is an error.
+    pub fn for_node(
+        first_uid: u32,
+        count: u32,
+        cgroups: Option<&CgroupSettings>,
+    ) -> Result<Option<Jail>, CgroupError> {
+        let Some(uids) = JailRange::for_this_process(first_uid, count) else {
+            return Ok(None);
+        };
+        let cgroups = match cgroups {
+            Some(c) => Some(WorkerCgroups {
+                parent: std::sync::Arc::new(CgroupParent::prepare(&c.parent)?),
+                pids_max: c.pids_max,
+                cpu_max: c.cpu_max,
+            }),
+            None => None,
+        };
+        Ok(Some(Jail { uids, cgroups }))
+    }
+
+    /// [`for_node`](Self::for_node) with the default cgroup settings, or without cgroups
+    /// (logged) where they are unavailable: for one-shot commands.
+    pub fn best_effort() -> Option<Jail> {
+        let settings = CgroupSettings::default();
+        match Self::for_node(DEFAULT_FIRST_UID, DEFAULT_UIDS, Some(&settings)) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(error = %e, "fork workers run without cgroup limits");
+                Self::for_node(DEFAULT_FIRST_UID, DEFAULT_UIDS, None)
+                    .ok()
+                    .flatten()
+            }
+        }
+    }
+}
+
+/// Each worker's cgroup leaf: `worker-<uid>` under `parent`.
+#[derive(Debug, Clone)]
+pub struct WorkerCgroups {
+    pub parent: std::sync::Arc<CgroupParent>,
+    pub pids_max: u32,
+    /// `cpu.max` (quota µs, period µs); `None` is no limit.
+    pub cpu_max: Option<(u64, u64)>,
+}
+
+/// What a worker may use beyond its guest's memory: its binary, heap, device buffers and
+/// the kernel's accounted VM structures (page tables, vCPU state).
+pub const WORKER_MEMORY_OVERHEAD: u64 = 64 << 20;
+
+/// The leaves' name prefix.
+pub const LEAF_PREFIX: &str = "worker-";
+
+/// Most processes and threads a worker's cgroup may hold by default (main, event loop,
+/// vCPUs).
+pub const DEFAULT_PIDS_MAX: u32 = 64;
+
+impl WorkerCgroups {
+    /// Creates the leaf for the worker that will run as `ids` with a guest of
+    /// `guest_bytes`.
+    pub fn leaf_for(&self, ids: JailIds, guest_bytes: u64) -> Result<CgroupLeaf, CgroupError> {
+        self.parent.leaf(
+            &format!("{LEAF_PREFIX}{}", ids.uid),
+            &LeafLimits {
+                memory_max: guest_bytes.saturating_add(WORKER_MEMORY_OVERHEAD),
+                pids_max: self.pids_max,
+                cpu_max: self.cpu_max,
+            },
+        )
+    }
 }
 
 /// A claimed uid/gid; dropping it frees them (after the worker is reaped).

@@ -73,18 +73,24 @@ pub struct WarmWorker {
 
 impl WarmWorker {
     /// Starts a worker and has it load `template` and build its VM shell; with `jail`,
-    /// the worker runs as a uid of that range, jailed before it builds anything.
+    /// the worker runs as a uid of its range (in its own cgroup leaf, when it has
+    /// cgroups), jailed before it builds anything.
     pub fn new(
         exe: &std::path::Path,
         template: &Encoded,
-        jail: Option<&super::jail::JailRange>,
+        jail: Option<&super::jail::Jail>,
     ) -> Result<WarmWorker, WorkerError> {
         let mut worker = match jail {
-            Some(range) => {
-                let lease = range
+            Some(jail) => {
+                let lease = jail
+                    .uids
                     .claim(0)
                     .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
-                Worker::spawn_jailed(exe, lease)?
+                let leaf = match &jail.cgroups {
+                    Some(c) => Some(c.leaf_for(lease.ids(), template.guest_bytes())?),
+                    None => None,
+                };
+                Worker::spawn_jailed(exe, lease, leaf)?
             }
             None => Worker::spawn(exe)?,
         };
@@ -231,6 +237,12 @@ impl Sandbox {
     /// The guest's IPv4 address, when it has a network.
     pub fn guest_ip(&self) -> Option<std::net::Ipv4Addr> {
         self.network.as_ref().map(|n| n.addrs().guest4)
+    }
+
+    /// How its worker ended, if it did on its own (a guest that crashed its VMM, a
+    /// seccomp violation, a kill): the sandbox is gone and only needs destroying.
+    pub fn worker_ended(&mut self) -> Option<ExitStatus> {
+        self.worker.as_mut().and_then(Worker::ended)
     }
 
     /// Ends the fork: closes the connection and the worker's socket, reaps the worker

@@ -30,6 +30,7 @@ use super::state::MachineState;
 use super::{RestoreError, Shell, Template};
 use crate::devices::virtio::net::{NetBackend, Tap};
 use crate::devices::virtio::vsock::VsockConfig;
+use crate::host::cgroup::CgroupLeaf;
 use crate::vmm::control::ExitCounts;
 use crate::vmm::runtime_dir::{RuntimeDir, VSOCK_SOCKET};
 use crate::vmm::seccomp::{self, SeccompError};
@@ -106,6 +107,8 @@ pub enum WorkerError {
     Jail(std::io::Error),
     #[error("fork worker: {0}")]
     Filter(#[from] SeccompError),
+    #[error("fork worker: {0}")]
+    Cgroup(#[from] crate::host::cgroup::CgroupError),
     #[error("fork worker: installing the seccomp violation handler: {0}")]
     Seccomp(std::io::Error),
 }
@@ -246,6 +249,7 @@ fn expect(sock: &OwnedFd, kind: Kind, what: &'static str) -> Result<Message, Wor
 pub struct Encoded {
     body: Vec<u8>,
     memfd: Arc<File>,
+    guest_bytes: u64,
 }
 
 impl Encoded {
@@ -253,7 +257,13 @@ impl Encoded {
         Ok(Self {
             body: serde_json::to_vec(template.state()).map_err(WorkerError::Encode)?,
             memfd: template.memory().file().clone(),
+            guest_bytes: template.state().machine.mem.bytes(),
         })
+    }
+
+    /// The guest's memory size.
+    pub fn guest_bytes(&self) -> u64 {
+        self.guest_bytes
     }
 
     pub fn len(&self) -> usize {
@@ -276,6 +286,8 @@ pub struct Worker {
     child: Option<Child>,
     /// A jailed worker's runtime directory, removed here once it is reaped.
     runtime_dir: Option<PathBuf>,
+    /// A jailed worker's cgroup, removed once it is reaped.
+    cgroup: Option<CgroupLeaf>,
     /// A jailed worker's uid, held until it is reaped.
     jail: Option<JailLease>,
 }
@@ -283,16 +295,25 @@ pub struct Worker {
 impl Worker {
     /// Starts `exe` (the `cleave-fork-worker` binary) with its end of the socket as stdin.
     pub fn spawn(exe: &Path) -> Result<Worker, WorkerError> {
-        Self::spawn_in(exe, None)
+        Self::spawn_in(exe, None, None)
     }
 
     /// [`spawn`](Self::spawn), and the worker jails itself as `jail`'s uid/gid before it
-    /// builds anything for its fork.
-    pub fn spawn_jailed(exe: &Path, jail: JailLease) -> Result<Worker, WorkerError> {
-        Self::spawn_in(exe, Some(jail))
+    /// builds anything for its fork; with `cgroup`, it runs in that leaf from before it is
+    /// sent anything.
+    pub fn spawn_jailed(
+        exe: &Path,
+        jail: JailLease,
+        cgroup: Option<CgroupLeaf>,
+    ) -> Result<Worker, WorkerError> {
+        Self::spawn_in(exe, Some(jail), cgroup)
     }
 
-    fn spawn_in(exe: &Path, jail: Option<JailLease>) -> Result<Worker, WorkerError> {
+    fn spawn_in(
+        exe: &Path,
+        jail: Option<JailLease>,
+        cgroup: Option<CgroupLeaf>,
+    ) -> Result<Worker, WorkerError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -312,12 +333,18 @@ impl Worker {
                 exe: exe.display().to_string(),
                 source,
             })?;
-        Ok(Worker {
+        let worker = Worker {
             sock: Some(ours),
             child: Some(child),
             runtime_dir: None,
+            cgroup,
             jail,
-        })
+        };
+        // It has done nothing yet but wait for its template.
+        if let Some(leaf) = &worker.cgroup {
+            leaf.add(worker.pid())?;
+        }
+        Ok(worker)
     }
 
     pub fn pid(&self) -> u32 {
@@ -421,9 +448,17 @@ impl Worker {
                 tracing::warn!(path = %dir.display(), error = %e, "removing a worker's runtime directory");
             }
         }
-        // Its uid is free only now that nothing runs as it.
+        // Its cgroup and uid are free only now that nothing runs in or as them.
+        drop(self.cgroup.take());
         drop(self.jail.take());
         status
+    }
+
+    /// How the worker ended, if it has (without waiting).
+    pub fn ended(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Closes the socket without waiting: the worker tears its VM down on its own time.

@@ -1,5 +1,6 @@
 //! Facts about the host this agent runs on.
 
+pub mod cgroup;
 pub mod entropy;
 pub mod fingerprint;
 pub mod kvm;

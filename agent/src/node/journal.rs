@@ -38,6 +38,8 @@ pub struct Reconciled {
     pub killed: usize,
     pub entries: usize,
     pub runtime_dirs: usize,
+    /// Empty worker cgroup leaves removed.
+    pub cgroups: usize,
 }
 
 pub struct Journal {

@@ -28,10 +28,10 @@ use self::credential::{Credential, SandboxId, Token};
 use self::journal::{Journal, JournalError, Reconciled};
 use self::templates::{unix_now, CreatedTemplate, TemplateSpec};
 use self::warm::WarmPool;
-use crate::fork::jail::JailRange;
+use crate::fork::jail::Jail;
 use crate::fork::sandbox::{worker_exe, ForkError, Sandbox};
 use crate::fork::store::{StoreError, TemplateMeta, TemplateName, TemplateStore};
-use crate::fork::worker::Encoded;
+use crate::fork::worker::{describe_end, Encoded};
 use crate::image::ImageSpec;
 use crate::net::{EgressPolicy, NetNode, NetOptions, SandboxNetwork};
 use crate::vmm::runtime_dir::RuntimeDir;
@@ -79,7 +79,7 @@ pub struct NodeOptions {
     pub worker_exe: Option<PathBuf>,
     /// Worker uids; `None`: workers run unjailed, as this process's uid (only for tests
     /// and benchmarks of the unjailed path, or a node not running as root).
-    pub jail: Option<JailRange>,
+    pub jail: Option<Jail>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,12 +266,18 @@ impl Node {
             .transpose()?;
         let reconciled = match &journal {
             Some(j) => {
-                let r = j.reconcile(&RuntimeDir::base());
+                let mut r = j.reconcile(&RuntimeDir::base());
+                // After the leftover workers are gone: their leaves are empty now (another
+                // cleave's live workers keep theirs).
+                if let Some(c) = options.jail.as_ref().and_then(|j| j.cgroups.as_ref()) {
+                    r.cgroups = c.parent.reconcile(crate::fork::jail::LEAF_PREFIX);
+                }
                 if r != Reconciled::default() {
                     tracing::info!(
                         killed = r.killed,
                         entries = r.entries,
                         runtime_dirs = r.runtime_dirs,
+                        cgroups = r.cgroups,
                         "reconciled what a previous agent left"
                     );
                 }
@@ -680,6 +686,32 @@ impl Node {
             self.wake_refill();
         }
         due.into_iter().map(|s| s.id.clone()).collect()
+    }
+
+    /// Destroys every sandbox whose worker process ended on its own; returns their ids
+    /// and why each ended (also in the node log).
+    pub fn reap_lost(&self) -> Vec<(SandboxId, String)> {
+        let mut lost = Vec::new();
+        for s in self.list() {
+            // A sandbox busy being destroyed is skipped: it is going anyway.
+            let Ok(mut guard) = s.sandbox.try_lock() else {
+                continue;
+            };
+            let Some(status) = guard.as_mut().and_then(Sandbox::worker_ended) else {
+                continue;
+            };
+            drop(guard);
+            let why = describe_end(&status).unwrap_or_else(|| "exited".into());
+            if lock(&self.live).sandboxes.remove(&s.id).is_some() {
+                tracing::warn!(sandbox = %s.id, pid = s.worker_pid, reason = %why, "sandbox lost: its worker ended");
+                self.end(&s);
+                lost.push((s.id.clone(), why));
+            }
+        }
+        if !lost.is_empty() {
+            self.wake_refill();
+        }
+        lost
     }
 
     /// DNS proxy counters over every sandbox this node has run.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use crate::fork::jail::JailRange;
+use crate::fork::jail::Jail;
 use crate::fork::sandbox::WarmWorker;
 use crate::fork::worker::{Encoded, WorkerError};
 
@@ -13,13 +13,13 @@ use super::journal::Journal;
 pub struct WarmPool {
     exe: PathBuf,
     encoded: Encoded,
-    jail: Option<JailRange>,
+    jail: Option<Jail>,
     target: usize,
     ready: Mutex<Vec<WarmWorker>>,
 }
 
 impl WarmPool {
-    pub fn new(exe: PathBuf, encoded: Encoded, jail: Option<JailRange>, target: usize) -> WarmPool {
+    pub fn new(exe: PathBuf, encoded: Encoded, jail: Option<Jail>, target: usize) -> WarmPool {
         WarmPool {
             exe,
             encoded,
