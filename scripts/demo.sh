@@ -28,7 +28,7 @@ echo "== cleave run --forks 2 --allow allowed.test:80 --dns-upstream 45.45.0.53 
 # fork gets its own tap, address and DNS proxy; it may resolve allowed.test and reach
 # its port 80, and nothing else: not the metadata address, not an unlisted name.
 "$lab" up
-XDG_RUNTIME_DIR=$demo_runtime ip netns exec cl-node "$cleave" run --forks 2 \
+XDG_RUNTIME_DIR=$demo_runtime "$lab" node "$cleave" run --forks 2 \
   --allow allowed.test:80 --dns-upstream 45.45.0.53 -- sh -c '
   echo "eth0: $(ip -4 -o addr show eth0 | awk "{print \$4}")"
   echo "allowed.test -> $(nslookup -type=A allowed.test | awk "/^Address: / {print \$2}")"

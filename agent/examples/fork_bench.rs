@@ -16,10 +16,10 @@
 //! memory of that many idle (halted) forks alive at once, one worker process each, and
 //! how fast they were created.
 
+use cleave_agent::fork::process::Process;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -276,7 +276,7 @@ fn worker_exe() -> Result<PathBuf> {
 
 /// Reaps released workers (their VM teardown runs in their own process) once there are
 /// more than `keep`.
-fn reap(children: &mut VecDeque<Child>, keep: usize) -> Result<()> {
+fn reap(children: &mut VecDeque<Process>, keep: usize) -> Result<()> {
     while children.len() > keep {
         if let Some(mut c) = children.pop_front() {
             c.wait()?;
@@ -304,7 +304,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     let mut jailed_spawn = Column::new("fresh, jailed: spawn (+ uid, cgroup leaf)", n);
     let mut jailed_load = Column::new("fresh, jailed: template → prepared (+ jail)", n);
     let mut jailed_go = Column::new("fresh, jailed: go → ready", n);
-    let mut released: VecDeque<Child> = VecDeque::new();
+    let mut released: VecDeque<Process> = VecDeque::new();
 
     for i in 0..args.warmup + n {
         let record = i >= args.warmup;

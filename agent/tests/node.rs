@@ -232,7 +232,7 @@ fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
     // ptrace it or read its memory).
     let mem = std::fs::metadata(format!("/proc/{pa}/mem")).unwrap();
     assert_eq!(mem.uid(), 0);
-    for ns in ["mnt", "net", "ipc", "uts"] {
+    for ns in ["mnt", "net", "ipc", "uts", "pid"] {
         let theirs = std::fs::read_link(format!("/proc/{pa}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "{ns} namespace");

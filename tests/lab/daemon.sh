@@ -28,7 +28,7 @@ get() {
 
 case "$1" in
 start)
-  $NODE "$CLEAVE" daemon --config "$D/cleave.toml" --metrics-listen 127.0.0.1:9464 \
+  sh "$(dirname "$0")/lab.sh" node "$CLEAVE" daemon --config "$D/cleave.toml" --metrics-listen 127.0.0.1:9464 \
     --audit-log "$D/audit.jsonl" >>"$D/daemon.log" 2>&1 &
   echo $! >"$D/daemon.pid"
   i=0
@@ -88,7 +88,7 @@ running)
   ;;
 jail)
   # Every worker of the running daemon: its own non-root uid (distinct), no
-  # capabilities, no_new_privs, its own mount and network namespaces, a runtime
+  # capabilities, no_new_privs, its own mount, network and PID namespaces, a runtime
   # directory (its whole filesystem) that only its uid can enter, its own cgroup leaf;
   # a running fork's threads are all under seccomp.
   me=$(pid); n=0; bad=0; uids=""; running=0; socks=""; foreign=0
@@ -100,6 +100,8 @@ jail)
     grep -q '^CapEff:[[:space:]]*0000000000000000' /proc/$p/status || { echo "worker $p has capabilities"; bad=$((bad + 1)); }
     [ "$(readlink /proc/$p/ns/mnt)" != "$(readlink /proc/$me/ns/mnt)" ] || { echo "worker $p shares the mount namespace"; bad=$((bad + 1)); }
     [ "$(readlink /proc/$p/ns/net)" != "$(readlink /proc/$me/ns/net)" ] || { echo "worker $p shares the network namespace"; bad=$((bad + 1)); }
+    [ "$(readlink /proc/$p/ns/pid)" != "$(readlink /proc/$me/ns/pid)" ] && grep -q "^NSpid:[[:space:]]*$p[[:space:]]*1\$" /proc/$p/status ||
+      { echo "worker $p is not PID 1 of its own PID namespace"; bad=$((bad + 1)); }
     d=$(ls -d "$RUN"/vm-$p-* 2>/dev/null | head -1)
     [ -n "$d" ] && [ "$(stat -c '%u %a' "$d")" = "$uid 700" ] || { echo "worker $p: runtime dir ${d:-missing} is not its own 0700"; bad=$((bad + 1)); }
     # Its own cgroup leaf, with a memory and a pids limit.

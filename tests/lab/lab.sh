@@ -20,6 +20,8 @@
 #   lab.sh down       remove it and everything running in it
 #   lab.sh udp-count  UDP datagrams that reached 45.45.0.10:80 since the last reset
 #   lab.sh udp-reset  zero that count
+#   lab.sh node CMD.. run CMD in cl-node, with the cgroup v2 hierarchy visible (`ip netns
+#                     exec` mounts a fresh /sys, which hides /sys/fs/cgroup)
 set -eu
 
 NODE=cl-node
@@ -92,6 +94,10 @@ NFT
 
 case "${1:-}" in
 up) up ;;
+node)
+  shift
+  exec ip netns exec $NODE sh -c \
+    'mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup; exec "$@"' sh "$@" ;;
 down) down ;;
 udp-count) ip netns exec $INET nft list counter inet lab udp80 | awk '/packets/ {print $2}' ;;
 udp-reset) ip netns exec $INET nft reset counter inet lab udp80 >/dev/null ;;

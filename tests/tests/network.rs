@@ -47,8 +47,9 @@ fn sandboxes_on_the_network() {
     let checks = sh_quote(&checks);
     let bin = sh_quote(&cleave_bin().to_string_lossy());
     let env = format!("export XDG_RUNTIME_DIR={RUNTIME}; mkdir -p {RUNTIME};");
-    // cleave runs in the lab's node namespace: its taps, chains and proxies live there.
-    let cleave = format!("{env} timeout 300 ip netns exec cl-node {bin}");
+    // cleave runs in the lab's node namespace: its taps, chains and proxies live there
+    // (with the cgroup hierarchy in view, for its workers' leaves).
+    let cleave = format!("{env} timeout 300 sh {lab} node {bin}");
     let node = "ip netns exec cl-node";
     let leftovers = format!(
         "echo taps=$({node} ip -o link show type tun | wc -l); \

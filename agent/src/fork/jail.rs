@@ -14,9 +14,9 @@
 //!
 //! - a cgroup v2 leaf of its own (memory, cpu and pids limits), which the parent creates
 //!   and moves it into before it is sent a template ([`WorkerCgroups`]);
+//! - its own PID namespace, where it is PID 1 and alone (the parent starts it there:
+//!   [`super::process`]);
 //! - seccomp filters per thread ([`crate::vmm::seccomp`]), applied as the fork starts.
-//!
-//! Not here yet: a PID namespace (it needs a fork before exec: the parent's spawn).
 
 use std::path::Path;
 

@@ -13,6 +13,7 @@ pub mod capture;
 pub mod freeze;
 pub mod gate;
 pub mod jail;
+pub mod process;
 pub mod restore;
 pub mod sandbox;
 pub mod sealed;

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 
 use super::jail::{self, JailIds, JailLease};
+use super::process::{Birth, Process};
 use super::sealed::{SealError, SealedMemory};
 use super::state::MachineState;
 use super::{RestoreError, Shell, Template};
@@ -283,7 +284,7 @@ pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// [`destroy`](Worker::destroy) does.
 pub struct Worker {
     sock: Option<OwnedFd>,
-    child: Option<Child>,
+    child: Option<Process>,
     /// A jailed worker's runtime directory, removed here once it is reaped.
     runtime_dir: Option<PathBuf>,
     /// A jailed worker's cgroup, removed once it is reaped.
@@ -321,34 +322,32 @@ impl Worker {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(WorkerError::Socket)?;
-        let mut cmd = Command::new(exe);
-        if let Some(j) = &jail {
-            cmd.arg("--jail").arg(j.ids().arg());
-        }
-        let child = cmd
-            .stdin(Stdio::from(theirs))
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|source| WorkerError::Spawn {
+        // Jailed, it is born in its own PID namespace (PID 1 there, alone) and its cgroup.
+        let ids = jail.as_ref().map(|j| j.ids().arg());
+        let args: Vec<&str> = match &ids {
+            Some(ids) => vec!["--jail", ids],
+            None => vec![],
+        };
+        let birth = Birth {
+            new_pid_namespace: jail.is_some(),
+            cgroup: cgroup.as_ref().map(CgroupLeaf::path),
+        };
+        let child =
+            Process::spawn(exe, &args, theirs, &birth).map_err(|source| WorkerError::Spawn {
                 exe: exe.display().to_string(),
                 source,
             })?;
-        let worker = Worker {
+        Ok(Worker {
             sock: Some(ours),
             child: Some(child),
             runtime_dir: None,
             cgroup,
             jail,
-        };
-        // It has done nothing yet but wait for its template.
-        if let Some(leaf) = &worker.cgroup {
-            leaf.add(worker.pid())?;
-        }
-        Ok(worker)
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.child.as_ref().map_or(0, Process::id)
     }
 
     fn sock(&self) -> Result<&OwnedFd, WorkerError> {
@@ -425,7 +424,8 @@ impl Worker {
         let Some(mut child) = self.child.take() else {
             return Err(WorkerError::Closed("a live worker"));
         };
-        if !exits_within(&child, grace) {
+        let exited = matches!(child.try_wait(), Ok(Some(_)));
+        if !exited && !exits_within(&child, grace) {
             tracing::warn!(
                 pid = child.id(),
                 grace_ms = grace.as_millis() as u64,
@@ -463,7 +463,7 @@ impl Worker {
 
     /// Closes the socket without waiting: the worker tears its VM down on its own time.
     /// Reap the returned child later.
-    pub fn release(mut self) -> Child {
+    pub fn release(mut self) -> Process {
         drop(self.sock.take());
         self.child
             .take()
@@ -510,23 +510,11 @@ fn report_end(pid: u32, status: &ExitStatus) {
     }
 }
 
-/// Waits up to `grace` for `child` to exit (without reaping it), on a pidfd: no polling
+/// Waits up to `grace` for `child` to exit (without reaping it), on its pidfd: no polling
 /// interval, so a worker that exits at once is reaped at once.
-fn exits_within(child: &Child, grace: Duration) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; the pid is our
-    // own unreaped child, so it cannot have been reused.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-    let Ok(fd) = i32::try_from(fd) else {
-        return false;
-    };
-    if fd < 0 {
-        // No pidfd (an old kernel): fall back to a plain wait, as before.
-        return true;
-    }
-    // SAFETY: `fd` was just returned by pidfd_open and is owned by nothing else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+fn exits_within(child: &Process, grace: Duration) -> bool {
     let mut fds = [nix::poll::PollFd::new(
-        pidfd.as_fd(),
+        child.pidfd(),
         nix::poll::PollFlags::POLLIN,
     )];
     let ms = u16::try_from(grace.as_millis()).unwrap_or(u16::MAX);
@@ -567,6 +555,8 @@ pub fn serve(sock: OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError> {
 fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError> {
     // The parent is the only peer the fork's socket accepts: the uid we were started as.
     let parent_uid = nix::unistd::getuid().as_raw();
+    // Read while the node's /proc is still in reach (we may be PID 1 of our own namespace).
+    let pid = crate::host::node_pid();
     let msg = expect(sock, Kind::Template, "the template")?;
     let memfd = msg.fd.ok_or_else(|| WorkerError::Protocol {
         what: "the template",
@@ -644,7 +634,7 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     // From here on this thread only talks to the parent and stops the VM.
     filters.apply(seccomp::ThreadKind::Control)?;
     let report = ReadyReport {
-        pid: std::process::id(),
+        pid,
         vsock: vsock.as_ref().map(|(_, outside)| outside.clone()),
         prepare_us,
         finish_us: micros(t.elapsed()),

@@ -230,12 +230,6 @@ impl CgroupLeaf {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    /// Moves process `pid` (every thread of it) into this leaf.
-    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
-        let procs = self.path.join("cgroup.procs");
-        std::fs::write(&procs, pid.to_string()).map_err(io("moving a worker into", &procs))
-    }
 }
 
 impl Drop for CgroupLeaf {

@@ -19,8 +19,23 @@ pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
     }
 }
 
+/// This process's pid as the node sees it. A jailed worker is PID 1 of its own PID
+/// namespace, but the /proc it can still read (before its jail) is the node's, and names
+/// it by its node pid; directories and reports carry that one.
+pub fn node_pid() -> u32 {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(std::process::id)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn outside_a_pid_namespace_the_node_pid_is_the_pid() {
+        assert_eq!(super::node_pid(), std::process::id());
+    }
+
     #[test]
     fn the_queue_crates_lines_are_always_filtered_out() {
         let f = super::log_filter("trace").to_string();

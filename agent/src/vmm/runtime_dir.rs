@@ -49,7 +49,11 @@ impl RuntimeDir {
         crate::host::paths::private_dir(base)?;
         let mut random = [0u8; 8];
         getrandom(&mut random);
-        let path = base.join(format!("vm-{}-{}", std::process::id(), hex::encode(random)));
+        let path = base.join(format!(
+            "vm-{}-{}",
+            crate::host::node_pid(),
+            hex::encode(random)
+        ));
         // Not recursive: the directory must be new, and ours alone.
         DirBuilder::new()
             .mode(0o700)

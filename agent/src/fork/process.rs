@@ -1,0 +1,305 @@
+//! A worker's process, started with `clone3` rather than `std::process::Command` so it can
+//! be born where the jail wants it — in a PID namespace of its own (it is PID 1 there and
+//! sees no other process) and already inside its cgroup leaf — and held by a pidfd, so a
+//! signal never reaches a recycled pid.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7), not in the libc crate.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Where a new worker process starts.
+pub struct Birth<'a> {
+    /// Its own PID namespace (needs CAP_SYS_ADMIN).
+    pub new_pid_namespace: bool,
+    /// A cgroup v2 directory to start in.
+    pub cgroup: Option<&'a Path>,
+}
+
+/// A child process we started and have not yet reaped.
+#[derive(Debug)]
+pub struct Process {
+    pid: u32,
+    pidfd: OwnedFd,
+    status: Option<ExitStatus>,
+}
+
+impl Process {
+    /// Runs `exe args...` with `stdin` as its fd 0, stdout on /dev/null and our stderr,
+    /// an empty signal mask, and this process's environment. An `exec` failure is
+    /// returned here, not discovered later as an exit status.
+    pub fn spawn(exe: &Path, args: &[&str], stdin: OwnedFd, birth: &Birth) -> io::Result<Process> {
+        // Everything the child touches is made before the clone: between clone3 and
+        // execve the child may only make system calls (the parent may be multi-threaded).
+        let exe_c = CString::new(exe.as_os_str().as_bytes())?;
+        let args_c: Vec<CString> = args
+            .iter()
+            .map(|a| CString::new(*a))
+            .collect::<Result<_, _>>()?;
+        let mut argv: Vec<*const libc::c_char> = Vec::with_capacity(args_c.len() + 2);
+        argv.push(exe_c.as_ptr());
+        argv.extend(args_c.iter().map(|a| a.as_ptr()));
+        argv.push(std::ptr::null());
+        let devnull = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        let cgroup = match birth.cgroup {
+            Some(dir) => Some(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+                    .open(dir)?,
+            ),
+            None => None,
+        };
+        // The child reports an exec failure's errno here; a successful exec closes it.
+        let (report_r, report_w) = pipe()?;
+
+        let mut pidfd: libc::c_int = -1;
+        let mut flags = libc::CLONE_PIDFD as u64;
+        if birth.new_pid_namespace {
+            flags |= libc::CLONE_NEWPID as u64;
+        }
+        if cgroup.is_some() {
+            flags |= CLONE_INTO_CGROUP;
+        }
+        // SAFETY: a zeroed clone_args is valid (no stack: the child runs on a copy of ours,
+        // as after fork); we set the fields clone3 reads, with pointers that outlive it.
+        let mut ca: libc::clone_args = unsafe { std::mem::zeroed() };
+        ca.flags = flags;
+        ca.pidfd = &mut pidfd as *mut libc::c_int as u64;
+        ca.exit_signal = libc::SIGCHLD as u64;
+        ca.cgroup = cgroup.as_ref().map_or(0, |c| c.as_raw_fd() as u64);
+
+        let (stdin_fd, devnull_fd, report_fd) =
+            (stdin.as_raw_fd(), devnull.as_raw_fd(), report_w.as_raw_fd());
+        // SAFETY: clone3 with a valid clone_args of the size we pass. In the child (0), only
+        // async-signal-safe system calls run, on memory prepared above, and it never
+        // returns: it execs or _exits.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut ca as *mut libc::clone_args,
+                std::mem::size_of::<libc::clone_args>(),
+            )
+        };
+        if rc == 0 {
+            // SAFETY: see above; every pointer was made before the clone.
+            unsafe {
+                if libc::dup2(stdin_fd, 0) < 0 || libc::dup2(devnull_fd, 1) < 0 {
+                    child_fail(report_fd);
+                }
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                libc::execv(exe_c.as_ptr(), argv.as_ptr());
+                child_fail(report_fd);
+            }
+        }
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        drop(report_w);
+        // SAFETY: clone3 succeeded with CLONE_PIDFD, so `pidfd` is a new fd we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        let mut process = Process {
+            pid: rc as u32,
+            pidfd,
+            status: None,
+        };
+        let mut errno = [0u8; 4];
+        match read_full(&report_r, &mut errno) {
+            Ok(0) => Ok(process),
+            Ok(_) => {
+                let _ = process.wait();
+                Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+            }
+            Err(e) => {
+                let _ = process.kill();
+                let _ = process.wait();
+                Err(e)
+            }
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.pid
+    }
+
+    /// Readable when the process has exited.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// Its exit status if it has exited (reaping it), without waiting.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.wait_with(libc::WNOHANG)
+    }
+
+    /// Waits for it to exit and reaps it.
+    pub fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(s) = self.wait_with(0)? {
+                return Ok(s);
+            }
+        }
+    }
+
+    fn wait_with(&mut self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid on our own unreaped child, with a valid out pointer.
+            let rc = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, flags) };
+            match rc {
+                0 => return Ok(None),
+                r if r > 0 => {
+                    let s = ExitStatus::from_raw(status);
+                    self.status = Some(s);
+                    return Ok(Some(s));
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// SIGKILL, through the pidfd (a no-op once it has been reaped).
+    pub fn kill(&mut self) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        // SAFETY: pidfd_send_signal with our pidfd, a signal number and no siginfo.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-int array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads until `buf` is full or end of file; returns the bytes read.
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reading into the unfilled tail of our own buffer.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                buf.len() - got,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => got += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// In the child: report errno to the parent and exit.
+///
+/// # Safety
+/// Only in the child between clone3 and exec.
+unsafe fn child_fail(report_fd: libc::c_int) -> ! {
+    let errno = *libc::__errno_location();
+    let bytes = errno.to_ne_bytes();
+    libc::write(report_fd, bytes.as_ptr().cast(), bytes.len());
+    libc::_exit(127)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stdin() -> OwnedFd {
+        OwnedFd::from(std::fs::File::open("/dev/null").unwrap())
+    }
+
+    #[test]
+    fn a_child_runs_and_its_status_comes_back() {
+        let plain = Birth {
+            new_pid_namespace: false,
+            cgroup: None,
+        };
+        let mut p =
+            Process::spawn(Path::new("/bin/sh"), &["-c", "exit 7"], stdin(), &plain).unwrap();
+        assert_eq!(p.wait().unwrap().code(), Some(7));
+        // Cached: a second wait does not touch a pid that may be someone else's now.
+        assert_eq!(p.try_wait().unwrap().unwrap().code(), Some(7));
+        p.kill().unwrap();
+    }
+
+    #[test]
+    fn an_exec_failure_is_an_error_not_an_exit_status() {
+        let plain = Birth {
+            new_pid_namespace: false,
+            cgroup: None,
+        };
+        let e = Process::spawn(Path::new("/nonexistent/worker"), &[], stdin(), &plain).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+    }
+
+    #[test]
+    fn a_child_in_its_own_pid_namespace_is_pid_1_there_and_can_be_killed() {
+        // Needs root (CAP_SYS_ADMIN), as the whole suite does.
+        let own = Birth {
+            new_pid_namespace: true,
+            cgroup: None,
+        };
+        let mut p = Process::spawn(
+            Path::new("/bin/sh"),
+            &["-c", "[ $$ = 1 ] && exec sleep 30"],
+            stdin(),
+            &own,
+        )
+        .unwrap();
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+        // Give it a moment to exec; it must still be alive (so `$$` was 1).
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(
+            p.try_wait().unwrap(),
+            None,
+            "the child did not see itself as pid 1"
+        );
+        assert_ne!(ns(&p.id().to_string()), ns("self"));
+        p.kill().unwrap();
+        assert_eq!(p.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+}
