@@ -7,7 +7,7 @@ TRIPLE := x86_64-unknown-linux-gnu
 GUEST_BIN := target/guest/$(TRIPLE)/release/cleave-guest
 CLEAVE := target/debug/cleave
 
-.PHONY: run test deps guest image rig build lint unit bench-boot bench-net clean-cache manifests
+.PHONY: run test deps guest image rig build lint unit bench-boot bench-net clean-cache manifests fuzz
 
 ## make run: install what is missing, build images and agent, run the main job
 ## (boot the default image and time the guest agent's readiness, then run commands in a
@@ -22,6 +22,13 @@ test: deps image rig manifests
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast
+	@scripts/fuzz.sh $(FUZZ_SECS)
+
+## Fuzz every parser a guest or the network reaches (tests/fuzz), FUZZ_SECS per target:
+## `make fuzz FUZZ_SECS=3600` for a long run.
+FUZZ_SECS ?= 15
+fuzz: deps
+	@scripts/fuzz.sh $(FUZZ_SECS)
 
 deps:
 	@scripts/install-deps.sh
