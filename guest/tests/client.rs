@@ -191,3 +191,29 @@ fn a_silent_guest_times_out_and_a_closed_one_fails_everything() {
     assert!(matches!(e, ClientError::Closed), "{e:?}");
     assert!(matches!(c.hello(T), Err(ClientError::Closed)));
 }
+
+#[test]
+fn a_timed_exec_ends_on_the_host_when_the_guest_stops_answering() {
+    // The guest takes the exec, prints once, then never reports its end (and ignores
+    // the kill): the host gives up at the exec's timeout plus the grace, and sends the
+    // kill, instead of waiting forever.
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let c = fake_guest(move |m, w| match m.body {
+        Body::Exec(_) => send(w, m.id, Body::Stdout(b"started".to_vec())),
+        Body::Signal(s) => {
+            let _ = seen_tx.send(s.signal);
+        }
+        _ => {}
+    })
+    .with_exec_grace(Duration::from_millis(200));
+    let mut req = ExecRequest::new(["sleep", "1000"]);
+    req.timeout_ms = Some(100);
+    let e = c.exec_collect(req, None).unwrap_err();
+    assert!(
+        matches!(e, ClientError::Timeout(d) if d == Duration::from_millis(300)),
+        "{e:?}"
+    );
+    assert_eq!(seen_rx.recv_timeout(T), Ok(libc::SIGKILL));
+    // The connection goes on.
+    c.hello(T).unwrap();
+}

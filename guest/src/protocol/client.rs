@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::error::{DecodeError, EncodeError};
 use super::flow::{RecvWindow, SendWindow};
@@ -137,7 +137,14 @@ pub struct Client {
     shared: Arc<Shared>,
     /// Shut down on drop so the reader thread ends.
     socket: Option<UnixStream>,
+    /// How long past its own timeout an exec may take to report its end.
+    exec_grace: Duration,
 }
+
+/// How long past an exec's `timeout_ms` the host waits for the guest to report that the
+/// exec ended (the guest kills it at the timeout): a guest that stops answering cannot
+/// hold a timed exec open beyond this.
+pub const EXEC_GRACE: Duration = Duration::from_secs(5);
 
 impl Client {
     /// A client on a connected Unix stream (on the host, the hybrid vsock
@@ -170,7 +177,14 @@ impl Client {
         Ok(Client {
             shared,
             socket: None,
+            exec_grace: EXEC_GRACE,
         })
+    }
+
+    /// Replaces [`EXEC_GRACE`] (tests use a short one).
+    pub fn with_exec_grace(mut self, grace: Duration) -> Client {
+        self.exec_grace = grace;
+        self
     }
 
     /// Negotiates the version and reads the agent's uptime.
@@ -230,6 +244,10 @@ impl Client {
 
     /// Starts an exec and returns a handle for its stdin and output.
     pub fn start_exec(&self, req: ExecRequest) -> Result<ExecHandle, ClientError> {
+        // A timed exec has a host-side deadline too: the guest's word is not needed.
+        let limit = req
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms).saturating_add(self.exec_grace));
         let (id, rx, send) = self.start(Body::Exec(req), Kind::Exec)?;
         Ok(ExecHandle {
             shared: self.shared.clone(),
@@ -237,6 +255,7 @@ impl Client {
             rx,
             send,
             done: false,
+            limit: limit.map(|l| (Instant::now() + l, l)),
         })
     }
 
@@ -460,6 +479,8 @@ pub struct ExecHandle {
     rx: Receiver<Delivery>,
     send: Arc<SendWindow>,
     done: bool,
+    /// A timed exec's deadline, and the whole allowance (for the error).
+    limit: Option<(Instant, Duration)>,
 }
 
 impl ExecHandle {
@@ -484,8 +505,17 @@ impl ExecHandle {
         if self.done {
             return Err(ClientError::Closed);
         }
-        let ev = match wait(&self.rx, None) {
+        let left = self
+            .limit
+            .map(|(at, _)| at.saturating_duration_since(Instant::now()));
+        let ev = match wait(&self.rx, left) {
             Ok(b) => b,
+            Err(ClientError::Timeout(_)) => {
+                // Past its timeout and the grace: kill it and stop waiting for it.
+                self.abandon();
+                let whole = self.limit.map_or(Duration::ZERO, |(_, l)| l);
+                return Err(ClientError::Timeout(whole));
+            }
             Err(e) => {
                 self.done = true;
                 return Err(e);
@@ -512,13 +542,14 @@ impl ExecHandle {
     }
 }
 
-impl Drop for ExecHandle {
-    /// An exec nobody waits for any more is killed, so it does not hold a
+impl ExecHandle {
+    /// Stops waiting for the exec and has the guest kill it, so it does not hold a
     /// request slot (and its process group) in the guest forever.
-    fn drop(&mut self) {
+    fn abandon(&mut self) {
         if self.done {
             return;
         }
+        self.done = true;
         if let Some(r) = lock(&self.shared.routes).map.remove(&self.id) {
             r.send.close();
         }
@@ -529,6 +560,13 @@ impl Drop for ExecHandle {
             signal: libc::SIGKILL,
         });
         let _ = send(&self.shared, kill_id, body);
+    }
+}
+
+impl Drop for ExecHandle {
+    /// An exec nobody waits for any more is killed.
+    fn drop(&mut self) {
+        self.abandon();
     }
 }
 
