@@ -31,12 +31,13 @@ fn serial() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn kvm() -> Option<Kvm> {
-    if !KvmFlavour::detect().has_ioctls() {
-        eprintln!("SKIP: no /dev/kvm on this host; these tests need KVM ioctls");
-        return None;
-    }
-    Some(vmm::open_kvm().expect("open /dev/kvm"))
+/// /dev/kvm with its ioctls: these tests fail (not skip) on a host without it.
+fn kvm() -> Kvm {
+    assert!(
+        KvmFlavour::detect().has_ioctls(),
+        "these tests need /dev/kvm (KVM ioctls); run them on a KVM host"
+    );
+    vmm::open_kvm().expect("open /dev/kvm")
 }
 
 /// A console that keeps the first bytes the guest printed, the last one, and a count.
@@ -188,7 +189,7 @@ fn assert_continues(c: &Captured, console: &Recorder, vm: &Vm) {
 #[test]
 fn a_fork_continues_exactly_where_the_template_stopped() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let c = counting_template(&kvm, 1, 500);
     let before = template_counter(&c.template);
 
@@ -226,7 +227,7 @@ fn a_fork_continues_exactly_where_the_template_stopped() {
 #[test]
 fn a_shell_prepared_ahead_forks_the_same_and_only_for_its_template() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let c = counting_template(&kvm, 1, 100);
     let other = counting_template(&kvm, 1, 10);
     let shell = fork::Shell::build(&kvm, &c.template).unwrap();
@@ -260,7 +261,7 @@ fn a_shell_prepared_ahead_forks_the_same_and_only_for_its_template() {
 #[test]
 fn capture_completes_a_port_read_the_vmm_already_answered() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let machine = MachineConfig::new(32, 1).unwrap();
     let mut vm = Vm::create(&kvm, machine, Irqchip::InKernel, Box::new(std::io::sink())).unwrap();
     tiny::load(vm.ram().memory(), tiny::Ending::Count).unwrap();
@@ -294,7 +295,7 @@ fn capture_completes_a_port_read_the_vmm_already_answered() {
 #[test]
 fn template_memory_is_sealed_and_forks_writes_stay_private() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let c = counting_template(&kvm, 1, 100);
     let memory = c.template.memory();
     SealedMemory::from_sealed(memory.file().clone(), memory.size()).expect("sealed");
@@ -354,7 +355,7 @@ fn template_memory_is_sealed_and_forks_writes_stay_private() {
 #[test]
 fn many_forks_run_at_once_each_from_the_same_point() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let c = counting_template(&kvm, 1, 200);
     let before = template_counter(&c.template);
     let forks: Vec<_> = (0..8).map(|_| start_fork(&kvm, &c)).collect();
@@ -381,7 +382,7 @@ fn many_forks_run_at_once_each_from_the_same_point() {
 #[test]
 fn a_two_vcpu_machine_round_trips() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let c = counting_template(&kvm, 2, 100);
     let state = c.template.state();
     assert_eq!(state.vcpus.len(), 2);
@@ -422,7 +423,7 @@ fn fd_census() -> (usize, usize) {
 #[test]
 fn destroying_forks_in_any_order_leaves_no_fds_or_memfds() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let start = fd_census();
     let c = counting_template(&kvm, 1, 50);
     let with_template = fd_census();
@@ -455,7 +456,7 @@ fn memfds_of(pid: u32) -> usize {
 #[test]
 fn forks_run_in_their_own_processes_and_leave_nothing_behind() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let c = counting_template(&kvm, 1, 100);
     let with_template = fd_census();
     let encoded = Encoded::new(&c.template).unwrap();
@@ -504,7 +505,7 @@ fn forks_run_in_their_own_processes_and_leave_nothing_behind() {
 #[test]
 fn template_state_survives_the_wire_and_bad_states_are_refused() {
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let c = counting_template(&kvm, 2, 10);
     let state = c.template.state();
     let bytes = serde_json::to_vec(state).unwrap();
@@ -529,7 +530,7 @@ fn a_stored_template_loads_sealed_and_its_forks_continue_exactly() {
     use cleave_agent::fork::store::{TemplateMeta, TemplateStore};
     use cleave_agent::host::fingerprint::HostFingerprint;
     let _one = serial();
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let c = counting_template(&kvm, 1, 200);
     let dir = tempfile::tempdir().unwrap();
     let store = TemplateStore::at(dir.path().join("templates"));

@@ -10,13 +10,13 @@ use cleave_agent::host::kvm::KvmFlavour;
 use cleave_agent::vmm::config::MachineConfig;
 use cleave_agent::vmm::{self, tiny, Irqchip, Vm};
 
-/// `None` (and a note on stderr) where this host has no /dev/kvm at all.
-fn kvm() -> Option<kvm_ioctls::Kvm> {
-    if !KvmFlavour::detect().has_ioctls() {
-        eprintln!("SKIP: no /dev/kvm on this host; these tests need KVM ioctls");
-        return None;
-    }
-    Some(vmm::open_kvm().expect("open /dev/kvm"))
+/// /dev/kvm with its ioctls: these tests fail (not skip) on a host without it.
+fn kvm() -> kvm_ioctls::Kvm {
+    assert!(
+        KvmFlavour::detect().has_ioctls(),
+        "these tests need /dev/kvm (KVM ioctls); run them on a KVM host"
+    );
+    vmm::open_kvm().expect("open /dev/kvm")
 }
 
 fn tiny_vm(kvm: &kvm_ioctls::Kvm, irqchip: Irqchip, ending: tiny::Ending) -> (Console, Vm) {
@@ -33,7 +33,7 @@ fn tiny_vm(kvm: &kvm_ioctls::Kvm, irqchip: Irqchip, ending: tiny::Ending) -> (Co
 
 #[test]
 fn tiny_guest_does_port_io_and_mmio_then_reports_its_status() {
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let (console, vm) = tiny_vm(&kvm, Irqchip::InKernel, tiny::Ending::Exit(42));
     let running = vm.start().unwrap();
     let end = running.wait(Some(Duration::from_secs(30)));
@@ -48,7 +48,7 @@ fn tiny_guest_does_port_io_and_mmio_then_reports_its_status() {
 
 #[test]
 fn tiny_guest_hlt_exits_to_the_vmm_without_an_irqchip() {
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let (console, vm) = tiny_vm(&kvm, Irqchip::None, tiny::Ending::Halt);
     let running = vm.start().unwrap();
     let end = running.wait(Some(Duration::from_secs(30)));
@@ -59,7 +59,7 @@ fn tiny_guest_hlt_exits_to_the_vmm_without_an_irqchip() {
 
 #[test]
 fn a_halted_guest_with_an_irqchip_is_stopped_by_the_host() {
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let (console, vm) = tiny_vm(&kvm, Irqchip::InKernel, tiny::Ending::Halt);
     let running = vm.start().unwrap();
     // The guest halts in the kernel (no exit to us); wait until it has printed, then stop.
@@ -83,7 +83,7 @@ fn a_halted_guest_with_an_irqchip_is_stopped_by_the_host() {
 
 #[test]
 fn vcpu_and_vm_state_round_trips() {
-    let Some(kvm) = kvm() else { return };
+    let kvm = kvm();
     let machine = MachineConfig::new(32, 2).unwrap();
     let vm = Vm::create(&kvm, machine, Irqchip::InKernel, Box::new(std::io::sink())).unwrap();
     for vcpu in vm.vcpus() {

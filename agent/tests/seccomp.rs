@@ -89,8 +89,8 @@ fn a_forbidden_call_ends_only_the_worker_that_made_it() {
     let filters = Filters::build().unwrap();
     for kind in ThreadKind::ALL {
         let (code, out) = in_confined_child(&filters, kind, || {
-            // SAFETY: getrandom into a local buffer (allowed everywhere).
             let mut b = [0u8; 8];
+            // SAFETY: getrandom into a local buffer (allowed everywhere).
             unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) as i64 }
         });
         assert_eq!((code, out.as_str()), (0, ""), "{kind:?}: getrandom");

@@ -26,7 +26,8 @@ pub fn run(args: RigArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout();
     let code = if args.exec {
         let cwd = std::env::current_dir().context("reading the current directory")?;
-        let cmd = crate::rig::RigCommand::new(args.args, cwd);
+        let mut cmd = crate::rig::RigCommand::new(args.args, cwd);
+        cmd.timeout = crate::rig::timeout_from_env().context("the rig's timeout")?;
         crate::rig::run(&cmd, &mut out)
             .context("running the command in the rig")?
             .exit_code

@@ -238,10 +238,14 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 /// # Safety
 /// Only in the child between clone3 and exec.
 unsafe fn child_fail(report_fd: libc::c_int) -> ! {
-    let errno = *libc::__errno_location();
-    let bytes = errno.to_ne_bytes();
-    libc::write(report_fd, bytes.as_ptr().cast(), bytes.len());
-    libc::_exit(127)
+    // SAFETY: reading this thread's errno, writing our own bytes to a pipe, exiting:
+    // all async-signal-safe, as the caller's contract requires.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let bytes = errno.to_ne_bytes();
+        libc::write(report_fd, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(127)
+    }
 }
 
 #[cfg(test)]

@@ -180,6 +180,11 @@ pub struct LiveSandbox {
 }
 
 impl LiveSandbox {
+    /// Its worker process's pid (as the node sees it).
+    pub fn worker_pid(&self) -> u32 {
+        self.worker_pid
+    }
+
     /// The guest agent's connection (fails with `Closed` once the sandbox is destroyed).
     pub fn client(&self) -> Arc<Client> {
         self.client.clone()

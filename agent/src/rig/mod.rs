@@ -154,7 +154,7 @@ pub fn run(cmd: &RigCommand, out: &mut dyn Write) -> Result<RigOutcome, RigError
 /// Runs this very `cleave` binary with `args` inside the rig (the host root is
 /// shared, so the same path works there), in the current directory, and
 /// returns its exit status. CLEAVE_RIG_TIMEOUT_SECS overrides the 20 minute
-/// default timeout.
+/// default timeout (for `cleave rig --exec` too).
 pub fn run_cleave(args: &[OsString], out: &mut dyn Write) -> Result<i32, RigError> {
     let exe = std::env::current_exe().map_err(|e| {
         RigError::BadCommand(format!("cannot tell where the cleave binary is: {e}"))
@@ -164,15 +164,21 @@ pub fn run_cleave(args: &[OsString], out: &mut dyn Write) -> Result<i32, RigErro
     let mut argv = vec![exe.into_os_string()];
     argv.extend(args.iter().cloned());
     let mut cmd = RigCommand::new(argv, cwd);
-    if let Ok(text) = std::env::var("CLEAVE_RIG_TIMEOUT_SECS") {
-        let secs = text.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
-            RigError::BadCommand(format!(
-                "CLEAVE_RIG_TIMEOUT_SECS={text:?} is not a positive number of seconds"
-            ))
-        })?;
-        cmd.timeout = Duration::from_secs(secs);
-    }
+    cmd.timeout = timeout_from_env()?;
     run(&cmd, out).map(|outcome| outcome.exit_code)
+}
+
+/// CLEAVE_RIG_TIMEOUT_SECS, else the 20 minute default.
+pub fn timeout_from_env() -> Result<Duration, RigError> {
+    let Ok(text) = std::env::var("CLEAVE_RIG_TIMEOUT_SECS") else {
+        return Ok(DEFAULT_CLEAVE_TIMEOUT);
+    };
+    let secs = text.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
+        RigError::BadCommand(format!(
+            "CLEAVE_RIG_TIMEOUT_SECS={text:?} is not a positive number of seconds"
+        ))
+    })?;
+    Ok(Duration::from_secs(secs))
 }
 
 /// 16 hex characters from the kernel's CSPRNG: marks this run's console

@@ -317,7 +317,10 @@ impl Msg {
 /// # Safety
 /// `table` and `name` must be valid C strings (guaranteed by `&CString`).
 unsafe fn chain(table: &CString, name: &CString) -> NonNull<sys::nftnl_chain> {
-    let c = alloc(unsafe { sys::nftnl_chain_alloc() });
+    let c = alloc(
+        // SAFETY: an allocation with no arguments; `alloc` checks it for null.
+        unsafe { sys::nftnl_chain_alloc() },
+    );
     // SAFETY: `c` is a fresh, non-null chain; the strings are copied.
     unsafe {
         sys::nftnl_chain_set_u32(c.as_ptr(), sys::NFTNL_CHAIN_FAMILY as u16, FAMILY.into());
@@ -330,7 +333,10 @@ unsafe fn chain(table: &CString, name: &CString) -> NonNull<sys::nftnl_chain> {
 /// # Safety
 /// As [`chain`].
 unsafe fn set(table: &CString, name: &CString) -> NonNull<sys::nftnl_set> {
-    let s = alloc(unsafe { sys::nftnl_set_alloc() });
+    let s = alloc(
+        // SAFETY: an allocation with no arguments; `alloc` checks it for null.
+        unsafe { sys::nftnl_set_alloc() },
+    );
     // SAFETY: `s` is a fresh, non-null set; the strings are copied.
     unsafe {
         sys::nftnl_set_set_u32(s.as_ptr(), sys::NFTNL_SET_FAMILY as u16, FAMILY.into());
@@ -343,7 +349,10 @@ unsafe fn set(table: &CString, name: &CString) -> NonNull<sys::nftnl_set> {
 /// # Safety
 /// As [`chain`].
 pub(crate) unsafe fn counter(table: &CString, name: &CString) -> NonNull<sys::nftnl_obj> {
-    let o = alloc(unsafe { sys::nftnl_obj_alloc() });
+    let o = alloc(
+        // SAFETY: an allocation with no arguments; `alloc` checks it for null.
+        unsafe { sys::nftnl_obj_alloc() },
+    );
     // SAFETY: `o` is a fresh, non-null object; the strings are copied.
     unsafe {
         sys::nftnl_obj_set_u32(o.as_ptr(), sys::NFTNL_OBJ_FAMILY as u16, FAMILY.into());
