@@ -213,13 +213,13 @@ fn main() -> Result<()> {
     let healthy = create(&node, net)?;
     let calm = exec_ok(&healthy)?;
 
-    // A flood: 1 GiB of output through vsock while the healthy sandbox execs.
+    // A flood: 64 MiB of output through vsock while the healthy sandbox execs.
     let flood = create(&node, net)?;
     let flooder = flood.client();
     let t = Instant::now();
     let h = std::thread::spawn(move || {
         flooder.exec_collect(
-            ExecRequest::new(["sh", "-c", "head -c 1073741824 /dev/zero"]),
+            ExecRequest::new(["sh", "-c", "head -c 67108864 /dev/zero"]),
             None,
         )
     });
@@ -230,7 +230,7 @@ fn main() -> Result<()> {
     let flooded = h.join().expect("the flood thread")?;
     let worst = during.iter().max().copied().unwrap_or_default();
     println!(
-        "- flood: 1 GiB of stdout in {:.1} s (host kept {} bytes, the rest counted and marked); \
+        "- flood: 64 MiB of stdout in {:.1} s (host kept {} bytes, the rest counted and marked); \
          {} execs in the other sandbox meanwhile, slowest {:.0} ms (calm: {:.0} ms)",
         t.elapsed().as_secs_f64(),
         flooded.1.len(),

@@ -56,6 +56,16 @@ fn forks_end_to_end() {
                 "{cleave} run --forks 3 --template rnd -- sh -c 'head -c 16 /dev/urandom | od -An -tx1'"
             ),
         ),
+        // The guest's hw_random is our virtio-rng, and each fork's first bytes from it are
+        // its own (none left over from the template's prefetch).
+        Scenario::new(
+            "hwrng",
+            format!(
+                "{cleave} run --forks 8 --template rnd --json -- sh -c \
+                 'cat /sys/class/misc/hw_random/rng_current; \
+                 head -c 64 /dev/hwrng | od -An -tx1 | tr -d \" \\n\"; echo'"
+            ),
+        ),
         // Each fork writes a file and 16 MiB into its guest RAM; later forks see none of it.
         Scenario::new(
             "isolation",
@@ -174,6 +184,28 @@ fn forks_end_to_end() {
         r,
         r.output.matches("reseeded, ready in").count() == 3,
         "a header per fork naming its reseed and time",
+    );
+
+    let r = by("hwrng");
+    let forks = json_lines(r);
+    let hw: Vec<String> = forks
+        .iter()
+        .flat_map(|o| reads(o["stdout"].as_str().unwrap_or("")))
+        .collect();
+    f.check(
+        r,
+        forks.len() == 8
+            && forks.iter().all(|o| {
+                o["stdout"]
+                    .as_str()
+                    .is_some_and(|out| out.lines().next() == Some("virtio_rng.0"))
+            }),
+        "every fork's hw_random is the virtio-rng device",
+    );
+    f.check(
+        r,
+        hw.len() == 8 && hw.iter().collect::<HashSet<_>>().len() == 8,
+        "8 forks read 64 bytes each from /dev/hwrng, all different",
     );
 
     let r = by("isolation");

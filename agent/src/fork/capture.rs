@@ -80,6 +80,7 @@ pub fn capture(kvm: &Kvm, mut vm: Vm) -> Result<Template, CaptureError> {
             serial: legacy.serial.state(),
             vsock: vm.vsock_state(),
             net: vm.net_state(),
+            rng: vm.rng_state(),
         }
     };
     let state = MachineState {

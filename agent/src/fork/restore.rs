@@ -307,6 +307,11 @@ impl Shell {
             vm.restore_net(net, saved)?;
             tm.devices += t.elapsed();
         }
+        if let Some(saved) = &state.devices.rng {
+            let t = Instant::now();
+            vm.restore_rng(saved)?;
+            tm.devices += t.elapsed();
+        }
         Ok(Restored { vm, timings: tm })
     }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 
 use crate::devices::virtio::net::SavedNet;
+use crate::devices::virtio::rng::SavedRng;
 use crate::devices::virtio::vsock::SavedVsock;
 use crate::vmm::config::MachineConfig;
 
@@ -89,6 +90,9 @@ pub struct DeviceState {
     /// before cleave had networking have none).
     #[serde(default)]
     pub net: Option<SavedNet>,
+    /// The entropy device and its transport (templates made before it have none).
+    #[serde(default)]
+    pub rng: Option<SavedRng>,
 }
 
 /// The layout of [`MachineState`] this build reads and writes. Bumped whenever a saved

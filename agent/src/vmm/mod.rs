@@ -27,6 +27,7 @@ use crate::devices::serial::{ConsoleOut, Serial, SerialError};
 use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport, SavedVirtio};
 use crate::devices::virtio::net::device::NetError;
 use crate::devices::virtio::net::{Net, NetBackend, SavedNet};
+use crate::devices::virtio::rng::{Rng, RngError, SavedRng};
 use crate::devices::virtio::vsock::device::VsockError;
 use crate::devices::virtio::vsock::{SavedVsock, Vsock, VsockConfig};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -62,6 +63,8 @@ pub enum VmmError {
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Rng(#[from] RngError),
     #[error(transparent)]
     Mmio(#[from] MmioError),
     #[error("wiring a virtio interrupt to IRQ {irq}: {source}")]
@@ -177,6 +180,7 @@ pub struct Vm {
     device_args: Vec<String>,
     vsock: Option<Placed<Vsock>>,
     net: Option<Placed<Net>>,
+    rng: Option<Placed<Rng>>,
     supported_cpuid: CpuId,
     machine: MachineConfig,
 }
@@ -213,6 +217,7 @@ impl Vm {
             device_args: Vec::new(),
             vsock: None,
             net: None,
+            rng: None,
             supported_cpuid,
             machine,
         })
@@ -238,6 +243,7 @@ impl Vm {
             device_args: Vec::new(),
             vsock: None,
             net: None,
+            rng: None,
             supported_cpuid: cpuid,
             machine,
         }
@@ -282,6 +288,25 @@ impl Vm {
         let slot = self.saved_slot("net", saved.base, saved.irq)?;
         let net = Net::restore((backend, self.virtio_interrupt(slot)?), &saved.device)?;
         self.net = Some(self.attach(slot, net, Some(&saved.transport))?);
+        Ok(())
+    }
+
+    /// Adds a virtio-rng device (the guest's entropy from the host's). Like
+    /// [`add_vsock`](Self::add_vsock), call before [`load_linux`](Self::load_linux).
+    pub fn add_rng(&mut self) -> Result<(), VmmError> {
+        let slot = self.mmio.next_slot().ok_or(VmmError::NoMmioSlot)?;
+        let rng = Rng::new(self.virtio_interrupt(slot)?)?;
+        self.rng = Some(self.attach(slot, rng, None)?);
+        Ok(())
+    }
+
+    /// Puts back an entropy device as a template left it (a fork), at the address and IRQ
+    /// the guest already knows; a request the template left waiting is served with this
+    /// fork's own bytes.
+    pub fn restore_rng(&mut self, saved: &SavedRng) -> Result<(), VmmError> {
+        let slot = self.saved_slot("rng", saved.base, saved.irq)?;
+        let rng = Rng::restore(self.virtio_interrupt(slot)?, &saved.device)?;
+        self.rng = Some(self.attach(slot, rng, Some(&saved.transport))?);
         Ok(())
     }
 
@@ -363,6 +388,16 @@ impl Vm {
     /// The network device's state with its transport's (a stopped VM being captured).
     pub fn net_state(&self) -> Option<SavedNet> {
         self.net.as_ref().map(Placed::saved)
+    }
+
+    /// The entropy device's state with its transport's (a stopped VM being captured).
+    pub fn rng_state(&self) -> Option<SavedRng> {
+        self.rng.as_ref().map(Placed::saved)
+    }
+
+    /// The entropy device, if the VM has one.
+    pub fn rng(&self) -> Option<&Arc<Mutex<Rng>>> {
+        self.rng.as_ref().map(|r| &r.device)
     }
 
     /// Loads a Linux kernel and initramfs for the PVH entry and configures every vCPU.
@@ -512,13 +547,14 @@ pub fn boot_linux(
     tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "creating VM");
     let t = Instant::now();
     let mut vm = Vm::create(kvm, machine, Irqchip::InKernel, console)?;
-    // The order is the guest's view (MMIO windows and IRQs): vsock first, then the NIC.
+    // The order is the guest's view (MMIO windows and IRQs): vsock, the NIC, entropy.
     if let Some(config) = vsock {
         vm.add_vsock(config)?;
     }
     if let Some(backend) = net {
         vm.add_net(crate::devices::virtio::net::GUEST_MAC, backend)?;
     }
+    vm.add_rng()?;
     let created = t.elapsed();
     vm.load_linux(kernel, initrd, cmdline)?;
     tracing::info!(

@@ -6,6 +6,7 @@
 //! - [`queue_state`]: a queue's state as plain, serializable data.
 //! - [`vsock`]: virtio-vsock with Firecracker's hybrid Unix-socket host side.
 //! - [`net`]: virtio-net backed by a tap.
+//! - [`rng`]: virtio-rng, the guest's entropy from the host's, rate-limited.
 //!
 //! A device is driven from two sides: the vCPU threads touch the transport (register
 //! reads and writes), and the VM's event loop does the device work (queue kicks arrive
@@ -16,6 +17,7 @@ pub mod log_limit;
 pub mod mmio;
 pub mod net;
 pub mod queue_state;
+pub mod rng;
 pub mod vsock;
 
 use vm_memory::GuestMemoryMmap;
@@ -28,6 +30,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Device type ids (virtio spec 5).
 pub const TYPE_NET: u32 = 1;
+pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Why a device could not start with what the driver configured.
