@@ -95,12 +95,28 @@ impl DnsProxy {
             self.cfg.pin_ttl,
             self.cfg.cache_entries,
         ));
-        serve(handler, net, self.cfg.limits)
-            .await
-            .map_err(|source| ProxyError::Listen {
-                sandbox: sandbox.to_string(),
-                listen: net.listen,
-                source,
-            })
+        // The address was this slot's previous sandbox's, whose sockets are closed
+        // before the slot is reused; but a process the node was starting at that moment
+        // (between its fork and its exec) may still hold a copy for a few milliseconds.
+        let mut waited = Duration::ZERO;
+        loop {
+            match serve(handler.clone(), net, self.cfg.limits).await {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && waited < BIND_PATIENCE => {
+                    tokio::time::sleep(BIND_RETRY).await;
+                    waited += BIND_RETRY;
+                }
+                r => {
+                    return r.map_err(|source| ProxyError::Listen {
+                        sandbox: sandbox.to_string(),
+                        listen: net.listen,
+                        source,
+                    })
+                }
+            }
+        }
     }
 }
+
+/// How long a listener waits for its address to be let go of, and how often it tries.
+const BIND_PATIENCE: Duration = Duration::from_secs(1);
+const BIND_RETRY: Duration = Duration::from_millis(5);

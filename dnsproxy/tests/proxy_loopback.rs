@@ -591,3 +591,49 @@ async fn shutdown_frees_the_address_at_once() {
         .expect("closed, not hanging");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }
+
+#[tokio::test]
+async fn a_listener_waits_briefly_for_its_address_and_then_says_why() {
+    let up = upstream();
+    let proxy = DnsProxy::new(config(&up));
+    // Something (a process between fork and exec, in a node) still holds the address.
+    let held = std::net::UdpSocket::bind(SocketAddr::new(LO, 0)).unwrap();
+    let addr = held.local_addr().unwrap();
+    let net = SandboxNet {
+        listen: addr,
+        guest: vec![LO],
+        device: None,
+    };
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+    });
+    let sb = proxy
+        .add_sandbox(
+            "sb-late",
+            &spec(NAMES),
+            &net,
+            Arc::new(RecordingPinner::default()),
+        )
+        .await
+        .expect("bound once the address was let go of");
+    assert_eq!(sb.udp_addr(), addr);
+    release.await.unwrap();
+    // Held for good: an error naming the address.
+    let _keep = std::net::UdpSocket::bind(SocketAddr::new(LO, 0)).unwrap();
+    let busy = SandboxNet {
+        listen: _keep.local_addr().unwrap(),
+        ..net
+    };
+    let e = proxy
+        .add_sandbox(
+            "sb-busy",
+            &spec(NAMES),
+            &busy,
+            Arc::new(RecordingPinner::default()),
+        )
+        .await
+        .err()
+        .expect("the address stays taken");
+    assert!(e.to_string().contains("cannot listen on"), "{e}");
+}

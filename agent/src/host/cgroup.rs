@@ -4,7 +4,9 @@
 //!
 //! The parent (default `/sys/fs/cgroup/cleave`) holds no process of its own, so it may
 //! enable controllers for its children (cgroup v2's "no internal processes" rule); its
-//! own parent must offer them (the root does; in a container, delegate a cgroup).
+//! own parent must offer them. The host's root does; a privileged container's own
+//! cgroup (a private cgroup namespace) does once the daemon has moved itself into a
+//! child, `cleave-agent`, which it does when it finds itself at that root.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -102,7 +104,16 @@ impl CgroupParent {
                 });
             }
         }
-        enable(above)?;
+        match enable(above) {
+            Err(CgroupError::Controller { .. }) if in_own_namespace_root(above) => {
+                // A container's own cgroup (privileged pods get a private cgroup
+                // namespace): we sit in it, so it cannot hand controllers down. Move
+                // what runs here into a child first, as a container's init does.
+                evict_to(above, &above.join(AGENT_LEAF))?;
+                enable(above)?;
+            }
+            r => r?,
+        }
         match std::fs::create_dir(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
@@ -188,6 +199,38 @@ fn enable(dir: &Path) -> Result<(), CgroupError> {
             io("enabling controllers in", &path)(error)
         }
     })
+}
+
+/// Where the daemon's own processes go when it must vacate its namespace's root.
+const AGENT_LEAF: &str = "cleave-agent";
+
+/// Whether `dir` is /sys/fs/cgroup and this process sits at the root of its cgroup
+/// namespace (`0::/`): a container's cgroup, ours to arrange.
+fn in_own_namespace_root(dir: &Path) -> bool {
+    dir == Path::new("/sys/fs/cgroup")
+        && std::fs::read_to_string("/proc/self/cgroup")
+            .is_ok_and(|c| c.lines().any(|l| l == "0::/"))
+}
+
+/// Moves every process of `from` into `to` (created if missing).
+fn evict_to(from: &Path, to: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("creating the cgroup", to)(e)),
+    }
+    let procs = read(&from.join("cgroup.procs"))?;
+    let dest = to.join("cgroup.procs");
+    for pid in procs.split_whitespace() {
+        // A process that exited meanwhile is not an error.
+        if let Err(e) = std::fs::write(&dest, pid) {
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(io("moving a process into", &dest)(e));
+            }
+        }
+    }
+    tracing::info!(to = %to.display(), "moved this container's processes into a child cgroup so workers can have leaves");
+    Ok(())
 }
 
 fn is_cgroup2(path: &Path) -> bool {

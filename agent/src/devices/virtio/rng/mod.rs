@@ -118,7 +118,8 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(interrupt: Arc<Interrupt>) -> Result<Self, RngError> {
-        let queue_evts = vec![EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RngError::Fd)?];
+        let queue_evts =
+            vec![EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RngError::Fd)?];
         let timer = TimerFd::new().map_err(|e| RngError::Fd(e.into()))?;
         Ok(Rng {
             queue_evts,
@@ -192,8 +193,7 @@ impl Rng {
                         break;
                     }
                     let n = (d.len() as usize).min(granted - written);
-                    if a
-                        .mem
+                    if a.mem
                         .write_slice(&self.buf[written..written + n], d.addr())
                         .is_err()
                     {
@@ -328,6 +328,9 @@ mod tests {
         assert_eq!(b.take(u64::MAX, t2), BURST);
         // 4 KiB at 64 KiB/s: about 62.5 ms.
         let w = b.wait_for(4096);
-        assert!(w >= Duration::from_millis(62) && w <= Duration::from_millis(63), "{w:?}");
+        assert!(
+            w >= Duration::from_millis(62) && w <= Duration::from_millis(63),
+            "{w:?}"
+        );
     }
 }
