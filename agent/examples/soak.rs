@@ -123,9 +123,13 @@ fn create(node: &Node, net: bool) -> Result<Arc<LiveSandbox>> {
     Ok(created.sandbox)
 }
 
+/// `true` in the sandbox, with a timeout: a guest that stops answering fails the cycle
+/// (host-side deadline) instead of stalling the soak.
 fn exec_ok(s: &LiveSandbox) -> Result<Duration> {
     let t = Instant::now();
-    let (x, _, _) = s.client().exec_collect(ExecRequest::new(["true"]), None)?;
+    let mut req = ExecRequest::new(["true"]);
+    req.timeout_ms = Some(30_000);
+    let (x, _, _) = s.client().exec_collect(req, None)?;
     if x.status != cleave_guest::protocol::ExitStatus::Code(0) {
         bail!("true failed: {:?}", x.status);
     }
@@ -181,19 +185,36 @@ fn main() -> Result<()> {
                 if n >= cycles {
                     return;
                 }
+                // Each stage's time, to say where a slow cycle went.
+                let mut times = [Duration::ZERO; 3];
+                let t = Instant::now();
                 let r = create(&node, net).and_then(|sb| {
+                    times[0] = t.elapsed();
                     let e = exec_ok(&sb);
+                    times[1] = t.elapsed() - times[0];
                     node.destroy(&sb.id)?;
+                    times[2] = t.elapsed() - times[0] - times[1];
                     e
                 });
+                if t.elapsed() > Duration::from_secs(30) {
+                    eprintln!(
+                        "soak: cycle {n}: slow: create {:?}, exec {:?}, destroy {:?}",
+                        times[0], times[1], times[2]
+                    );
+                }
                 if let Err(e) = r {
                     failed.fetch_add(1, Ordering::Relaxed);
                     eprintln!("soak: cycle {n}: {e:#}");
                 }
                 if (n + 1).is_multiple_of(every) {
-                    // Let the pools settle so the sample is comparable.
-                    while !node.pools_warm() {
+                    // Let the pools settle so the sample is comparable (bounded: a pool
+                    // that cannot refill is itself a finding).
+                    let t = Instant::now();
+                    while !node.pools_warm() && t.elapsed() < Duration::from_secs(60) {
                         std::thread::sleep(Duration::from_millis(5));
+                    }
+                    if !node.pools_warm() {
+                        eprintln!("soak: cycle {n}: pools not warm after 60 s");
                     }
                     row(n + 1, &sample());
                 }

@@ -11,4 +11,5 @@ pub mod image;
 pub mod net;
 pub mod node;
 pub mod rig;
+pub mod sync;
 pub mod vmm;

@@ -7,3 +7,4 @@ pub mod netconf;
 pub mod protocol;
 pub mod reseed;
 pub mod server;
+pub mod sync;

@@ -14,11 +14,12 @@ pub mod journal;
 pub mod templates;
 pub mod warm;
 
+use crate::sync::lock;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use cleave_dnsproxy::StatsSnapshot;
@@ -249,10 +250,6 @@ pub struct Node {
     reconciled: Reconciled,
     /// DNS counters of destroyed sandboxes (so node-wide totals never go down).
     retired_dns: Mutex<StatsSnapshot>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Node {

@@ -1,6 +1,7 @@
 //! Warm workers: worker processes that already hold a template and a prepared VM shell,
 //! kept per template so a fork request only sends `go`.
 
+use crate::sync::lock;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -74,8 +75,4 @@ impl WarmPool {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

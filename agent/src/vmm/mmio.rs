@@ -3,6 +3,7 @@
 //! Windows are 4 KiB each, packed from the start of the MMIO gap; fixed once the VM starts,
 //! so vCPUs look them up without a lock on the bus itself.
 
+use crate::sync::lock;
 use std::sync::{Arc, Mutex};
 
 use crate::devices::virtio::mmio::{MmioTransport, WINDOW_SIZE};
@@ -70,8 +71,4 @@ impl MmioBus {
             None => false,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -15,6 +15,7 @@ pub mod seccomp;
 pub mod tiny;
 pub mod vcpu;
 
+use crate::sync::lock;
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -672,10 +673,6 @@ fn confine_thread(
             false
         }
     }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn kick_signal() -> i32 {

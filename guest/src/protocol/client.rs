@@ -6,6 +6,7 @@
 //! that request, and frames for unknown ids are dropped. Every queue is
 //! therefore bounded by the flow-control window plus a frame or two.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -645,10 +646,6 @@ fn wait(rx: &Receiver<Delivery>, timeout: Option<Duration>) -> Result<Body, Clie
 
 fn unexpected(b: &Body) -> ClientError {
     ClientError::Protocol(format!("unexpected {} reply", b.name()))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads until `buf` is full or the source ends.

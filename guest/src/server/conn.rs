@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use super::exec::{self, ExecState};
 use super::files::{self, WriteState};
@@ -13,6 +13,7 @@ use crate::protocol::{
     write_message, Body, DecodeError, ErrorCode, ErrorReply, FrameReader, HelloReply, Message,
     RequestId, PROTOCOL_VERSION,
 };
+use crate::sync::lock;
 
 /// A request that outlives the frame that started it.
 pub(crate) enum Live {
@@ -341,8 +342,4 @@ fn stop(live: Live) {
         Live::WriteFile(w) => w.abort(),
         Live::ReadFile(w) => w.close(),
     }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

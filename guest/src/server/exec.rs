@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
-use super::conn::{lock, Conn, Live};
+use super::conn::{Conn, Live};
 use super::reaper::ExitWatch;
 use super::spawn::{spawn, SpawnError, Spawned};
 use crate::protocol::flow::{RecvWindow, SendWindow};
 use crate::protocol::{Body, ErrorCode, ExecRequest, ExitReport, RequestId, CHUNK_SIZE};
+use crate::sync::lock;
 
 /// How often a pump blocked in `poll` checks whether it was cancelled.
 const POLL_TICK_MS: libc::c_int = 250;

@@ -18,11 +18,12 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use super::conn::{lock, Conn, Live};
+use super::conn::{Conn, Live};
 use crate::protocol::flow::{RecvWindow, SendWindow};
 use crate::protocol::{
     Body, ErrorCode, FileInfo, ReadFileRequest, RequestId, WriteFileRequest, CHUNK_SIZE,
 };
+use crate::sync::lock;
 
 const THREAD_STACK: usize = 256 * 1024;
 

@@ -5,6 +5,7 @@
 //! odd widths read as zero and are ignored on write, queue setup is accepted only in the
 //! states the spec allows, and a device starts only when its queues are valid.
 
+use crate::sync::lock;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -487,8 +488,4 @@ impl MmioTransport {
         self.acked_features = 0;
         self.queue_sel = 0;
     }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
