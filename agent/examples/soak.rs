@@ -142,6 +142,11 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Warnings (a pool that cannot refill, a worker that had to be killed) go to stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(cleave_agent::host::log_filter("warn"))
+        .with_writer(std::io::stderr)
+        .init();
     let cycles = arg("--cycles", 10_000);
     let every = arg("--every", 500).max(1);
     let net = flag("--net");

@@ -3,7 +3,7 @@
 //! applied through `nft -f` per sandbox (what mitos does), inside a network
 //! namespace this program creates and removes.
 //!
-//! `cargo run --release -p cleave-netfilter --example bench [-- --max 1000]`
+//! `cargo run --release -p cleave-netfilter --example nft_bench [-- --max 1000]`
 //!
 //! Prints a Markdown table for docs/PERFORMANCE.md.
 

@@ -6,7 +6,7 @@
 //! removes on exit): the fake authoritative upstream, the proxy, dnsmasq and
 //! the client, all on that namespace's loopback. Run as root:
 //!
-//!     cargo run --release -p cleave-dnsproxy --example bench [-- QUERIES]
+//!     cargo run --release -p cleave-dnsproxy --example dns_bench [-- QUERIES]
 //!
 //! Each query asks a new name (`q<N>.bench.example.com`), so every query
 //! goes upstream and pins a new address: the proxy into the sandbox's
@@ -14,7 +14,7 @@
 //! set. The client and upstream run on CPU 1; the proxy (one thread) and
 //! dnsmasq run on CPU `SERVER_CPU` (second argument, default 0):
 //!
-//!     bench [QUERIES [SERVER_CPU]]
+//!     dns_bench [QUERIES [SERVER_CPU]]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
