@@ -7,6 +7,8 @@
 #   daemon.sh get PATH       an HTTP GET of its metrics listener (127.0.0.1:9464 in cl-node)
 #   daemon.sh leftovers      what a dead or stopped daemon could leave, one `key=value` a line
 #   daemon.sh running        the pids of its workers whose fork runs, one a line
+#   daemon.sh container      a second daemon as a privileged pod runs it (own cgroup
+#                            namespace); where it and its workers' leaves end up
 #   daemon.sh jail           how each of its workers is confined, `key=value`
 #   daemon.sh kill9          kill -9 the daemon
 #   daemon.sh stop           SIGTERM and wait; prints rc=
@@ -79,6 +81,27 @@ leftovers)
   echo "sets=$($NODE nft list table inet cleave 2>/dev/null | grep -cE 'set (pin|allow)')"
   echo "sockets=$(find "$RUN" -type s | wc -l)"
   ;;
+container)
+  # The daemon as a privileged pod runs it: alone at the root of a private cgroup
+  # namespace, whose root cannot hand controllers down while it sits there. It must move
+  # itself into cleave-agent/ and give its workers leaves under cleave/.
+  echo "+memory +cpu +pids" > /sys/fs/cgroup/cgroup.subtree_control
+  mkdir -p /sys/fs/cgroup/pod
+  printf 'default_template_mem_mib = 128\nwarm_workers = 1\n' > "$D/container.toml"
+  # shellcheck disable=SC2016
+  sh -c 'echo $$ > /sys/fs/cgroup/pod/cgroup.procs
+    exec unshare -C -m sh -c "umount -l /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup &&
+      exec \"\$0\" daemon --config \"\$1\"" "$0" "$1"' "$CLEAVE" "$D/container.toml" >"$D/container.log" 2>&1 &
+  pid=$!
+  i=0
+  while [ $i -lt 240 ] && ! ls -d /sys/fs/cgroup/pod/cleave/worker-* >/dev/null 2>&1; do
+    sleep 0.5; i=$((i + 1))
+  done
+  echo "daemon_cgroup=$(sed -n 's/^0:://p' /proc/$pid/cgroup)"
+  echo "leaves=$(ls -d /sys/fs/cgroup/pod/cleave/worker-* 2>/dev/null | wc -l)"
+  kill $pid; wait $pid
+  echo "leaves_after_stop=$(ls -d /sys/fs/cgroup/pod/cleave/worker-* 2>/dev/null | wc -l)"
+  ;;
 running)
   # The pids of the daemon's workers whose fork runs (they have vCPU threads).
   me=$(pid)
@@ -140,5 +163,5 @@ jail)
   echo "jail_violations=$bad"
   echo "distinct_uids=$(echo $uids | tr ' ' '\n' | sort -u | grep -c .)"
   ;;
-*) echo "usage: daemon.sh start|get PATH|leftovers|running|jail|kill9|stop" >&2; exit 2 ;;
+*) echo "usage: daemon.sh start|get PATH|leftovers|running|container|jail|kill9|stop" >&2; exit 2 ;;
 esac

@@ -220,6 +220,9 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
                  {ctl} stop; {ctl} leftovers; echo sock=$(ls {D}/cleave/cleave.sock 2>/dev/null | wc -l)"
             ),
         ),
+        // The daemon as a privileged pod runs it (after the first one stopped: same
+        // templates, free state directory).
+        Scenario::new("container", format!("{ctl} container")),
         Scenario::new(
             "down",
             format!("{lab} down; echo netns=$(ip netns list | grep -c cl-); rm -rf {D}"),
@@ -523,6 +526,17 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
         );
     }
     f.check(r, value(r, "sock") == Some("0"), "the socket is removed");
+
+    let r = get("container");
+    f.check(
+        r,
+        value(r, "daemon_cgroup") == Some("/pod/cleave-agent")
+            && value(r, "leaves").is_some_and(|n| n != "0")
+            && value(r, "leaves_after_stop") == Some("0"),
+        "a daemon alone at the root of its cgroup namespace (a privileged pod) moves itself \
+         into cleave-agent/, gives its workers leaves under cleave/, and removes them when \
+         it stops",
+    );
 
     let r = get("down");
     f.check(r, value(r, "netns") == Some("0"), "the lab is gone");
