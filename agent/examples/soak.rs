@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cleave_agent::fork::jail::Jail;
+use cleave_agent::fork::jail::{Jail, DEFAULT_FIRST_UID, DEFAULT_UIDS};
 use cleave_agent::fork::store::{TemplateName, TemplateStore};
 use cleave_agent::host::memory;
 use cleave_agent::net::{EgressPolicy, NetOptions};
@@ -167,7 +167,13 @@ fn main() -> Result<()> {
         warm_workers: 2,
         state_dir: None,
         worker_exe: Some(target_dir.join("cleave-fork-worker")),
-        jail: Jail::best_effort(),
+        // `--no-cgroups`: the same jail without cgroup leaves (to tell whether they matter
+        // to a finding).
+        jail: if flag("--no-cgroups") {
+            Jail::for_node(DEFAULT_FIRST_UID, DEFAULT_UIDS, None)?
+        } else {
+            Jail::best_effort()
+        },
     })?;
     let spec = TemplateSpec::new(TemplateName::default_name());
     node.ensure_template(&spec, (false, false), default_image)?;
