@@ -4,42 +4,23 @@
 //! is released whatever the forks did. A tiny hand-made template (no guest agent) is
 //! enough: every check here happens before, or regardless of, a guest answering.
 
+mod tiny_template;
+
 use std::time::Duration;
 
-use cleave_agent::devices::GuestEnd;
 use cleave_agent::fork::state::STATE_FORMAT;
 use cleave_agent::fork::store::{TemplateMeta, TemplateName, TemplateStore};
-use cleave_agent::fork::{self};
 use cleave_agent::host::fingerprint::HostFingerprint;
 use cleave_agent::net::EgressPolicy;
 use cleave_agent::node::{Node, NodeError, NodeLimits, NodeOptions, SandboxRequest};
-use cleave_agent::vmm::config::MachineConfig;
-use cleave_agent::vmm::{self, tiny, Irqchip, Vm};
 
 /// A 32 MiB template of the tiny guest, saved as `name` in `store`.
 fn tiny_template(store: &TemplateStore, name: &str) {
-    let kvm = vmm::open_kvm().expect("these tests need /dev/kvm");
-    let vm = Vm::create(
-        &kvm,
-        MachineConfig::new(32, 1).unwrap(),
-        Irqchip::InKernel,
-        Box::new(std::io::sink()),
-    )
-    .unwrap();
-    tiny::load(vm.ram().memory(), tiny::Ending::Count).unwrap();
-    vm.vcpus()[0]
-        .configure_cpu(vm.supported_cpuid(), 1)
-        .unwrap();
-    tiny::setup_vcpu(&vm.vcpus()[0]).unwrap();
-    let running = vm.start().unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    let (end, vm) = running.stop_and_keep();
-    assert_eq!(end, GuestEnd::Stopped);
-    let template = fork::capture(&kvm, vm).unwrap();
+    let template = tiny_template::capture();
     let meta = TemplateMeta {
         name: name.parse().unwrap(),
         created: 0,
-        mem_mib: 32,
+        mem_mib: tiny_template::MEM_MIB,
         vcpus: 1,
         kernel_sha256: "none".into(),
         initrd_sha256: "none".into(),

@@ -5,38 +5,14 @@
 //! One test per file: `CLEAVE_TEST_FORBIDDEN_SYSCALL` (honoured by debug builds of the
 //! worker) is set in this process's environment while one worker is spawned.
 
+mod tiny_template;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cleave_agent::devices::GuestEnd;
 use cleave_agent::fork::worker::{describe_end, Encoded, Worker};
-use cleave_agent::fork::{self, Template};
-use cleave_agent::vmm::config::MachineConfig;
 use cleave_agent::vmm::seccomp::{self, Filters, ThreadKind, VIOLATION_EXIT};
-use cleave_agent::vmm::{self, tiny, Irqchip, Vm};
-
-/// The tiny counting guest, run briefly and captured.
-fn counting_template() -> Template {
-    let kvm = vmm::open_kvm().expect("these tests need /dev/kvm");
-    let vm = Vm::create(
-        &kvm,
-        MachineConfig::new(32, 1).unwrap(),
-        Irqchip::InKernel,
-        Box::new(std::io::sink()),
-    )
-    .unwrap();
-    tiny::load(vm.ram().memory(), tiny::Ending::Count).unwrap();
-    vm.vcpus()[0]
-        .configure_cpu(vm.supported_cpuid(), 1)
-        .unwrap();
-    tiny::setup_vcpu(&vm.vcpus()[0]).unwrap();
-    let running = vm.start().unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    let (end, vm) = running.stop_and_keep();
-    assert_eq!(end, GuestEnd::Stopped);
-    fork::capture(&kvm, vm).unwrap()
-}
 
 fn running(w: &mut Worker) -> bool {
     let Ok(before) = w.probe() else { return false };
@@ -123,7 +99,7 @@ fn a_forbidden_call_ends_only_the_worker_that_made_it() {
 
     // Real workers: for each thread kind, one worker whose thread of that kind makes a
     // forbidden call as the fork starts, beside one that does not.
-    let template = counting_template();
+    let template = tiny_template::capture();
     let encoded = Encoded::new(&template).unwrap();
     let exe = Path::new(env!("CARGO_BIN_EXE_cleave-fork-worker"));
     let mut healthy = Worker::spawn(exe).unwrap();

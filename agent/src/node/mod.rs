@@ -78,8 +78,9 @@ pub struct NodeOptions {
     pub state_dir: Option<PathBuf>,
     /// The `cleave-fork-worker` binary; `None`: the one beside this executable.
     pub worker_exe: Option<PathBuf>,
-    /// Worker uids; `None`: workers run unjailed, as this process's uid (only for tests
-    /// and benchmarks of the unjailed path, or a node not running as root).
+    /// How workers are jailed (uids, and cgroup leaves where available); `None`: they run
+    /// unjailed, as this process's uid (tests and benchmarks of the unjailed path, or a
+    /// node not running as root). Seccomp and the parent's fd hygiene apply either way.
     pub jail: Option<Jail>,
 }
 
