@@ -19,6 +19,8 @@ PKGS=(
   dnsmasq-base
   # tooling used by scripts; scripts/validate-manifests.sh keeps its validator in a venv
   jq python3-venv
+  # tests/lab/python-rootfs.sh: builds the Python test image's OCI layout
+  umoci
 )
 
 missing=()

@@ -2,6 +2,7 @@
 //! wire protocol that the node agent shares.
 
 pub mod boot;
+pub mod exec_as;
 pub mod init;
 pub mod netconf;
 pub mod protocol;

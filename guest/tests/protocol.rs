@@ -36,16 +36,20 @@ fn body() -> impl Strategy<Value = Body> {
             prop::option::of(os(16).prop_map(PathBuf::from)),
             any::<bool>(),
             prop::option::of(any::<u64>()),
+            prop::option::of(
+                (any::<u32>(), any::<u32>()).prop_map(|(uid, gid)| ExecUser { uid, gid })
+            ),
         )
-            .prop_map(
-                |(argv, env, cwd, stdin, timeout_ms)| Body::Exec(ExecRequest {
+            .prop_map(|(argv, env, cwd, stdin, timeout_ms, user)| Body::Exec(
+                ExecRequest {
                     argv,
                     env,
                     cwd,
                     stdin,
-                    timeout_ms
-                })
-            ),
+                    timeout_ms,
+                    user
+                }
+            )),
         (any::<u64>(), 1i32..=64)
             .prop_map(|(target, signal)| Body::Signal(SignalRequest { target, signal })),
         (os(32), 0u32..=0o7777, any::<u64>()).prop_map(|(p, mode, size)| Body::WriteFile(
@@ -274,6 +278,7 @@ fn malformed_payloads_name_the_request_and_the_field() {
                 cwd: None,
                 stdin: false,
                 timeout_ms: None,
+                user: None,
             }),
             "argv (empty)",
         ),

@@ -18,6 +18,7 @@ use cleave_guest::server::{GateMode, Reaper, Server, ServerConfig};
 use sha2::{Digest, Sha256};
 
 const T: Duration = Duration::from_secs(10);
+const AGENT: &str = env!("CARGO_BIN_EXE_cleave-guest");
 
 /// A reseed that cannot credit (a regular file: ENOTTY) and leaves the
 /// clock alone, so no test touches this machine's CRNG or time.
@@ -57,6 +58,9 @@ fn server(config: ServerConfig) -> UnixStream {
 fn client() -> Client {
     let mut config = ServerConfig::new(GateMode::Open, harmless_reseed());
     config.max_file_size = 64 << 20;
+    // This process is the test binary, not the agent: execs with a user
+    // start the built agent as their `exec-as` helper.
+    config.agent_exe = PathBuf::from(AGENT);
     Client::new(server(config)).unwrap()
 }
 
@@ -544,6 +548,7 @@ fn bad_arguments_get_an_error_and_the_connection_keeps_working() {
             cwd: None,
             stdin: false,
             timeout_ms: None,
+            user: None,
         }),
     );
     let msg = raw.expect_error(5, ErrorCode::BadArguments);
@@ -609,4 +614,158 @@ fn dropping_an_unfinished_exec_handle_kills_it() {
     drop(h);
     assert!(gone(pid), "exec {pid} survived its dropped handle");
     c.hello(T).unwrap();
+}
+
+// Execs as a user. Changing ids needs root: these fail (not skip)
+// without it, as CI runs them as root.
+
+fn as_user(mut req: ExecRequest, uid: u32, gid: u32) -> ExecRequest {
+    req.user = Some(ExecUser { uid, gid });
+    req
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test changes user ids and must run as root"
+    );
+}
+
+#[test]
+fn an_exec_runs_as_the_requested_user_and_group() {
+    require_root();
+    let c = client();
+    let (x, out, err) = run(&c, as_user(sh("id -u; id -g"), 65534, 65534));
+    assert_eq!((x.status, err.as_str()), (ExitStatus::Code(0), ""));
+    assert_eq!(out, "65534\n65534\n");
+    // No supplementary groups are left (only the primary group shows).
+    let (_, out, _) = run(&c, as_user(ExecRequest::new(["id", "-G"]), 1234, 5678));
+    assert_eq!(out, "5678\n");
+    // Ids with no passwd entry, a non-root user in the root group.
+    let (_, out, _) = run(&c, as_user(sh("id -u; id -g"), 4321, 0));
+    assert_eq!(out, "4321\n0\n");
+    // And it cannot get root back.
+    let (x, _, _) = run(
+        &c,
+        as_user(ExecRequest::new(["cat", "/proc/1/environ"]), 65534, 65534),
+    );
+    assert_ne!(x.status, ExitStatus::Code(0));
+}
+
+#[test]
+fn without_a_user_an_exec_runs_as_root() {
+    require_root();
+    let c = client();
+    let (x, out, _) = run(&c, sh("id -u; id -g"));
+    assert_eq!(x.status, ExitStatus::Code(0));
+    assert_eq!(out, "0\n0\n");
+    // Root asked for explicitly goes through the helper too.
+    let (x, out, _) = run(&c, as_user(sh("id -u; id -g; id -G"), 0, 0));
+    assert_eq!(x.status, ExitStatus::Code(0));
+    assert_eq!(out, "0\n0\n0\n");
+}
+
+#[test]
+fn a_user_exec_keeps_env_cwd_stdin_and_signal_dispositions() {
+    require_root();
+    let c = client();
+    let mut req = as_user(sh("pwd; echo \"$CLEAVE_X\"; cat"), 65534, 65534);
+    req.env.push(("CLEAVE_X".into(), "x y".into()));
+    req.cwd = Some(PathBuf::from("/tmp"));
+    req.stdin = true;
+    let (x, out, err) = c.exec_collect(req, Some(b"from stdin\n".to_vec())).unwrap();
+    assert_eq!(
+        x.status,
+        ExitStatus::Code(0),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    assert_eq!(String::from_utf8(out).unwrap(), "/tmp\nx y\nfrom stdin\n");
+    // The helper's runtime ignores SIGPIPE; the program must not inherit that.
+    let status = ExecRequest::new(["grep", "^Sig[IB]", "/proc/self/status"]);
+    let (_, direct, _) = run(&c, status.clone());
+    let (_, helped, _) = run(&c, as_user(status, 65534, 65534));
+    assert_eq!(helped, direct);
+    let ignored = helped
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:\t"))
+        .map(|m| u64::from_str_radix(m, 16).unwrap())
+        .unwrap();
+    assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{helped}");
+}
+
+#[test]
+fn a_user_exec_of_a_missing_program_is_the_usual_not_found() {
+    require_root();
+    let c = client();
+    for argv0 in [
+        "no-such-command-cleave",
+        "/nonexistent/no-such-command-cleave",
+    ] {
+        let req = as_user(ExecRequest::new([argv0]), 65534, 65534);
+        let e = remote(c.exec_collect(req, None).unwrap_err());
+        assert_eq!(e.code, ErrorCode::NotFound, "{e}");
+        assert!(e.message.contains("no-such-command-cleave"), "{e}");
+    }
+}
+
+#[test]
+fn a_user_exec_times_out_as_a_group() {
+    require_root();
+    let c = client();
+    let mut req = as_user(sh("sleep 1000 & echo $!; wait"), 65534, 65534);
+    req.timeout_ms = Some(300);
+    let (x, out, _) = run(&c, req);
+    assert!(x.timed_out);
+    assert_eq!(x.status, ExitStatus::Signal(libc::SIGKILL));
+    let grandchild: i32 = out.trim().parse().unwrap();
+    assert!(gone(grandchild));
+}
+
+#[test]
+fn a_broken_server_config_is_an_io_error_not_a_missing_program() {
+    let mut config = ServerConfig::new(GateMode::Open, harmless_reseed());
+    config.agent_exe = PathBuf::from("/nonexistent/cleave-guest");
+    let c = Client::new(server(config)).unwrap();
+    let e = remote(
+        c.exec_collect(as_user(ExecRequest::new(["true"]), 1, 1), None)
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, ErrorCode::Io, "{e}");
+    assert!(e.message.contains("exec-as helper"), "{e}");
+}
+
+#[test]
+fn exec_as_refuses_bad_arguments_with_127_and_a_message() {
+    let c = client();
+    let helper = |args: &[&str]| {
+        let mut argv = vec![AGENT, "exec-as"];
+        argv.extend_from_slice(args);
+        run(&c, ExecRequest::new(argv))
+    };
+    for (args, says) in [
+        (
+            &["x", "0", "/bin/true", "--", "true"][..],
+            "UID must be a decimal",
+        ),
+        (
+            &["0", "-1", "/bin/true", "--", "true"],
+            "GID must be a decimal",
+        ),
+        (&["0", "0", "/bin/true", "true"], "expected \"--\""),
+        (&["0", "0", "/bin/true"], "usage: exec-as"),
+        (&["0", "0", "/bin/true", "-", "true"], "expected \"--\""),
+        (&["0", "0", "/bin/true", "--"], "no ARGV0"),
+        (&[], "usage: exec-as"),
+    ] {
+        let (x, out, err) = helper(args);
+        assert_eq!(x.status, ExitStatus::Code(127), "{args:?}: {err}");
+        assert_eq!(out, "");
+        assert!(err.starts_with("cleave-guest exec-as: "), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A failing step names itself (as root, the ids change; execv fails).
+    let (x, _, err) = helper(&["65534", "65534", "/nonexistent/prog", "--", "prog"]);
+    assert_eq!(x.status, ExitStatus::Code(127));
+    assert!(err.contains("execv /nonexistent/prog: ENOENT"), "{err}");
 }

@@ -13,6 +13,7 @@ use nix::sys::socket::{
 use nix::unistd::Pid;
 
 use cleave_guest::boot::{self, cmdline_flag, cmdline_value};
+use cleave_guest::exec_as;
 use cleave_guest::init::{self, power::end_guest};
 use cleave_guest::reseed::{self, KernelReseed};
 use cleave_guest::server::{GateMode, Reaper, Server, ServerConfig};
@@ -22,6 +23,11 @@ const CID_ANY: u32 = u32::MAX;
 
 fn main() {
     if nix::unistd::getpid() != Pid::from_raw(1) {
+        // Before anything reads the arguments as UTF-8: an exec's argv is bytes.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        if args.first().is_some_and(|a| a == exec_as::SUBCOMMAND) {
+            std::process::exit(exec_as::main(&args[1..]));
+        }
         std::process::exit(tool(std::env::args().skip(1).collect()));
     }
     if let Err(e) = run() {
@@ -37,6 +43,9 @@ fn main() {
 /// source; the network tests use it to probe the firewall's anti-spoofing); `clock-us`
 /// prints CLOCK_MONOTONIC in microseconds (busybox's `date` has no sub-second field; the
 /// network benchmark times connections with it).
+///
+/// `exec-as UID GID PROGRAM -- ARGV...` is not for people: the agent spawns itself so to
+/// run an exec as a user (see [`cleave_guest::exec_as`]).
 fn tool(args: Vec<String>) -> i32 {
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["clock-us"] => match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {

@@ -124,6 +124,20 @@ pub struct ExecRequest {
     pub stdin: bool,
     /// Kill the whole process group after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Run as this user and group (no supplementary groups) instead of as
+    /// the agent's own root. `None`: as root, like before the field existed.
+    ///
+    /// On the wire an optional trailing field, written only when set, so a
+    /// request without it is byte-identical to what older agents read.
+    pub user: Option<ExecUser>,
+}
+
+/// The numeric identity an exec runs as. No name lookup: the image's
+/// `/etc/passwd` is the guest's, and the host gives numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecUser {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl ExecRequest {
@@ -139,6 +153,7 @@ impl ExecRequest {
             cwd: None,
             stdin: false,
             timeout_ms: None,
+            user: None,
         }
     }
 }
@@ -488,6 +503,12 @@ impl Body {
                     }
                     None => w.bool(false),
                 }
+                // Optional trailing field: absent means not written at all.
+                if let Some(u) = e.user {
+                    w.u8(USER_PRESENT);
+                    w.u32(u.uid);
+                    w.u32(u.gid);
+                }
             }
             Body::Signal(s) => {
                 w.u64(s.target);
@@ -773,6 +794,11 @@ fn decode_network(r: &mut Reader<'_>) -> Result<NetworkConfig, PayloadError> {
     Ok(cfg)
 }
 
+/// The tag of `ExecRequest::user` when it is on the wire. There is no tag
+/// for "absent": an absent user is not written, so every request has exactly
+/// one encoding.
+const USER_PRESENT: u8 = 1;
+
 fn decode_exec(r: &mut Reader<'_>) -> Result<ExecRequest, PayloadError> {
     // Each argument takes at least its 4-byte length.
     let argc = r.count(4, "argv")?;
@@ -811,11 +837,144 @@ fn decode_exec(r: &mut Reader<'_>) -> Result<ExecRequest, PayloadError> {
     } else {
         None
     };
+    // A request may end here (hosts that never ask for a user, and older
+    // hosts, write nothing more). Otherwise exactly a tag and the ids
+    // follow; the caller's `finish` refuses anything after them.
+    let user = if r.is_empty() {
+        None
+    } else {
+        if r.u8("user present")? != USER_PRESENT {
+            return Err(PayloadError::Invalid("user present (must be 1 when sent)"));
+        }
+        Some(ExecUser {
+            uid: r.u32("user.uid")?,
+            gid: r.u32("user.gid")?,
+        })
+    };
     Ok(ExecRequest {
         argv,
         env,
         cwd,
         stdin,
         timeout_ms,
+        user,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(req: &ExecRequest) -> Vec<u8> {
+        let mut out = Vec::new();
+        Body::Exec(req.clone()).encode_payload(&mut out);
+        out
+    }
+
+    fn decode(payload: &[u8]) -> Result<ExecRequest, PayloadError> {
+        match Body::decode(kind::EXEC, payload)? {
+            Some(Body::Exec(e)) => Ok(e),
+            other => panic!("expected an exec, got {other:?}"),
+        }
+    }
+
+    fn full() -> ExecRequest {
+        let mut req = ExecRequest::new(["sh", "-c", "id"]);
+        req.cwd = Some(PathBuf::from("/tmp"));
+        req.stdin = true;
+        req.timeout_ms = Some(1234);
+        req
+    }
+
+    #[test]
+    fn exec_round_trips_without_a_user() {
+        let req = full();
+        assert_eq!(req.user, None);
+        assert_eq!(decode(&payload(&req)).unwrap(), req);
+        assert_eq!(
+            decode(&payload(&ExecRequest::new(["true"]))).unwrap(),
+            ExecRequest::new(["true"])
+        );
+    }
+
+    #[test]
+    fn exec_round_trips_with_a_user() {
+        for (uid, gid) in [(0, 0), (65534, 65534), (1000, 0), (u32::MAX, 1)] {
+            let mut req = full();
+            req.user = Some(ExecUser { uid, gid });
+            assert_eq!(decode(&payload(&req)).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn a_user_is_a_trailing_field_that_is_absent_when_unset() {
+        let mut req = full();
+        let without = payload(&req);
+        req.user = Some(ExecUser {
+            uid: 0x0102_0304,
+            gid: 7,
+        });
+        let with = payload(&req);
+        // What an older agent reads is unchanged; the user only appends.
+        assert_eq!(&with[..without.len()], &without[..]);
+        assert_eq!(
+            &with[without.len()..],
+            &[1, 4, 3, 2, 1, 7, 0, 0, 0][..],
+            "tag, then uid and gid little-endian"
+        );
+    }
+
+    #[test]
+    fn a_request_encoded_without_the_field_decodes_with_no_user() {
+        // Hand-built as an older host writes it: ends after timeout_ms.
+        let mut p = Vec::new();
+        p.extend_from_slice(&1u32.to_le_bytes()); // argc
+        p.extend_from_slice(&2u32.to_le_bytes());
+        p.extend_from_slice(b"id");
+        p.extend_from_slice(&0u32.to_le_bytes()); // envc
+        p.push(0); // no cwd
+        p.push(0); // stdin: false
+        p.push(0); // no timeout
+        let req = decode(&p).unwrap();
+        assert_eq!(req.argv, [OsString::from("id")]);
+        assert_eq!(req.user, None);
+    }
+
+    #[test]
+    fn truncated_or_padded_users_are_refused() {
+        let mut req = full();
+        req.user = Some(ExecUser {
+            uid: 65534,
+            gid: 65534,
+        });
+        let good = payload(&req);
+        let base = payload(&full()).len();
+        // Every cut inside the user field (after the tag, inside uid, inside gid).
+        for cut in base + 1..good.len() {
+            match decode(&good[..cut]) {
+                Err(PayloadError::Truncated(what)) => assert!(what.starts_with("user"), "{what}"),
+                other => panic!("cut at {cut}: expected truncation, got {other:?}"),
+            }
+        }
+        // Bytes after the user.
+        for extra in [&[0u8][..], &[1], &[0xff; 9]] {
+            let mut bad = good.clone();
+            bad.extend_from_slice(extra);
+            assert_eq!(decode(&bad), Err(PayloadError::TrailingBytes(extra.len())));
+        }
+        // A tag other than "present", with or without ids after it.
+        for tag in [0u8, 2, 0xff] {
+            let mut bad = payload(&full());
+            bad.push(tag);
+            assert!(
+                matches!(decode(&bad), Err(PayloadError::Invalid(_))),
+                "tag {tag}"
+            );
+            bad.extend_from_slice(&[0; 8]);
+            assert!(
+                matches!(decode(&bad), Err(PayloadError::Invalid(_))),
+                "tag {tag}"
+            );
+        }
+    }
 }

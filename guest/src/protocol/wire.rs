@@ -95,6 +95,11 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
+    /// True when nothing is left (for optional trailing fields).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     /// The rest of the payload, as raw data.
     pub(crate) fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)

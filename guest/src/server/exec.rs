@@ -103,7 +103,7 @@ pub(crate) fn start(conn: &Arc<Conn>, id: RequestId, req: ExecRequest) {
         stdout,
         stderr,
         exit,
-    } = match spawn(&conn.server.reaper, &req) {
+    } = match spawn(&conn.server.reaper, &req, &conn.server.config.agent_exe) {
         Ok(s) => s,
         Err(e) => {
             let code = match &e {

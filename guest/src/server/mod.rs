@@ -22,6 +22,7 @@ mod spawn;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,7 +49,15 @@ pub struct ServerConfig {
     /// Applies a `network` request (PID 1: [`network::apply`]). Without it
     /// `network` is refused as unsupported.
     pub on_network: Option<NetworkHook>,
+    /// The agent's own binary, spawned as `AGENT exec-as UID GID ...` to
+    /// run an exec that names a user (see [`crate::exec_as`]). The default,
+    /// [`DEFAULT_AGENT_EXE`], is right for the agent itself; a server run
+    /// in another program (tests) points it at a built `cleave-guest`.
+    pub agent_exe: PathBuf,
 }
+
+/// The binary of the running process.
+pub const DEFAULT_AGENT_EXE: &str = "/proc/self/exe";
 
 /// What applies a guest's network identity; the error says what failed.
 pub type NetworkHook =
@@ -63,6 +72,7 @@ impl ServerConfig {
             max_requests: 256,
             on_shutdown: None,
             on_network: None,
+            agent_exe: PathBuf::from(DEFAULT_AGENT_EXE),
         }
     }
 }

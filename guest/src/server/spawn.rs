@@ -8,6 +8,11 @@
 //! nothing was registered, and if the reaper won the race it just counts
 //! an orphan. Success is registered under the reaper's lock, so a child
 //! that exits at once is never lost.
+//!
+//! An exec with a user cannot change ids through `posix_spawn`: the agent
+//! spawns itself as the [`exec_as`] helper instead, the same way (stdio,
+//! session, cwd, environment), and the helper drops to the user and execs
+//! the program under the same pid.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
@@ -21,6 +26,7 @@ use nix::fcntl::OFlag;
 use nix::unistd::{pipe2, Pid};
 
 use super::reaper::{ExitWatch, Reaper};
+use crate::exec_as;
 use crate::protocol::{ExecRequest, DEFAULT_PATH};
 
 /// Why an exec could not start.
@@ -36,6 +42,9 @@ pub enum SpawnError {
     },
     #[error("{step}: {errno}")]
     Setup { step: &'static str, errno: Errno },
+    /// The agent's own binary could not be started as the `exec-as` helper.
+    #[error("cannot start the exec-as helper {path}: {errno}")]
+    Helper { path: String, errno: Errno },
 }
 
 /// A started process, its pipes and its exit.
@@ -48,10 +57,25 @@ pub struct Spawned {
     pub exit: ExitWatch,
 }
 
-pub fn spawn(reaper: &Reaper, req: &ExecRequest) -> Result<Spawned, SpawnError> {
+/// Starts `req`; with a user, through the `exec-as` helper at `agent_exe`.
+pub fn spawn(reaper: &Reaper, req: &ExecRequest, agent_exe: &Path) -> Result<Spawned, SpawnError> {
+    // In the agent, as root, before any spawn: an image needs no shell.
     let program = resolve(req)?;
-    let c_program = cstring(program.as_os_str());
-    let c_argv: Vec<CString> = req.argv.iter().map(|a| cstring(a)).collect();
+    let (c_program, c_argv): (CString, Vec<CString>) = match req.user {
+        None => (
+            cstring(program.as_os_str()),
+            req.argv.iter().map(|a| cstring(a)).collect(),
+        ),
+        Some(user) => {
+            let helper =
+                CString::new(agent_exe.as_os_str().as_bytes()).map_err(|_| SpawnError::Helper {
+                    path: agent_exe.display().to_string(),
+                    errno: Errno::EINVAL,
+                })?;
+            let argv = exec_as::helper_argv(agent_exe, user, &program, &req.argv);
+            (helper, argv.iter().map(|a| cstring(a)).collect())
+        }
+    };
     let c_env: Vec<CString> = req
         .env
         .iter()
@@ -92,6 +116,22 @@ pub fn spawn(reaper: &Reaper, req: &ExecRequest) -> Result<Spawned, SpawnError> 
             });
         }
     }
+    if req.user.is_some() {
+        // The helper could only report a missing program as exit 127 with
+        // a message: check here, so it is the same error as without a user
+        // (a program found in PATH exists; this is for paths with a `/`).
+        let at = match &req.cwd {
+            Some(cwd) if program.is_relative() => cwd.join(&program),
+            _ => program.clone(),
+        };
+        if let Err(e) = std::fs::metadata(&at) {
+            return Err(SpawnError::Child {
+                step: "execve",
+                what: program.display().to_string(),
+                errno: io_errno(&e),
+            });
+        }
+    }
     let attrs = SpawnAttrs::new(
         [
             stdin_child.as_raw_fd(),
@@ -118,10 +158,17 @@ pub fn spawn(reaper: &Reaper, req: &ExecRequest) -> Result<Spawned, SpawnError> 
         };
         if rc != 0 {
             // glibc has already waited for the failed child itself.
-            return Err(SpawnError::Child {
-                step: "execve",
-                what: program.display().to_string(),
-                errno: Errno::from_raw(rc),
+            let errno = Errno::from_raw(rc);
+            return Err(match req.user {
+                None => SpawnError::Child {
+                    step: "execve",
+                    what: program.display().to_string(),
+                    errno,
+                },
+                Some(_) => SpawnError::Helper {
+                    path: agent_exe.display().to_string(),
+                    errno,
+                },
             });
         }
         Ok((Pid::from_raw(pid), ()))
