@@ -19,7 +19,7 @@ use cleave_agent::daemon::api::pb::{
 };
 use cleave_agent::daemon::client;
 use cleave_agent::fork::store::{TemplateName, TemplateStore};
-use cleave_agent::node::boot::default_image;
+use cleave_agent::node::boot::resolve_image;
 use cleave_agent::node::templates::TemplateSpec;
 use cleave_agent::node::{Node, NodeLimits, NodeOptions, SandboxRequest};
 use cleave_guest::protocol::ExecRequest;
@@ -213,7 +213,7 @@ fn main() -> anyhow::Result<()> {
     })?;
     // The template first (the daemon then loads the same one).
     let spec = TemplateSpec::new(TemplateName::default_name());
-    node.ensure_template(&spec, (false, false), default_image)?;
+    node.ensure_template(&spec, (false, false), resolve_image)?;
     eprintln!("api_bench: template ready; starting the daemon");
     let cfg = dir.path().join("cleave.toml");
     std::fs::write(

@@ -21,7 +21,7 @@ use cleave_agent::fork::jail::{Jail, DEFAULT_FIRST_UID, DEFAULT_UIDS};
 use cleave_agent::fork::store::{TemplateName, TemplateStore};
 use cleave_agent::host::memory;
 use cleave_agent::net::{EgressPolicy, NetOptions};
-use cleave_agent::node::boot::default_image;
+use cleave_agent::node::boot::resolve_image;
 use cleave_agent::node::templates::TemplateSpec;
 use cleave_agent::node::{LiveSandbox, Node, NodeLimits, NodeOptions, SandboxRequest};
 use cleave_agent::vmm::runtime_dir::RuntimeDir;
@@ -176,7 +176,7 @@ fn main() -> Result<()> {
         },
     })?;
     let spec = TemplateSpec::new(TemplateName::default_name());
-    node.ensure_template(&spec, (false, false), default_image)?;
+    node.ensure_template(&spec, (false, false), resolve_image)?;
     while !node.pools_warm() {
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -545,6 +545,8 @@ fn a_stored_template_loads_sealed_and_its_forks_continue_exactly() {
         warmup: None,
         format: cleave_agent::fork::state::STATE_FORMAT,
         host: Some(HostFingerprint::current().unwrap().clone()),
+        image: None,
+        defaults: Default::default(),
     };
     store.save(&c.template, &meta).unwrap();
     let e = store.save(&c.template, &meta).unwrap_err();

@@ -28,6 +28,8 @@ fn tiny_template(store: &TemplateStore, name: &str) {
         warmup: None,
         format: STATE_FORMAT,
         host: Some(HostFingerprint::current().unwrap().clone()),
+        image: None,
+        defaults: Default::default(),
     };
     store.save(&template, &meta).unwrap();
 }

@@ -43,12 +43,15 @@ impl TokenArg {
 pub struct ExecArgs {
     #[command(flatten)]
     token: TokenArg,
-    /// KEY=VALUE for the command's environment (replaces the default PATH-only one).
+    /// KEY=VALUE for the command's environment, over the image's (by key).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
-    /// Working directory in the guest.
+    /// Working directory in the guest [default: the image's, else /].
     #[arg(long, value_name = "DIR")]
     cwd: Option<String>,
+    /// Run as this user [default: the image's, else root].
+    #[arg(long, value_name = "UID:GID", value_parser = parse_user_arg)]
+    user: Option<String>,
     /// Kill the command's process group after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
@@ -66,6 +69,11 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
+/// Checked here so a typo is refused before a token is read or the daemon asked.
+fn parse_user_arg(s: &str) -> Result<String, String> {
+    crate::node::exec::parse_user(s).map(|_| s.to_string())
+}
+
 pub fn exec(args: ExecArgs, socket: SocketArg) -> anyhow::Result<ExitCode> {
     let token = args.token.get()?.to_string();
     let path = client::socket_path(socket.socket);
@@ -80,6 +88,7 @@ pub fn exec(args: ExecArgs, socket: SocketArg) -> anyhow::Result<ExitCode> {
             cwd: args.cwd.clone().unwrap_or_default(),
             stdin: !args.no_stdin,
             timeout_ms: args.timeout.map_or(0, |s| s.saturating_mul(1000)),
+            user: args.user.clone().unwrap_or_default(),
         })))
         .await?;
         if !args.no_stdin {

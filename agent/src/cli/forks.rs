@@ -20,9 +20,11 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use super::net_args::NetArgs;
 use super::run::next_signal;
+use super::run::ExecFlags;
 use crate::fork::store::{TemplateName, TemplateStore};
+use crate::image::store::ImageName;
 use crate::net::EgressPolicy;
-use crate::node::boot::default_image;
+use crate::node::boot::resolve_image;
 use crate::node::templates::{self, TemplateSpec};
 use crate::node::{ForkOutcome, Node, NodeLimits, NodeOptions, SandboxRequest};
 
@@ -37,6 +39,10 @@ pub struct ForksRequest {
     pub timeout_ms: Option<u64>,
     pub gate_timeout: Duration,
     pub boot_timeout: u64,
+    /// The image the template is (or is created) from; `None`: whatever it was made from.
+    pub image: Option<ImageName>,
+    /// How the command runs, over the template's image defaults.
+    pub exec: ExecFlags,
     pub command: Vec<OsString>,
     pub net: NetArgs,
     pub policy: EgressPolicy,
@@ -52,6 +58,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
         mem_mib: req.mem.unwrap_or(256),
         vcpus: req.vcpus.unwrap_or(1),
         boot_timeout: Duration::from_secs(req.boot_timeout),
+        image: req.image.clone(),
         ..TemplateSpec::new(req.template.clone())
     };
     if !store.exists(&spec.name) {
@@ -61,8 +68,9 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
         &store,
         &spec,
         (req.mem.is_some(), req.vcpus.is_some()),
-        default_image,
+        resolve_image,
     )?;
+    let defaults = meta.defaults.clone();
     // After the template exists (and so after this host's KVM proved it runs guests):
     // nothing is set up on the host's network for forks that cannot run.
     let node = Node::open(NodeOptions {
@@ -100,8 +108,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
             .map(|o| {
                 s.spawn(|| {
                     let created = o.as_ref().ok()?;
-                    let mut exec = ExecRequest::new(req.command.iter().cloned());
-                    exec.timeout_ms = req.timeout_ms;
+                    let exec = req.exec.request(&defaults, &req.command, req.timeout_ms);
                     let out = exec_passing_signals(&created.sandbox.client(), exec, &stop)
                         .context("running the command in the fork");
                     // Torn down as soon as its command ends.

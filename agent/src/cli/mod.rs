@@ -5,6 +5,7 @@ mod daemon;
 mod dns;
 mod exec;
 mod forks;
+mod image;
 mod net_args;
 mod rig;
 mod run;
@@ -49,9 +50,12 @@ enum Command {
         #[command(flatten)]
         args: exec::ExecArgs,
     },
+    /// Images from your own root filesystem: `cleave image build|ls|rm`.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Run a cleave command inside the KVM rig, e.g. `cleave rig -- boot --selftest`.
     Rig(rig::RigArgs),
-    /// Boot the default image and run one command in it: `cleave run -- uname -a`; or run
+    /// Boot an image and run one command in it: `cleave run -- uname -a`; or run
     /// it in N forks of a template: `cleave run --forks 3 -- head -c 16 /dev/urandom`.
     Run(run::RunArgs),
     /// Sandboxes on the daemon: `cleave sandbox create|ls|rm`.
@@ -98,6 +102,7 @@ pub fn main() -> ExitCode {
         Command::Exec { socket, args } => exec::exec(args, socket),
         Command::Sandbox { socket, cmd } => sandbox::run(cmd, socket),
         Command::Dns(cmd) => dns::run(cmd),
+        Command::Image(cmd) => image::run(cmd),
         Command::Rig(args) => rig::run(args),
         Command::Run(args) => run::run(args),
         Command::Template(cmd) => template::run(cmd),

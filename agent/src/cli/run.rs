@@ -1,4 +1,4 @@
-//! `cleave run [--mem --vcpus] [--json] -- CMD ARGS...`: boot the default image, run one
+//! `cleave run [--image NAME] [--mem --vcpus] [--json] -- CMD ARGS...`: boot an image, run one
 //! command in the guest over vsock with this terminal's stdin/stdout/stderr, and exit
 //! with its exit code (128+N when signal N ended it). With `--forks N` the command runs in
 //! N forks of a template instead (`super::forks`).
@@ -21,9 +21,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::net_args::NetArgs;
 use crate::fork::store::TemplateName;
+use crate::image::rootfs::ExecDefaults;
+use crate::image::store::ImageName;
 use crate::net::SandboxNetwork;
-use crate::node::boot::{default_image, BootKit, BASE_CMDLINE};
+use crate::node::boot::{resolve_image, BootKit, BASE_CMDLINE};
+use crate::node::exec::{exec_request, parse_env, parse_user, ExecOptions};
 use crate::vmm::agent_vm::AgentVm;
+use cleave_guest::protocol::message::ExecUser;
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -54,6 +59,12 @@ pub struct RunArgs {
     /// Give up if the guest agent is not ready within this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     boot_timeout: u64,
+    /// The image to boot (`cleave image ls`) [default: the built-in image]. With --forks:
+    /// the template must have been made from it (or is created from it).
+    #[arg(long, value_name = "NAME")]
+    image: Option<ImageName>,
+    #[command(flatten)]
+    exec: ExecFlags,
     #[command(flatten)]
     net: NetArgs,
     /// The command and its arguments, run in the guest.
@@ -64,6 +75,42 @@ pub struct RunArgs {
         value_name = "CMD"
     )]
     command: Vec<OsString>,
+}
+
+/// How the command runs, over its image's defaults.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ExecFlags {
+    /// KEY=VALUE for the command's environment, over the image's (by key).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(OsString, OsString)>,
+    /// Working directory in the guest [default: the image's, else /].
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<PathBuf>,
+    /// Run as this user [default: the image's, else root].
+    #[arg(long, value_name = "UID:GID", value_parser = parse_user)]
+    user: Option<ExecUser>,
+}
+
+impl ExecFlags {
+    /// The guest request for `argv` under `defaults`.
+    pub fn request(
+        &self,
+        defaults: &ExecDefaults,
+        argv: &[OsString],
+        timeout_ms: Option<u64>,
+    ) -> ExecRequest {
+        exec_request(
+            defaults,
+            argv.to_vec(),
+            ExecOptions {
+                env: self.env.clone(),
+                cwd: self.cwd.clone(),
+                user: self.user,
+                stdin: false,
+                timeout_ms,
+            },
+        )
+    }
 }
 
 /// The exit code for a finished command: its own, or 128+N for signal N (as a shell does).
@@ -91,6 +138,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
             gate_timeout: Duration::from_millis(args.gate_timeout_ms),
             boot_timeout: args.boot_timeout,
+            image: args.image,
+            exec: args.exec,
             command: args.command,
             net: args.net,
             policy,
@@ -99,15 +148,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // The image and this host's KVM are checked first: nothing is set up on the host's
     // network for a guest that cannot run here.
+    let resolved = resolve_image(args.image.as_ref())?;
+    let defaults = resolved.defaults;
     let BootKit {
         machine,
         image,
         kvm,
-    } = BootKit::check(
-        args.mem.unwrap_or(256),
-        args.vcpus.unwrap_or(1),
-        default_image,
-    )?;
+    } = BootKit::check(args.mem.unwrap_or(256), args.vcpus.unwrap_or(1), || {
+        Ok(resolved.spec)
+    })?;
     let node = args.net.node(&policy)?;
     let network = match &node {
         Some(node) => Some(
@@ -148,8 +197,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(super::exit_code(128 + sig));
     }
 
-    let mut req = ExecRequest::new(args.command.iter().cloned());
-    req.timeout_ms = args.timeout.map(|s| s.saturating_mul(1000));
+    let req = args.exec.request(
+        &defaults,
+        &args.command,
+        args.timeout.map(|s| s.saturating_mul(1000)),
+    );
     let stdin: Box<dyn Read + Send> = Box::new(std::io::stdin());
     let started = Instant::now();
     // --json holds the output until the end: bounded, the rest marked.
@@ -313,6 +365,23 @@ mod tests {
         let t = T::try_parse_from(["run", "--json", "--mem", "128", "--", "sh", "-c", "exit 7"])
             .unwrap();
         assert!(t.run.json);
+        let u = T::try_parse_from([
+            "run", "--image", "py", "--env", "A=b", "--user", "1000:100", "--cwd", "/srv", "id",
+        ])
+        .unwrap();
+        assert_eq!(u.run.image.unwrap().as_str(), "py");
+        assert_eq!(u.run.exec.env, [("A".into(), "b".into())]);
+        assert_eq!(
+            u.run.exec.user,
+            Some(ExecUser {
+                uid: 1000,
+                gid: 100
+            })
+        );
+        for bad in [["--user", "root"], ["--env", "NOEQ"], ["--image", "../x"]] {
+            let e = T::try_parse_from(["run", bad[0], bad[1], "id"]).unwrap_err();
+            assert!(e.to_string().contains(bad[1]), "{e}");
+        }
         assert_eq!(t.run.mem, Some(128));
         assert_eq!(t.run.command, ["sh", "-c", "exit 7"]);
         assert!(T::try_parse_from(["run"]).is_err(), "CMD is required");

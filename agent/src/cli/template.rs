@@ -1,5 +1,5 @@
-//! `cleave template create|ls|rm`: templates of the default image, kept in the template
-//! store (`fork::store`) for `cleave run --forks`.
+//! `cleave template create|ls|rm`: templates of the default image or of one `cleave image
+//! build` made, kept in the template store (`fork::store`) for `cleave run --forks`.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -9,12 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 
 use crate::fork::store::{TemplateName, TemplateStore};
-use crate::node::boot::default_image;
+use crate::image::store::ImageName;
+use crate::node::boot::resolve_image;
 use crate::node::templates::{self, TemplateSpec, TestReseed};
 
 #[derive(Subcommand, Debug)]
 pub enum TemplateCommand {
-    /// Boot the default image, quiesce it and capture it as a template.
+    /// Boot an image (the default, or --image), quiesce it and capture it as a template.
     Create(CreateArgs),
     /// List the templates.
     Ls,
@@ -36,6 +37,9 @@ pub struct CreateArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub vcpus: u64,
+    /// The image to boot (`cleave image ls`); the built-in default when left out.
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<ImageName>,
     /// Give up if the guest agent is not ready within this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub boot_timeout: u64,
@@ -62,6 +66,7 @@ impl CreateArgs {
             boot_timeout: Duration::from_secs(self.boot_timeout),
             test_reseed: self.test_reseed,
             warmup: self.warmup.clone(),
+            image: self.image.clone(),
         }
     }
 }
@@ -70,16 +75,17 @@ pub fn run(cmd: TemplateCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::default_location();
     match cmd {
         TemplateCommand::Create(args) => {
-            let created = templates::create(&store, &args.spec(), default_image)?;
+            let created = templates::create(&store, &args.spec(), resolve_image)?;
             if let Some((_, out, err)) = &created.warmup {
                 std::io::stdout().write_all(out)?;
                 std::io::stderr().write_all(err)?;
             }
             let meta = &created.meta;
             eprintln!(
-                "cleave: template {}: {} MiB, {} vCPU(s); agent ready after {:.0} ms, quiesced \
+                "cleave: template {} (image {}): {} MiB, {} vCPU(s); agent ready after {:.0} ms, quiesced \
                  and captured in {:.0} ms; {:.1} MiB in {}",
                 meta.name,
+                meta.image_label(),
                 meta.mem_mib,
                 meta.vcpus,
                 created.boot.as_secs_f64() * 1e3,
@@ -111,21 +117,22 @@ fn list(store: &TemplateStore) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:>8} {:>5} {:>10} {:>12}  KERNEL",
-        "NAME", "MEM_MIB", "VCPUS", "DISK_MIB", "AGE"
+        "{:<20} {:>8} {:>5} {:>10} {:>12}  {:<12}  {:<16}",
+        "NAME", "MEM_MIB", "VCPUS", "DISK_MIB", "AGE", "KERNEL", "IMAGE"
     );
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     for m in all {
         println!(
-            "{:<20} {:>8} {:>5} {:>10.1} {:>12}  {}",
+            "{:<20} {:>8} {:>5} {:>10.1} {:>12}  {:<12}  {}",
             m.name.as_str(),
             m.mem_mib,
             m.vcpus,
             store.disk_usage(&m.name) as f64 / (1 << 20) as f64,
             format!("{}s", now.saturating_sub(m.created)),
             &m.kernel_sha256[..12.min(m.kernel_sha256.len())],
+            m.image_label(),
         );
         if let Some(why) = m.unusable_reason() {
             println!("  ^ cannot be forked here: {why}");

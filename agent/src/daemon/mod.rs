@@ -35,7 +35,7 @@ use self::metrics::Metrics;
 use self::rate::RateLimiter;
 use crate::fork::store::{TemplateName, TemplateStore};
 use crate::net::NetOptions;
-use crate::node::boot::default_image;
+use crate::node::boot::resolve_image;
 use crate::node::templates::TemplateSpec;
 use crate::node::{Node, NodeOptions};
 use crate::vmm::runtime_dir::RuntimeDir;
@@ -154,7 +154,7 @@ async fn serve(
             };
             let node = a.node.clone();
             let r =
-                api::blocking(move || node.ensure_template(&spec, (true, false), default_image))
+                api::blocking(move || node.ensure_template(&spec, (true, false), resolve_image))
                     .await;
             match r {
                 Ok(Ok((_, created))) => {

@@ -25,6 +25,7 @@ use super::sealed::{SealError, SealedMemory};
 use super::state::{MachineState, STATE_FORMAT};
 use super::Template;
 use crate::host::fingerprint::HostFingerprint;
+use crate::image::rootfs::ExecDefaults;
 use crate::vmm::runtime_dir::RuntimeDir;
 
 /// A template's name: 1..=63 of `a-z 0-9 . _ -`, starting with a letter or digit (it is a
@@ -102,9 +103,22 @@ pub struct TemplateMeta {
     /// The host it was captured on; it forks only on a host with the same fingerprint.
     #[serde(default)]
     pub host: Option<HostFingerprint>,
+    /// The image it was booted from (`cleave image build`); `None`: the built-in default.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// That image's exec defaults (environment, working directory, user).
+    #[serde(default)]
+    pub defaults: ExecDefaults,
 }
 
 impl TemplateMeta {
+    /// Its image, as `cleave template ls` shows it.
+    pub fn image_label(&self) -> &str {
+        self.image
+            .as_deref()
+            .unwrap_or(crate::image::store::DEFAULT_IMAGE)
+    }
+
     /// Why this template cannot be forked on this host, if it cannot.
     pub fn unusable_reason(&self) -> Option<String> {
         if self.format != STATE_FORMAT {

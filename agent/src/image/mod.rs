@@ -6,6 +6,8 @@
 
 pub mod digest;
 pub mod manifest;
+pub mod rootfs;
+pub mod store;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

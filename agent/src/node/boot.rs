@@ -5,6 +5,8 @@
 use std::time::Instant;
 
 use crate::host::{kvm, paths};
+use crate::image::rootfs::ExecDefaults;
+use crate::image::store::{BaseImage, ImageName, ImageStore};
 use crate::image::{ImageSpec, Manifest, VerifiedImage};
 use crate::vmm::{self, config::MachineConfig};
 
@@ -26,6 +28,41 @@ pub fn default_image() -> anyhow::Result<ImageSpec> {
         Manifest::load(&paths::default_image_manifest())?,
         EMBEDDED_PINS,
     )
+}
+
+/// An image chosen by name, ready to boot: its pins and its exec defaults.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// `None`: the built-in default image.
+    pub name: Option<ImageName>,
+    pub spec: ImageSpec,
+    pub defaults: ExecDefaults,
+}
+
+/// The image `name` from the image store (`cleave image build`), or the built-in default
+/// image when `name` is `None`.
+pub fn resolve_image(name: Option<&ImageName>) -> anyhow::Result<ResolvedImage> {
+    let Some(name) = name else {
+        return Ok(ResolvedImage {
+            name: None,
+            spec: default_image()?,
+            defaults: ExecDefaults::default(),
+        });
+    };
+    let record = ImageStore::default_location().get(name)?;
+    Ok(ResolvedImage {
+        name: Some(name.clone()),
+        spec: record.spec(),
+        defaults: record.defaults,
+    })
+}
+
+/// The default image's kernel and guest agent, for `cleave image build`: read and checked
+/// against the pins built into this binary before anything is taken from them.
+pub fn base_image() -> anyhow::Result<BaseImage> {
+    let spec = default_image()?;
+    let initrd = spec.initrd.read_verified()?;
+    Ok(BaseImage::from_default(&spec, &initrd)?)
 }
 
 fn pinned_by(manifest: Manifest, (kernel, initrd): (&str, &str)) -> anyhow::Result<ImageSpec> {

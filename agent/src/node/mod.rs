@@ -10,6 +10,7 @@
 
 pub mod boot;
 pub mod credential;
+pub mod exec;
 pub mod journal;
 pub mod templates;
 pub mod warm;
@@ -27,13 +28,13 @@ use cleave_guest::protocol::Client;
 
 use self::credential::{Credential, SandboxId, Token};
 use self::journal::{Journal, JournalError, Reconciled};
-use self::templates::{unix_now, CreatedTemplate, TemplateSpec};
+use self::templates::{unix_now, CreatedTemplate, ImageResolver, TemplateSpec};
 use self::warm::WarmPool;
 use crate::fork::jail::Jail;
 use crate::fork::sandbox::{worker_exe, ForkError, Sandbox};
 use crate::fork::store::{StoreError, TemplateMeta, TemplateName, TemplateStore};
 use crate::fork::worker::{describe_end, Encoded};
-use crate::image::ImageSpec;
+use crate::image::rootfs::ExecDefaults;
 use crate::net::{EgressPolicy, NetNode, NetOptions, SandboxNetwork};
 use crate::vmm::runtime_dir::RuntimeDir;
 
@@ -174,6 +175,8 @@ pub struct LiveSandbox {
     /// Of `fork_time`: the guest applying its network identity.
     pub identity_time: Option<Duration>,
     pub reseeded: bool,
+    /// Its image's exec defaults (environment, working directory, user).
+    pub defaults: ExecDefaults,
     credential: Credential,
     client: Arc<Client>,
     worker_pid: u32,
@@ -343,7 +346,7 @@ impl Node {
     pub fn create_template(
         &self,
         spec: &TemplateSpec,
-        image: impl FnOnce() -> anyhow::Result<ImageSpec>,
+        image: impl ImageResolver,
     ) -> Result<CreatedTemplate, NodeError> {
         let created = templates::create(&self.options.store, spec, image)?;
         self.wake_refill();
@@ -356,7 +359,7 @@ impl Node {
         &self,
         spec: &TemplateSpec,
         shape_given: (bool, bool),
-        image: impl FnOnce() -> anyhow::Result<ImageSpec>,
+        image: impl ImageResolver,
     ) -> Result<(Arc<Forkable>, bool), NodeError> {
         if let Some(f) = lock(&self.templates).get(&spec.name) {
             return Ok((f.clone(), false));
@@ -598,6 +601,7 @@ impl Node {
             net_time,
             identity_time: sandbox.identity_time(),
             reseeded: sandbox.reseed_reply().reseeded,
+            defaults: forkable.meta.defaults.clone(),
             credential: token.credential(),
             client: sandbox.shared_client(),
             worker_pid: pid,

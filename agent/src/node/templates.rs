@@ -6,13 +6,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use cleave_guest::protocol::ExitReport;
 
-use super::boot::{BootKit, BASE_CMDLINE};
+use super::boot::{BootKit, ResolvedImage, BASE_CMDLINE};
 use crate::fork::freeze::{freeze, FreezeOptions};
 use crate::fork::state::STATE_FORMAT;
 use crate::fork::store::{TemplateMeta, TemplateName, TemplateStore};
 use crate::fork::Template;
 use crate::host::fingerprint::HostFingerprint;
-use crate::image::ImageSpec;
+use crate::image::store::ImageName;
 
 /// How a template guest misbehaves at its reseed, for the gate's tests.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,9 @@ pub struct TemplateSpec {
     pub test_reseed: Option<TestReseed>,
     /// Run in the template before capture; must exit 0 and leave no process behind.
     pub warmup: Vec<OsString>,
+    /// The image to boot (`None`: the built-in default). For an existing template, a
+    /// given image must be the one it was made from.
+    pub image: Option<ImageName>,
 }
 
 impl TemplateSpec {
@@ -46,6 +49,7 @@ impl TemplateSpec {
             boot_timeout: Duration::from_secs(120),
             test_reseed: None,
             warmup: Vec::new(),
+            image: None,
         }
     }
 }
@@ -62,12 +66,16 @@ pub struct CreatedTemplate {
     pub capture: Duration,
 }
 
-/// Boots `image`, runs the warm-up, captures and saves the template as `spec.name`
-/// (which must not exist).
+/// How a template's image is found: [`super::boot::resolve_image`], or a stand-in in tests.
+pub trait ImageResolver: FnOnce(Option<&ImageName>) -> anyhow::Result<ResolvedImage> {}
+impl<F: FnOnce(Option<&ImageName>) -> anyhow::Result<ResolvedImage>> ImageResolver for F {}
+
+/// Boots `spec.image` (found by `resolve`), runs the warm-up, captures and saves the
+/// template as `spec.name` (which must not exist).
 pub fn create(
     store: &TemplateStore,
     spec: &TemplateSpec,
-    image: impl FnOnce() -> anyhow::Result<ImageSpec>,
+    resolve: impl ImageResolver,
 ) -> anyhow::Result<CreatedTemplate> {
     if store.exists(&spec.name) {
         anyhow::bail!(
@@ -76,7 +84,8 @@ pub fn create(
             spec.name
         );
     }
-    let image_spec = image()?;
+    let resolved = resolve(spec.image.as_ref())?;
+    let image_spec = resolved.spec;
     let pins = (
         image_spec.kernel.sha256.to_string(),
         image_spec.initrd.sha256.to_string(),
@@ -120,6 +129,8 @@ pub fn create(
             .map(|w| w.iter().map(|a| a.to_string_lossy().into_owned()).collect()),
         format: STATE_FORMAT,
         host: Some(host),
+        image: resolved.name.map(String::from),
+        defaults: resolved.defaults,
     };
     store.save(&frozen.template, &meta)?;
     Ok(CreatedTemplate {
@@ -139,7 +150,7 @@ pub fn ensure(
     store: &TemplateStore,
     spec: &TemplateSpec,
     shape_given: (bool, bool),
-    image: impl FnOnce() -> anyhow::Result<ImageSpec>,
+    resolve: impl ImageResolver,
 ) -> anyhow::Result<(Template, TemplateMeta, bool)> {
     if store.exists(&spec.name) {
         let (t, meta) = store.load(&spec.name)?;
@@ -156,9 +167,20 @@ pub fn ensure(
                 );
             }
         }
+        if let Some(asked) = &spec.image {
+            if meta.image.as_deref() != Some(asked.as_str()) {
+                anyhow::bail!(
+                    "template {} was made from {}, not image {asked}: leave out --image, or \
+                     use another template name (`cleave template create --name NAME --image \
+                     {asked}`)",
+                    spec.name,
+                    meta.image_label(),
+                );
+            }
+        }
         return Ok((t, meta, false));
     }
-    let created = create(store, spec, image)?;
+    let created = create(store, spec, resolve)?;
     Ok((created.template, created.meta, true))
 }
 

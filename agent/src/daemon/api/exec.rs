@@ -22,41 +22,49 @@ use super::pb::exec_input::Input;
 use super::pb::exec_server::Exec;
 use super::pb::{self, exec_output, exit_status};
 use super::{bounded, caller_of, Api, Caller, Finish};
+use crate::image::rootfs::ExecDefaults;
+use crate::node::exec::{self as node_exec, parse_env, parse_user, ExecOptions};
 
 type OutputStream = Pin<Box<dyn Stream<Item = Result<pb::ExecOutput, Status>> + Send>>;
 
-fn exec_request(start: &pb::ExecStart) -> Result<ExecRequest, Status> {
+/// The guest request for `start`, over the sandbox's image defaults.
+fn exec_request(start: &pb::ExecStart, defaults: &ExecDefaults) -> Result<ExecRequest, Status> {
     if start.argv.is_empty() || start.argv[0].is_empty() {
         return Err(Status::invalid_argument(
             "argv is empty: name the command to run",
         ));
     }
-    let mut req = ExecRequest::new(start.argv.iter().map(OsString::from));
-    if !start.env.is_empty() {
-        req.env = start
-            .env
-            .iter()
-            .map(|kv| match kv.split_once('=') {
-                Some((k, v)) if !k.is_empty() => Ok((OsString::from(k), OsString::from(v))),
-                _ => Err(Status::invalid_argument(format!(
-                    "env entry {:?} is not KEY=VALUE",
-                    bounded(kv)
-                ))),
-            })
-            .collect::<Result<_, _>>()?;
-    }
-    if !start.cwd.is_empty() {
-        if !start.cwd.starts_with('/') {
+    let env = start
+        .env
+        .iter()
+        .map(|kv| parse_env(kv).map_err(|e| Status::invalid_argument(format!("env entry {e}"))))
+        .collect::<Result<_, _>>()?;
+    let cwd = match start.cwd.as_str() {
+        "" => None,
+        c if c.starts_with('/') => Some(c.into()),
+        c => {
             return Err(Status::invalid_argument(format!(
                 "cwd {:?} is not an absolute path",
-                bounded(&start.cwd)
-            )));
+                bounded(c)
+            )))
         }
-        req.cwd = Some(start.cwd.clone().into());
-    }
-    req.stdin = start.stdin;
-    req.timeout_ms = (start.timeout_ms > 0).then_some(start.timeout_ms);
-    Ok(req)
+    };
+    let user = match start.user.as_str() {
+        "" => None,
+        u => Some(parse_user(u).map_err(|e| Status::invalid_argument(format!("user {e}")))?),
+    };
+    let opts = ExecOptions {
+        env,
+        cwd,
+        user,
+        stdin: start.stdin,
+        timeout_ms: (start.timeout_ms > 0).then_some(start.timeout_ms),
+    };
+    Ok(node_exec::exec_request(
+        defaults,
+        start.argv.iter().map(OsString::from).collect(),
+        opts,
+    ))
 }
 
 fn output(o: exec_output::Output) -> Result<pb::ExecOutput, Status> {
@@ -110,7 +118,7 @@ impl Api {
         *id_out = start.sandbox_id.clone();
         let auth = Request::from_parts(meta, ext, ());
         let sandbox = self.sandbox_for(&auth, &start.sandbox_id).await?;
-        let req = exec_request(&start)?;
+        let req = exec_request(&start, &sandbox.defaults)?;
         let max = self.config.max_execs_per_sandbox;
         let slot = sandbox.begin_exec(max).ok_or_else(|| {
             Status::resource_exhausted(format!(
@@ -297,22 +305,34 @@ mod tests {
             cwd: cwd.into(),
             stdin: false,
             timeout_ms: 0,
+            user: String::new(),
         }
+    }
+
+    fn req(start: &pb::ExecStart) -> Result<ExecRequest, Status> {
+        exec_request(start, &ExecDefaults::default())
     }
 
     #[test]
     fn exec_requests_are_checked() {
-        assert!(exec_request(&start(&[], &[], "")).is_err());
-        assert!(exec_request(&start(&[""], &[], "")).is_err());
-        let e = exec_request(&start(&["ls"], &["NOEQUALS"], "")).unwrap_err();
+        assert!(req(&start(&[], &[], "")).is_err());
+        assert!(req(&start(&[""], &[], "")).is_err());
+        let e = req(&start(&["ls"], &["NOEQUALS"], "")).unwrap_err();
         assert!(e.message().contains("KEY=VALUE"));
-        assert!(exec_request(&start(&["ls"], &["=v"], "")).is_err());
-        assert!(exec_request(&start(&["ls"], &[], "tmp")).is_err());
-        let r = exec_request(&start(&["ls", "-l"], &["PATH=/bin", "A=b=c"], "/tmp")).unwrap();
+        assert!(req(&start(&["ls"], &["=v"], "")).is_err());
+        assert!(req(&start(&["ls"], &[], "tmp")).is_err());
+        let mut bad_user = start(&["ls"], &[], "");
+        bad_user.user = "root".into();
+        let e = req(&bad_user).unwrap_err();
+        assert!(e.message().contains("UID:GID"), "{e}");
+        // The given PATH replaces the default one; other keys are added.
+        let r = req(&start(&["ls", "-l"], &["PATH=/bin", "A=b=c"], "/tmp")).unwrap();
+        assert_eq!(r.env[0], ("PATH".into(), "/bin".into()));
         assert_eq!(r.env[1], ("A".into(), "b=c".into()));
         assert_eq!(r.cwd.as_deref(), Some(std::path::Path::new("/tmp")));
         // No env given: the guest's default PATH.
-        let r = exec_request(&start(&["ls"], &[], "")).unwrap();
+        let r = req(&start(&["ls"], &[], "")).unwrap();
         assert_eq!(r.env.len(), 1);
+        assert_eq!(r.user, None);
     }
 }

@@ -8,7 +8,8 @@ use super::pb::templates_server::Templates;
 use super::pb::{self};
 use super::{blocking, caller_of, status_of, Api, Finish};
 use crate::fork::store::{TemplateMeta, TemplateName};
-use crate::node::boot::default_image;
+use crate::image::store::ImageName;
+use crate::node::boot::resolve_image;
 use crate::node::templates::TemplateSpec;
 
 /// Most warm-up arguments and bytes a template request may carry.
@@ -25,6 +26,7 @@ pub fn template_pb(m: &TemplateMeta) -> pb::Template {
         initrd_sha256: m.initrd_sha256.clone(),
         usable: why.is_none(),
         unusable_reason: why.unwrap_or_default(),
+        image: m.image_label().to_string(),
     }
 }
 
@@ -60,10 +62,17 @@ impl Templates for Api {
                 },
                 boot_timeout: Duration::from_secs(120),
                 warmup: req.warmup.iter().map(Into::into).collect(),
+                image: match req.image.as_str() {
+                    "" => None,
+                    i => Some(
+                        i.parse::<ImageName>()
+                            .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                    ),
+                },
                 ..TemplateSpec::new(name)
             };
             let node = self.node.clone();
-            let created = blocking(move || node.create_template(&spec, default_image))
+            let created = blocking(move || node.create_template(&spec, resolve_image))
                 .await?
                 .map_err(status_of)?;
             Ok(template_pb(&created.meta))
