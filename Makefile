@@ -7,7 +7,7 @@ TRIPLE := x86_64-unknown-linux-gnu
 GUEST_BIN := target/guest/$(TRIPLE)/release/cleave-guest
 CLEAVE := target/debug/cleave
 
-.PHONY: run test deps guest image rig build lint unit bench-boot bench-net clean-cache manifests fuzz
+.PHONY: run test deps guest image rig build lint unit bench-boot bench-net bench-image clean-cache manifests fuzz
 
 ## make run: install what is missing, build images and agent, run the main job
 ## (boot the default image and time the guest agent's readiness, then run commands in a
@@ -63,6 +63,15 @@ bench-boot: deps image rig
 bench-net: deps image rig
 	$(CARGO) build --release -p cleave-agent
 	@CLEAVE_BIN=target/release/cleave scripts/kvm-or-rig python3 scripts/bench-net.py --cleave $(CURDIR)/target/release/cleave
+
+## Images users bring: build time and size (host), template creation, fork -> ready, cold
+## boot and idle memory per fork for the busybox, Python, 10 MiB and 500 MiB images (rig).
+BENCH_IMAGES := $${CLEAVE_CACHE:-$$HOME/.cache/cleave}/bench-image/images
+bench-image: deps image rig
+	$(CARGO) build --release -p cleave-agent -p cleave-tests
+	python3 scripts/bench-image.py prepare $(BENCH_IMAGES)
+	@CLEAVE_BIN=target/release/cleave CLEAVE_RIG_MEM_MIB=$${CLEAVE_RIG_MEM_MIB:-8192} \
+	  scripts/kvm-or-rig python3 scripts/bench-image.py measure $(BENCH_IMAGES)
 
 clean-cache:
 	rm -rf "$${CLEAVE_CACHE:-$$HOME/.cache/cleave}"

@@ -12,7 +12,7 @@ set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 secs=${1:-15}
 [ $# -gt 0 ] && shift
-targets=${*:-"virtio_vsock virtio_net virtio_rng guest_protocol dns template_state"}
+targets=${*:-"virtio_vsock virtio_net virtio_rng guest_protocol dns template_state rootfs_archive"}
 cache=${CLEAVE_CACHE:-$HOME/.cache/cleave}/fuzz
 triple=x86_64-unknown-linux-gnu
 out="$here/target/fuzz"

@@ -172,6 +172,7 @@ impl BaseImage {
 }
 
 /// A finished build and what it took.
+#[derive(Debug)]
 pub struct BuiltImage {
     pub record: ImageRecord,
     pub took: Duration,
@@ -415,5 +416,142 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> BaseImage {
+        BaseImage {
+            kernel: PinnedFile {
+                role: Role::Kernel,
+                path: "/cache/vmlinux".into(),
+                sha256: Digest::of(b"kernel"),
+            },
+            agent: b"the guest agent".to_vec(),
+        }
+    }
+
+    fn tree(dir: &Path) -> Source {
+        let root = dir.join("rootfs");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/hostname"), "img\n").unwrap();
+        Source::Dir(root)
+    }
+
+    fn name(s: &str) -> ImageName {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_build_is_pinned_listed_and_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::at(d.path().join("images"));
+        let built = store
+            .build(&name("img"), &tree(d.path()), &base(), &Limits::default())
+            .unwrap();
+        let r = &built.record;
+        let cpio = fs::read(&r.initrd.path).unwrap();
+        assert_eq!(Digest::of(&cpio), r.initrd.sha256);
+        assert_eq!(r.initrd_bytes, cpio.len() as u64);
+        assert_eq!(
+            newc::find_file(&cpio, "init").unwrap(),
+            Some(&b"the guest agent"[..])
+        );
+        assert_eq!(r.kernel.sha256, Digest::of(b"kernel"));
+        assert!(r.source.starts_with("dir:"), "{}", r.source);
+        // The spec a boot checks is the record's.
+        let spec = store.get(&name("img")).unwrap().spec();
+        assert_eq!(spec.initrd.read_verified().unwrap(), cpio);
+        let all = store.list().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].as_ref().unwrap(), r);
+        // Nothing but the image itself is left in the store.
+        let names: Vec<_> = fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["img"]);
+        store.remove(&name("img")).unwrap();
+        assert!(matches!(
+            store.get(&name("img")),
+            Err(ImageStoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.remove(&name("img")),
+            Err(ImageStoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn names_taken_reserved_or_malformed_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::at(d.path().join("images"));
+        let src = tree(d.path());
+        store
+            .build(&name("img"), &src, &base(), &Limits::default())
+            .unwrap();
+        let e = store
+            .build(&name("img"), &src, &base(), &Limits::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("exists already"), "{e}");
+        let e = store
+            .build(&name(DEFAULT_IMAGE), &src, &base(), &Limits::default())
+            .unwrap_err();
+        assert!(matches!(e, ImageStoreError::Reserved), "{e}");
+        for bad in ["", "../x", "A", "a/b", &"a".repeat(64)] {
+            let e = bad.parse::<ImageName>().unwrap_err().to_string();
+            assert!(e.contains("not a valid image name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_failed_build_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::at(d.path().join("images"));
+        let src = tree(d.path());
+        let tiny = Limits {
+            max_entries: 1,
+            ..Limits::default()
+        };
+        let e = store.build(&name("img"), &src, &base(), &tiny).unwrap_err();
+        assert!(e.to_string().contains("building image img"), "{e}");
+        assert_eq!(fs::read_dir(store.dir()).unwrap().count(), 0);
+        let missing = Source::Tar(d.path().join("nope.tar"));
+        assert!(store
+            .build(&name("img"), &missing, &base(), &Limits::default())
+            .is_err());
+        assert_eq!(fs::read_dir(store.dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_record_that_points_elsewhere_or_a_shared_store_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::at(d.path().join("images"));
+        store
+            .build(&name("img"), &tree(d.path()), &base(), &Limits::default())
+            .unwrap();
+        let rec = store.dir().join("img").join(RECORD);
+        let text = fs::read_to_string(&rec).unwrap();
+        let moved = text.replace(
+            &store
+                .dir()
+                .join("img")
+                .join(INITRAMFS)
+                .display()
+                .to_string(),
+            "/tmp/other.cpio",
+        );
+        fs::write(&rec, moved).unwrap();
+        let e = store.get(&name("img")).unwrap_err().to_string();
+        assert!(e.contains("not in the image's directory"), "{e}");
+        fs::write(&rec, &text).unwrap();
+        store.get(&name("img")).unwrap();
+        fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o777)).unwrap();
+        let e = store.get(&name("img")).unwrap_err().to_string();
+        assert!(e.contains("mode 777"), "{e}");
     }
 }

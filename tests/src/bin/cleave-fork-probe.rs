@@ -7,7 +7,7 @@
 //!   template whose reseed fails, no command can ever run in a fork, whatever the host
 //!   does).
 //! - `bench TEMPLATE FORKS COLD`: fork → ready (gate passed) over FORKS sequential forks
-//!   beside cold boot → ready over COLD boots of the same image; JSON.
+//!   beside cold boot → ready over COLD boots of the template's image; JSON.
 //! - `idle TEMPLATE N...`: for each N, N idle forks at once: unique memory per fork
 //!   (worker private memory, guest pages copied included) and creation rate; JSON.
 
@@ -20,10 +20,9 @@ use cleave_agent::fork::gate;
 use cleave_agent::fork::sandbox::{worker_exe, Sandbox, WarmWorker};
 use cleave_agent::fork::store::{TemplateMeta, TemplateStore};
 use cleave_agent::fork::worker::{Encoded, Worker};
+use cleave_agent::host::kvm;
 use cleave_agent::host::memory::{self, ProcessMemory};
-use cleave_agent::host::{kvm, paths};
-use cleave_agent::image::Manifest;
-use cleave_agent::node::boot::BASE_CMDLINE;
+use cleave_agent::node::boot::{resolve_image, BASE_CMDLINE};
 use cleave_agent::vmm::agent_vm::AgentVm;
 use cleave_agent::vmm::config::MachineConfig;
 use cleave_agent::vmm::open_kvm;
@@ -124,9 +123,9 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     }
     // Cold boot → ready of the same image and machine shape, in this process.
     kvm::require_linux_capable()?;
-    let image = Manifest::load(&paths::default_image_manifest())?
-        .spec()
-        .load_verified()?;
+    // The template's own image (the built-in one, or one `cleave image build` made).
+    let name = meta.image.as_deref().map(str::parse).transpose()?;
+    let image = resolve_image(name.as_ref())?.spec.load_verified()?;
     let kvm = open_kvm()?;
     let machine = MachineConfig::new(meta.mem_mib, u64::from(meta.vcpus))?;
     let mut cold_ms = Vec::with_capacity(cold);
