@@ -18,11 +18,23 @@ pub enum ManifestError {
     Malformed { path: PathBuf, reason: String },
 }
 
+/// A file and its pin, as a manifest or an image record writes it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
     pub path: PathBuf,
     pub sha256: Digest,
+}
+
+impl Entry {
+    /// The file pinned for `role`.
+    pub fn pinned(&self, role: Role) -> PinnedFile {
+        PinnedFile {
+            role,
+            path: self.path.clone(),
+            sha256: self.sha256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -64,16 +76,8 @@ impl Manifest {
 
     pub fn spec(&self) -> ImageSpec {
         ImageSpec {
-            kernel: PinnedFile {
-                role: Role::Kernel,
-                path: self.kernel.path.clone(),
-                sha256: self.kernel.sha256,
-            },
-            initrd: PinnedFile {
-                role: Role::Initrd,
-                path: self.initrd.path.clone(),
-                sha256: self.initrd.sha256,
-            },
+            kernel: self.kernel.pinned(Role::Kernel),
+            initrd: self.initrd.pinned(Role::Initrd),
         }
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::manifest::Entry;
 use super::rootfs::{self, newc, ExecDefaults, Limits, Source};
 use super::{Digest, ImageSpec, PinnedFile, Role};
 use crate::fork::store::TemplateName;
@@ -105,14 +106,6 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageSto
     move |source| ImageStoreError::Io { what, path, source }
 }
 
-/// A pinned file as `image.json` records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PinRecord {
-    pub path: PathBuf,
-    pub sha256: Digest,
-}
-
 /// What an image is: `image.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -121,8 +114,8 @@ pub struct ImageRecord {
     pub created: u64,
     /// What it was built from, as given (`dir:PATH`, `tar:PATH`, `oci:PATH[:TAG]`).
     pub source: String,
-    pub kernel: PinRecord,
-    pub initrd: PinRecord,
+    pub kernel: Entry,
+    pub initrd: Entry,
     /// Bytes of the initramfs.
     pub initrd_bytes: u64,
     /// Entries in the tree and bytes of file data in it.
@@ -137,16 +130,8 @@ impl ImageRecord {
     /// Its kernel and initramfs with their pins, for a boot.
     pub fn spec(&self) -> ImageSpec {
         ImageSpec {
-            kernel: PinnedFile {
-                role: Role::Kernel,
-                path: self.kernel.path.clone(),
-                sha256: self.kernel.sha256,
-            },
-            initrd: PinnedFile {
-                role: Role::Initrd,
-                path: self.initrd.path.clone(),
-                sha256: self.initrd.sha256,
-            },
+            kernel: self.kernel.pinned(Role::Kernel),
+            initrd: self.initrd.pinned(Role::Initrd),
         }
     }
 }
@@ -261,11 +246,11 @@ impl ImageStore {
             name: name.clone(),
             created: crate::node::templates::unix_now(),
             source: describe(source),
-            kernel: PinRecord {
+            kernel: Entry {
                 path: base.kernel.path.clone(),
                 sha256: base.kernel.sha256,
             },
-            initrd: PinRecord {
+            initrd: Entry {
                 path: final_dir.join(INITRAMFS),
                 sha256,
             },
