@@ -117,8 +117,8 @@ fn list(store: &TemplateStore) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:>8} {:>5} {:>10} {:>12}  {:<12}  {:<16}",
-        "NAME", "MEM_MIB", "VCPUS", "DISK_MIB", "AGE", "KERNEL", "IMAGE"
+        "{:<20} {:>8} {:>5} {:>10} {:>12}  {:<12}  IMAGE",
+        "NAME", "MEM_MIB", "VCPUS", "DISK_MIB", "AGE", "KERNEL"
     );
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

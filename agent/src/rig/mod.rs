@@ -39,6 +39,8 @@ pub const IN_RIG_ENV: &str = "CLEAVE_IN_RIG";
 /// Host environment variables a rig command inherits by default.
 const INHERITED_ENV: &[&str] = &[
     "HOME",
+    // The image store (`cleave image build`): the host's is seen read-only in the rig.
+    "CLEAVE_IMAGES",
     "PATH",
     "RUST_LOG",
     "RUST_BACKTRACE",
