@@ -42,6 +42,7 @@ impl Daemon {
             .arg("--audit-log")
             .arg(dir.path().join("audit.jsonl"))
             .env("XDG_RUNTIME_DIR", dir.path())
+            .env("CLEAVE_IMAGES", dir.path().join("images"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -200,6 +201,23 @@ fn bad_requests_get_clear_statuses_and_change_nothing() {
             .await,
             Code::NotFound,
             "no sandbox",
+        )
+        .await;
+        let from_image = |image: &str| pb::CreateTemplateRequest {
+            name: "t".into(),
+            image: image.into(),
+            ..Default::default()
+        };
+        expect_err(
+            tp.create_template(from_image("../x")).await,
+            Code::InvalidArgument,
+            "not a valid image name",
+        )
+        .await;
+        expect_err(
+            tp.create_template(from_image("nosuch")).await,
+            Code::NotFound,
+            "cleave image build",
         )
         .await;
         expect_err(

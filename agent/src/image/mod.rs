@@ -15,14 +15,27 @@ use std::path::{Path, PathBuf};
 pub use digest::Digest;
 pub use manifest::Manifest;
 
-/// Largest kernel or initramfs we read; anything bigger is a mistake, not an image.
-pub const MAX_FILE_BYTES: u64 = 1 << 30;
+/// Largest kernel we read; anything bigger is a mistake, not a kernel.
+pub const MAX_KERNEL_BYTES: u64 = 1 << 30;
+/// Largest initramfs we read: an image's tree may hold 2 GiB of files
+/// (`rootfs::Limits`), plus headers and the agent.
+pub const MAX_INITRD_BYTES: u64 = 3 << 30;
 
 /// What a file is for, named in every error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Kernel,
     Initrd,
+}
+
+impl Role {
+    /// The most bytes a file of this role may have.
+    pub fn max_bytes(self) -> u64 {
+        match self {
+            Role::Kernel => MAX_KERNEL_BYTES,
+            Role::Initrd => MAX_INITRD_BYTES,
+        }
+    }
 }
 
 impl fmt::Display for Role {
@@ -44,11 +57,14 @@ pub enum ImageError {
     },
     #[error("{role} {path} is a directory, not a file")]
     Directory { role: Role, path: PathBuf },
-    #[error("{role} {path} is {size} bytes, more than the {MAX_FILE_BYTES}-byte limit: is this the right file?")]
+    #[error(
+        "{role} {path} is {size} bytes, more than the {limit}-byte limit: is this the right file?"
+    )]
     TooLarge {
         role: Role,
         path: PathBuf,
         size: u64,
+        limit: u64,
     },
     #[error("{role} {path} is empty")]
     Empty { role: Role, path: PathBuf },
@@ -124,16 +140,26 @@ fn read_bounded(role: Role, path: &Path) -> Result<Vec<u8>, ImageError> {
         });
     }
     let file = std::fs::File::open(path).map_err(unreadable)?;
-    let mut bytes = Vec::with_capacity(meta.len().min(MAX_FILE_BYTES) as usize);
+    let limit = role.max_bytes();
+    if meta.len() > limit {
+        return Err(ImageError::TooLarge {
+            role,
+            path: path.to_owned(),
+            size: meta.len(),
+            limit,
+        });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
     // Bound the read itself too: the file may grow after the metadata call.
-    file.take(MAX_FILE_BYTES + 1)
+    file.take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(unreadable)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
+    if bytes.len() as u64 > limit {
         return Err(ImageError::TooLarge {
             role,
             path: path.to_owned(),
             size: bytes.len() as u64,
+            limit,
         });
     }
     if bytes.is_empty() {
@@ -209,6 +235,32 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("refusing to boot"), "{err}");
+    }
+
+    #[test]
+    fn files_over_their_roles_limit_are_refused_before_they_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = pinned(dir.path(), "k", b"x", Role::Kernel);
+        // Sparse: no disk, and nothing is read.
+        std::fs::File::options()
+            .write(true)
+            .open(&k.path)
+            .unwrap()
+            .set_len(MAX_KERNEL_BYTES + 1)
+            .unwrap();
+        let e = k.read_verified().unwrap_err().to_string();
+        assert!(e.contains("kernel") && e.contains("limit"), "{e}");
+        // An initramfs of that size is an image's tree, not a mistake.
+        let i = pinned(dir.path(), "i", b"x", Role::Initrd);
+        assert!(MAX_INITRD_BYTES > MAX_KERNEL_BYTES + 1);
+        std::fs::File::options()
+            .write(true)
+            .open(&i.path)
+            .unwrap()
+            .set_len(MAX_INITRD_BYTES + 1)
+            .unwrap();
+        let e = i.read_verified().unwrap_err().to_string();
+        assert!(e.contains("initramfs") && e.contains("3221225472"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::pb::templates_server::Templates;
 use super::pb::{self};
 use super::{blocking, caller_of, status_of, Api, Finish};
 use crate::fork::store::{TemplateMeta, TemplateName};
-use crate::image::store::ImageName;
+use crate::image::store::{ImageName, ImageStore, ImageStoreError};
 use crate::node::boot::resolve_image;
 use crate::node::templates::TemplateSpec;
 
@@ -27,6 +27,26 @@ pub fn template_pb(m: &TemplateMeta) -> pb::Template {
         usable: why.is_none(),
         unusable_reason: why.unwrap_or_default(),
         image: m.image_label().to_string(),
+    }
+}
+
+/// The image a template request names, checked to exist before anything boots.
+fn image_of(name: &str) -> Result<Option<ImageName>, Status> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let image = name
+        .parse::<ImageName>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    match ImageStore::default_location().get(&image) {
+        Ok(_) => Ok(Some(image)),
+        Err(e @ ImageStoreError::NotFound(_)) => Err(Status::not_found(e.to_string())),
+        Err(e) => {
+            tracing::error!(error = %e, image = %image, "image unusable");
+            Err(Status::failed_precondition(format!(
+                "image {image} cannot be used; the node log says why"
+            )))
+        }
     }
 }
 
@@ -62,13 +82,7 @@ impl Templates for Api {
                 },
                 boot_timeout: Duration::from_secs(120),
                 warmup: req.warmup.iter().map(Into::into).collect(),
-                image: match req.image.as_str() {
-                    "" => None,
-                    i => Some(
-                        i.parse::<ImageName>()
-                            .map_err(|e| Status::invalid_argument(e.to_string()))?,
-                    ),
-                },
+                image: image_of(&req.image)?,
                 ..TemplateSpec::new(name)
             };
             let node = self.node.clone();
