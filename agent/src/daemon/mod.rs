@@ -12,7 +12,6 @@ pub mod rate;
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -313,8 +312,9 @@ fn exclusive(path: &Path) -> anyhow::Result<File> {
         .write(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on an fd we own; no memory is passed.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let locked = crate::host::lock::try_exclusive(&f)
+        .with_context(|| format!("locking {}", path.display()))?;
+    if !locked {
         anyhow::bail!(
             "another cleave daemon is running with this state directory ({} is locked); \
              stop it first",

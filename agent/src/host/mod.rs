@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod entropy;
 pub mod fingerprint;
 pub mod kvm;
+pub mod lock;
 pub mod memory;
 pub mod paths;
 

@@ -210,6 +210,7 @@ impl ImageStore {
                     .map_err(io_err("drawing a name for a build directory in", &self.dir))?
             )
         ));
+        self.remove_abandoned_builds();
         let result = self.build_in(&staging, &final_dir, name, source, base, limits);
         if result.is_err() {
             let _ = fs::remove_dir_all(&staging);
@@ -230,6 +231,10 @@ impl ImageStore {
         limits: &Limits,
     ) -> Result<ImageRecord, ImageStoreError> {
         fs::create_dir(staging).map_err(io_err("creating", staging))?;
+        // Held until the build ends: a staging directory nobody holds was left by a
+        // build that died, and the next build removes it.
+        let held = fs::File::open(staging).map_err(io_err("opening", staging))?;
+        crate::host::lock::try_exclusive(&held).map_err(io_err("locking", staging))?;
         let cpio_path = staging.join(INITRAMFS);
         let file = fs::File::create(&cpio_path).map_err(io_err("creating", &cpio_path))?;
         let mut out = HashingWriter::new(BufWriter::new(file));
@@ -274,6 +279,25 @@ impl ImageStore {
             }
         })?;
         Ok(record)
+    }
+
+    /// Removes the staging directories of builds that died (no live build holds them).
+    fn remove_abandoned_builds(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let staging = entry.file_name().to_string_lossy().starts_with(".build-");
+            let abandoned = staging
+                && fs::File::open(&path)
+                    .and_then(|f| crate::host::lock::try_exclusive(&f))
+                    .unwrap_or(false);
+            if abandoned {
+                tracing::info!(dir = %path.display(), "removing an abandoned image build");
+                let _ = fs::remove_dir_all(&path);
+            }
+        }
     }
 
     /// The record of `name` (its files are checked against it when it boots).
@@ -509,6 +533,26 @@ mod tests {
             .build(&name("img"), &missing, &base(), &Limits::default())
             .is_err());
         assert_eq!(fs::read_dir(store.dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_build_that_died_is_cleaned_up_and_a_live_one_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::at(d.path().join("images"));
+        paths::private_dir(store.dir()).unwrap();
+        let dead = store.dir().join(".build-dead");
+        let live = store.dir().join(".build-live");
+        for dir in [&dead, &live] {
+            fs::create_dir(dir).unwrap();
+            fs::write(dir.join(INITRAMFS), b"half").unwrap();
+        }
+        let holder = fs::File::open(&live).unwrap();
+        assert!(crate::host::lock::try_exclusive(&holder).unwrap());
+        store
+            .build(&name("img"), &tree(d.path()), &base(), &Limits::default())
+            .unwrap();
+        assert!(!dead.exists(), "an abandoned build is removed");
+        assert!(live.exists(), "a build in progress is left alone");
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! by whoever claims it next) and a lock that can be taken means nobody alive owns it.
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -78,13 +77,10 @@ pub fn try_claim(dir: &Path, index: u32) -> Result<Option<SlotLease>, LeaseError
                 path: path.clone(),
                 source,
             })?;
-        // SAFETY: flock on an fd we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Ok(None);
-            }
-            return Err(LeaseError::Lock { path, source: e });
+        match crate::host::lock::try_exclusive(&file) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(source) => return Err(LeaseError::Lock { path, source }),
         }
         // The previous holder may have unlinked the path between our open and our lock:
         // then we locked an orphan; start again on the current file.
