@@ -39,6 +39,11 @@ impl ImageName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether this names the built-in image.
+    pub fn is_default(&self) -> bool {
+        self.0 == DEFAULT_IMAGE
+    }
 }
 
 impl std::str::FromStr for ImageName {
@@ -195,7 +200,7 @@ impl ImageStore {
         limits: &Limits,
     ) -> Result<BuiltImage, ImageStoreError> {
         let started = Instant::now();
-        if name.as_str() == DEFAULT_IMAGE {
+        if name.is_default() {
             return Err(ImageStoreError::Reserved);
         }
         paths::private_dir(&self.dir)?;

@@ -40,9 +40,9 @@ pub struct ResolvedImage {
 }
 
 /// The image `name` from the image store (`cleave image build`), or the built-in default
-/// image when `name` is `None`.
+/// image when `name` is `None` or `default`.
 pub fn resolve_image(name: Option<&ImageName>) -> anyhow::Result<ResolvedImage> {
-    let Some(name) = name else {
+    let Some(name) = name.filter(|n| !n.is_default()) else {
         return Ok(ResolvedImage {
             name: None,
             spec: default_image()?,
@@ -157,6 +157,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("make image"), "{e}");
+    }
+
+    #[test]
+    fn the_name_default_is_the_built_in_image() {
+        // `make test` builds the default image first.
+        let named = resolve_image(Some(&"default".parse().unwrap())).unwrap();
+        let unnamed = resolve_image(None).unwrap();
+        assert_eq!(named.name, None);
+        assert_eq!(named.spec, unnamed.spec);
+        assert_eq!(named.defaults, ExecDefaults::default());
     }
 
     #[test]

@@ -168,7 +168,7 @@ pub fn ensure(
             }
         }
         if let Some(asked) = &spec.image {
-            if meta.image.as_deref() != Some(asked.as_str()) {
+            if meta.image_label() != asked.as_str() {
                 anyhow::bail!(
                     "template {} was made from {}, not image {asked}: leave out --image, or \
                      use another template name (`cleave template create --name NAME --image \

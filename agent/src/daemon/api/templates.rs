@@ -30,7 +30,8 @@ pub fn template_pb(m: &TemplateMeta) -> pb::Template {
     }
 }
 
-/// The image a template request names, checked to exist before anything boots.
+/// The image a template request names (empty or `default`: the built-in one), checked to
+/// exist before anything boots.
 fn image_of(name: &str) -> Result<Option<ImageName>, Status> {
     if name.is_empty() {
         return Ok(None);
@@ -38,6 +39,9 @@ fn image_of(name: &str) -> Result<Option<ImageName>, Status> {
     let image = name
         .parse::<ImageName>()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if image.is_default() {
+        return Ok(None);
+    }
     match ImageStore::default_location().get(&image) {
         Ok(_) => Ok(Some(image)),
         Err(e @ ImageStoreError::NotFound(_)) => Err(Status::not_found(e.to_string())),
