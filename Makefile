@@ -38,10 +38,12 @@ deps:
 manifests: deps
 	@scripts/validate-manifests.sh
 
-# The guest agent is PID 1 in an initramfs with no libc: link it statically. Its own
-# target dir keeps these flags from invalidating the host build.
+# The guest agent is PID 1 in an initramfs with no libc: link it statically, and without
+# symbols or debug info (it is in every image and every template's memory: 16 MiB with
+# them, 3 MiB without). Its own target dir keeps these flags from invalidating the host
+# build.
 guest:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p cleave-guest \
+	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" $(CARGO) build --release -p cleave-guest \
 	  --target $(TRIPLE) --target-dir target/guest
 
 image: guest
