@@ -87,10 +87,11 @@ pub enum ImageStoreError {
     NotFound(ImageName),
     #[error(transparent)]
     Private(#[from] PrivateDirError),
-    #[error("building image {name}: {source}")]
+    // Not a `source`: the rootfs error says its own cause, and the CLI prints the chain.
+    #[error("building image {name}: {error}")]
     Rootfs {
         name: ImageName,
-        source: rootfs::RootfsError,
+        error: rootfs::RootfsError,
     },
     #[error("the default image's initramfs has no /init to take the guest agent from: rebuild it with `make image`")]
     NoAgent,
@@ -244,10 +245,10 @@ impl ImageStore {
         let file = fs::File::create(&cpio_path).map_err(io_err("creating", &cpio_path))?;
         let mut out = HashingWriter::new(BufWriter::new(file));
         let built =
-            rootfs::build(source, &base.agent, staging, limits, &mut out).map_err(|source| {
+            rootfs::build(source, &base.agent, staging, limits, &mut out).map_err(|error| {
                 ImageStoreError::Rootfs {
                     name: name.clone(),
-                    source,
+                    error,
                 }
             })?;
         let (sha256, bytes, file) = out.finish().map_err(io_err("writing", &cpio_path))?;
