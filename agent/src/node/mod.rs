@@ -176,7 +176,7 @@ pub struct LiveSandbox {
     pub identity_time: Option<Duration>,
     pub reseeded: bool,
     /// Its image's exec defaults (environment, working directory, user).
-    pub defaults: ExecDefaults,
+    pub defaults: Arc<ExecDefaults>,
     credential: Credential,
     client: Arc<Client>,
     worker_pid: u32,
@@ -222,6 +222,8 @@ impl Drop for ExecSlot {
 /// A template loaded for forking, with its warm pool.
 pub struct Forkable {
     pub meta: TemplateMeta,
+    /// `meta.defaults`, shared by every sandbox of the template (not copied per fork).
+    defaults: Arc<ExecDefaults>,
     pool: WarmPool,
 }
 
@@ -386,6 +388,7 @@ impl Node {
     ) -> Result<Arc<Forkable>, NodeError> {
         let encoded = Encoded::new(&template).map_err(ForkError::from)?;
         let f = Arc::new(Forkable {
+            defaults: Arc::new(meta.defaults.clone()),
             pool: WarmPool::new(
                 self.exe.clone(),
                 encoded,
@@ -601,7 +604,7 @@ impl Node {
             net_time,
             identity_time: sandbox.identity_time(),
             reseeded: sandbox.reseed_reply().reseeded,
-            defaults: forkable.meta.defaults.clone(),
+            defaults: forkable.defaults.clone(),
             credential: token.credential(),
             client: sandbox.shared_client(),
             worker_pid: pid,
