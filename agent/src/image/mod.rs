@@ -240,26 +240,22 @@ mod tests {
     #[test]
     fn files_over_their_roles_limit_are_refused_before_they_are_read() {
         let dir = tempfile::tempdir().unwrap();
-        let k = pinned(dir.path(), "k", b"x", Role::Kernel);
-        // Sparse: no disk, and nothing is read.
-        std::fs::File::options()
-            .write(true)
-            .open(&k.path)
-            .unwrap()
-            .set_len(MAX_KERNEL_BYTES + 1)
-            .unwrap();
-        let e = k.read_verified().unwrap_err().to_string();
-        assert!(e.contains("kernel") && e.contains("limit"), "{e}");
-        // An initramfs of that size is an image's tree, not a mistake.
-        let i = pinned(dir.path(), "i", b"x", Role::Initrd);
-        std::fs::File::options()
-            .write(true)
-            .open(&i.path)
-            .unwrap()
-            .set_len(MAX_INITRD_BYTES + 1)
-            .unwrap();
-        let e = i.read_verified().unwrap_err().to_string();
-        assert!(e.contains("initramfs") && e.contains("3221225472"), "{e}");
+        // Each role has its own limit (an initramfs holds an image's whole tree).
+        for (name, role, named) in [
+            ("k", Role::Kernel, "1073741824"),
+            ("i", Role::Initrd, "3221225472"),
+        ] {
+            let f = pinned(dir.path(), name, b"x", role);
+            // Sparse: no disk, and nothing is read.
+            std::fs::File::options()
+                .write(true)
+                .open(&f.path)
+                .unwrap()
+                .set_len(role.max_bytes() + 1)
+                .unwrap();
+            let e = f.read_verified().unwrap_err().to_string();
+            assert!(e.contains(&role.to_string()) && e.contains(named), "{e}");
+        }
     }
 
     #[test]
