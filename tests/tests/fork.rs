@@ -2,8 +2,8 @@
 //! user types: templates created, listed and removed; 16 forks whose `/dev/urandom` and
 //! `getrandom` differ from each other and from the template's own read before capture;
 //! the reseed gate's three failure cases (reseeded: false, no answer, wrong nonce), each
-//! reaped with no command run in it; memory writes private to each fork; nothing left
-//! behind. One rig boot for all.
+//! reaped with no command run in it; memory writes private to each fork; forks keep time
+//! without a PIT; nothing left behind. One rig boot for all.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -19,6 +19,11 @@ fn fork_probe_bin() -> PathBuf {
 const RUNTIME: &str = "/tmp/cleave-fork-test";
 /// Prints 64 bytes of /dev/urandom and 64 of getrandom(2), one hex line each.
 const READ: &str = "head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; /init getrandom 64";
+
+/// Prints the guest's tick device and how long `sleep 1` took by the guest's own clock.
+const TIMERS: &str = "cat /sys/devices/system/clockevents/clockevent0/current_device; \
+    a=$(cut -d' ' -f1 /proc/uptime); sleep 1; b=$(cut -d' ' -f1 /proc/uptime); \
+    echo slept $a $b";
 
 /// The 128-hex-digit lines in `s` (64-byte reads).
 fn reads(s: &str) -> Vec<String> {
@@ -64,6 +69,20 @@ fn forks_end_to_end() {
                 "{cleave} run --forks 8 --template rnd --json -- sh -c \
                  'cat /sys/class/misc/hw_random/rng_current; \
                  head -c 64 /dev/hwrng | od -An -tx1 | tr -d \" \\n\"; echo'"
+            ),
+        ),
+        // Forks have no PIT (the template booted with one): the guest ticks on its LAPIC
+        // timer, sleeps for as long as it asked, and no `kvm-pit` thread runs on the host
+        // while two forks do.
+        Scenario::new(
+            "fork-timers",
+            format!(
+                "{cleave} run --forks 1 --template rnd -- sh -c {timers}; \
+                 {cleave} run --forks 2 --template rnd -- sleep 10 >/dev/null & \
+                 for i in $(seq 1 120); do n=$(ps -eLo comm | grep -c '^vcpu0'); \
+                 [ \"$n\" -ge 2 ] && break; sleep 0.25; done; \
+                 echo vcpus=$n pits=$(ps -eLo comm | grep -c '^kvm-pit'); wait",
+                timers = sh_quote(TIMERS),
             ),
         ),
         // Each fork writes a file and 16 MiB into its guest RAM; later forks see none of it.
@@ -206,6 +225,31 @@ fn forks_end_to_end() {
         r,
         hw.len() == 8 && hw.iter().collect::<HashSet<_>>().len() == 8,
         "8 forks read 64 bytes each from /dev/hwrng, all different",
+    );
+
+    let r = by("fork-timers");
+    f.check(
+        r,
+        r.output.lines().any(|l| l.trim().starts_with("lapic")),
+        "a fork's guest ticks on its local APIC timer",
+    );
+    let slept = r
+        .output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("slept "))
+        .and_then(|l| {
+            let v: Vec<f64> = l.split(' ').filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 2).then(|| v[1] - v[0])
+        });
+    f.check(
+        r,
+        slept.is_some_and(|d| (0.95..10.0).contains(&d)),
+        &format!("`sleep 1` in a fork without a PIT sleeps about a second ({slept:?})"),
+    );
+    f.check(
+        r,
+        r.output.contains("vcpus=2 pits=0"),
+        "no kvm-pit thread on the host while two forks run",
     );
 
     let r = by("isolation");

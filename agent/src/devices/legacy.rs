@@ -1,11 +1,19 @@
 //! The port-I/O devices of a PC that a microVM guest touches, and the dispatch from a port
 //! number to the device that decodes it. Unclaimed reads float high (0xff), as on real
 //! hardware; unclaimed writes are ignored.
+//!
+//! System control port B (0x61) reads as 0 here. A VM with the in-kernel PIT never asks
+//! us (KVM answers it), but a fork has no PIT, and its guest reads the port for the
+//! reason of an NMI: 0xff would report a parity and an I/O channel error that never
+//! happened.
 
 use super::debug_exit::{self, DebugExit};
 use super::i8042::{self, I8042};
 use super::serial::{self, Serial};
 use super::GuestEnd;
+
+/// System control port B: NMI reasons, PC speaker gate.
+const SYSTEM_CONTROL_B: u16 = 0x61;
 
 pub struct LegacyDevices {
     pub serial: Serial,
@@ -37,6 +45,7 @@ impl LegacyDevices {
         }
         match port {
             i8042::DATA_PORT | i8042::COMMAND_PORT => self.i8042.read(port, data),
+            SYSTEM_CONTROL_B => data.fill(0),
             _ => data.fill(0xff),
         }
     }
@@ -66,6 +75,17 @@ mod tests {
         let (console, writer) = Console::new(None, Some("hi"));
         let serial = Serial::new(Box::new(writer), None).unwrap();
         (console, LegacyDevices::new(serial))
+    }
+
+    #[test]
+    fn port_b_reports_no_nmi_reason_and_other_ports_float_high() {
+        let (_console, mut d) = devices();
+        let mut b = [0xaa];
+        d.pio_read(SYSTEM_CONTROL_B, &mut b);
+        assert_eq!(b, [0]);
+        d.pio_read(0x40, &mut b);
+        assert_eq!(b, [0xff]);
+        assert_eq!(d.pio_write(0x43, &[0x30]), None);
     }
 
     #[test]

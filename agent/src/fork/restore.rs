@@ -8,10 +8,18 @@
 //! 1. `KVM_CREATE_VM`, TSS address.
 //! 2. Memory slot *before* `KVM_CREATE_IRQCHIP`: registering it afterwards costs ~100x
 //!    (measured: 7.4 ms instead of 0.06 ms).
-//! 3. Irqchip and PIT, then the vCPUs (after the irqchip, so each gets an in-kernel
-//!    LAPIC) with the template's CPUID, which KVM wants before any other vCPU state.
-//!    End of the shell: it holds nothing that changes with time.
-//! 4. PIT and irqchip state, then the clock.
+//! 3. Irqchip, then the vCPUs (after the irqchip, so each gets an in-kernel LAPIC) with
+//!    the template's CPUID, which KVM wants before any other vCPU state. End of the
+//!    shell: it holds nothing that changes with time.
+//! 4. Irqchip state, then the clock.
+//!
+//! A fork has no PIT. A Linux guest needs one only while it boots (to calibrate its TSC
+//! and before its local APIC timer takes over); the template booted with one, and from
+//! then on ticks on the LAPIC timer (KVM reports ARAT, so no broadcast device is
+//! needed). Without it a fork is one kernel thread (`kvm-pit/<pid>`) lighter, its shell
+//! waits for one SRCU grace period fewer, and its teardown does not stop that thread.
+//! The rig's `fork-timers` scenario (tests/tests/fork.rs) proves a fork's guest keeps
+//! time and sleeps without it.
 //! 5. Devices from their saved state (COM1 with its own irqfd and console; the vsock
 //!    device on the fork's own socket, at the template's address and IRQ, followed by a
 //!    transport-reset event so the guest drops the template's connections and keeps its
@@ -20,7 +28,7 @@
 //!    (which also set the APIC base), FPU/XSAVE, XCRs, debug registers, LAPIC, then MSRs
 //!    (after the LAPIC, or KVM ignores the TSC-deadline MSR), and pending events last.
 //!
-//! Teardown is not here: dropping a VM with a PIT costs 16–23 ms in the kernel, so a
+//! Teardown is not here: dropping a VM costs milliseconds in the kernel, so a
 //! caller that cares drops forks off its fork path (a reaper thread, or the fork's own
 //! process exiting).
 
@@ -97,7 +105,7 @@ fn vm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> RestoreError {
     move |source| RestoreError::Vm { op, source }
 }
 
-/// Where the time of one fork went, step by step (in the order they run). The first five
+/// Where the time of one fork went, step by step (in the order they run). The first four
 /// are the [`Shell`] ([`prepare`]), the last three [`Shell::finish`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoreTimings {
@@ -107,11 +115,9 @@ pub struct RestoreTimings {
     pub map_memory: Duration,
     /// `KVM_CREATE_IRQCHIP` (PIC, IO-APIC, default IRQ routing).
     pub irqchip: Duration,
-    /// `KVM_CREATE_PIT2`.
-    pub pit: Duration,
     /// `KVM_CREATE_VCPU` (+ mapping `kvm_run`) and `KVM_SET_CPUID2` (the template's CPU).
     pub create_vcpus: Duration,
-    /// `KVM_SET_PIT2`, `KVM_SET_IRQCHIP` x3, `KVM_SET_CLOCK`.
+    /// `KVM_SET_IRQCHIP` x3, `KVM_SET_CLOCK`.
     pub vm_state: Duration,
     /// Devices from their state, with their irqfds.
     pub devices: Duration,
@@ -120,11 +126,10 @@ pub struct RestoreTimings {
 }
 
 impl RestoreTimings {
-    pub const STEP_NAMES: [&'static str; 8] = [
+    pub const STEP_NAMES: [&'static str; 7] = [
         "create_vm",
         "map_memory",
         "irqchip",
-        "pit",
         "create_vcpus",
         "vm_state",
         "devices",
@@ -132,12 +137,11 @@ impl RestoreTimings {
     ];
 
     /// The steps in order, as [`STEP_NAMES`](Self::STEP_NAMES).
-    pub fn steps(&self) -> [Duration; 8] {
+    pub fn steps(&self) -> [Duration; 7] {
         [
             self.create_vm,
             self.map_memory,
             self.irqchip,
-            self.pit,
             self.create_vcpus,
             self.vm_state,
             self.devices,
@@ -147,12 +151,12 @@ impl RestoreTimings {
 
     /// Building the shell.
     pub fn shell_build(&self) -> Duration {
-        self.steps()[..5].iter().sum()
+        self.steps()[..4].iter().sum()
     }
 
     /// Restoring state into it.
     pub fn finish(&self) -> Duration {
-        self.steps()[5..].iter().sum()
+        self.steps()[4..].iter().sum()
     }
 
     pub fn total(&self) -> Duration {
@@ -188,10 +192,10 @@ pub fn restore(
 }
 
 /// A VM for one template with nothing of the template's state in it yet: created, its
-/// memory mapped and registered, irqchip, PIT and vCPUs made.
+/// memory mapped and registered, irqchip and vCPUs made (no PIT: see the module docs).
 ///
-/// These are the slow, noisy steps: the memory slot, the irqchip's IRQ routing and the
-/// PIT's I/O ports each wait for a KVM SRCU grace period, which on a busy host can take
+/// These are the slow, noisy steps: the memory slot and the irqchip's IRQ routing each
+/// wait for a KVM SRCU grace period, which on a busy host can take
 /// milliseconds. None of them depends on the fork request, so a pool can make shells ahead
 /// of time and a fork only [`finish`](Shell::finish)es one.
 pub struct Shell {
@@ -215,7 +219,6 @@ impl Shell {
             Ok(ram)
         })?;
         timed(&mut tm.irqchip, || vmm::create_irqchip(&fd))?;
-        timed(&mut tm.pit, || vmm::create_pit(&fd))?;
         let vcpus = timed(&mut tm.create_vcpus, || {
             state
                 .vcpus
@@ -322,7 +325,6 @@ impl Shell {
 
 fn restore_vm(fd: &VmFd, saved: &VmState) -> Result<(), RestoreError> {
     let chip = &saved.irqchip;
-    fd.set_pit2(&chip.pit).map_err(vm_err("KVM_SET_PIT2"))?;
     fd.set_irqchip(&chip.pic_master)
         .map_err(vm_err("KVM_SET_IRQCHIP (PIC master)"))?;
     fd.set_irqchip(&chip.pic_slave)
