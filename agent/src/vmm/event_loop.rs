@@ -1,20 +1,39 @@
 //! The VM's event loop: one thread that waits on every device fd (queue kicks, host
 //! sockets, timers) and runs the device work, so vCPU threads only ever touch registers.
+//!
+//! It sleeps until an fd is ready, with no timeout: an idle fork's loop costs no wake-ups
+//! (10,000 idle forks polling every 50 ms would be 200,000 wake-ups a second). Stopping
+//! it writes an eventfd the loop also watches.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A device that the event loop drives.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// How long one wait may last before the loop checks whether it should stop.
-const POLL_MS: i32 = 50;
+/// Wakes the loop so it sees its stop flag.
+struct Wake(Arc<EventFd>);
+
+impl MutEventSubscriber for Wake {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.0.as_raw_fd(), EventSet::IN)) {
+            tracing::error!(error = ?e, "event loop: cannot watch its stop eventfd");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+}
 
 pub struct EventLoop {
     stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -27,6 +46,8 @@ impl EventLoop {
     ) -> std::io::Result<EventLoop> {
         let mut manager = EventManager::<Subscriber>::new()
             .map_err(|e| std::io::Error::other(format!("creating the event loop: {e:?}")))?;
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        manager.add_subscriber(Arc::new(Mutex::new(Wake(wake.clone()))));
         for s in subscribers {
             manager.add_subscriber(s);
         }
@@ -41,7 +62,7 @@ impl EventLoop {
                     }
                 }
                 while !flag.load(Ordering::Acquire) {
-                    if let Err(e) = manager.run_with_timeout(POLL_MS) {
+                    if let Err(e) = manager.run() {
                         tracing::error!(error = ?e, "event loop failed; devices stop");
                         return;
                     }
@@ -49,6 +70,7 @@ impl EventLoop {
             })?;
         Ok(EventLoop {
             stop,
+            wake,
             thread: Some(thread),
         })
     }
@@ -57,6 +79,11 @@ impl EventLoop {
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            if let Err(e) = self.wake.write(1) {
+                // Without the wake-up the join below could wait forever.
+                tracing::error!(error = %e, "event loop: cannot wake it to stop; leaving its thread");
+                return;
+            }
             let _ = t.join();
         }
     }
@@ -65,5 +92,20 @@ impl EventLoop {
 impl Drop for EventLoop {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_loop_is_woken_to_stop() {
+        let mut l = EventLoop::start(Vec::new(), None::<fn() -> bool>).unwrap();
+        // Let it block in epoll_wait, which has no timeout: only the stop eventfd can end
+        // that wait, so returning from `stop` at all is the proof.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        l.stop();
+        assert!(l.thread.is_none());
     }
 }
