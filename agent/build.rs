@@ -13,6 +13,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .compile_protos(&["proto/cleave/v1/cleave.proto"], &["proto"])?;
     embed_default_image_pins();
+    // The fork worker is linked at a fixed address (its code is still position-independent,
+    // as rustc made it): a position-independent executable has ~250 KiB of pointers that
+    // the dynamic loader rewrites in every process, private to each of 10,000 workers;
+    // fixed, those pages are the file's and shared by them all. ASLR does not move it then;
+    // its stack, heap and libraries still move, and it runs jailed under seccomp.
+    println!("cargo:rustc-link-arg-bin=cleave-fork-worker=-no-pie");
     Ok(())
 }
 

@@ -1,11 +1,14 @@
 //! A worker's process, started with `clone3` rather than `std::process::Command` so it can
 //! be born where the jail wants it — in a PID namespace of its own (it is PID 1 there and
-//! sees no other process) and already inside its cgroup leaf — and held by a pidfd, so a
-//! signal never reaches a recycled pid.
+//! sees no other process) and already inside its cgroup leaf. It holds no fd: it is waited
+//! for on a pidfd opened when needed and signalled by pid, so a node with 10,000 forks
+//! does not spend 10,000 of its fds on them. That is as safe as holding a pidfd: a child
+//! we have not reaped keeps its pid (as a zombie once it exits), and only [`Process`] reaps
+//! it, so its pid cannot name anyone else until then.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -27,7 +30,6 @@ pub struct Birth<'a> {
 #[derive(Debug)]
 pub struct Process {
     pid: u32,
-    pidfd: OwnedFd,
     status: Option<ExitStatus>,
 }
 
@@ -60,8 +62,7 @@ impl Process {
         // The child reports an exec failure's errno here; a successful exec closes it.
         let (report_r, report_w) = pipe()?;
 
-        let mut pidfd: libc::c_int = -1;
-        let mut flags = libc::CLONE_PIDFD as u64;
+        let mut flags = 0u64;
         if birth.new_pid_namespace {
             flags |= libc::CLONE_NEWPID as u64;
         }
@@ -72,7 +73,6 @@ impl Process {
         // as after fork); we set the fields clone3 reads, with pointers that outlive it.
         let mut ca: libc::clone_args = unsafe { std::mem::zeroed() };
         ca.flags = flags;
-        ca.pidfd = &mut pidfd as *mut libc::c_int as u64;
         ca.exit_signal = libc::SIGCHLD as u64;
         ca.cgroup = cgroup.as_ref().map_or(0, |c| c.as_raw_fd() as u64);
 
@@ -105,11 +105,8 @@ impl Process {
             return Err(io::Error::last_os_error());
         }
         drop(report_w);
-        // SAFETY: clone3 succeeded with CLONE_PIDFD, so `pidfd` is a new fd we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         let mut process = Process {
             pid: rc as u32,
-            pidfd,
             status: None,
         };
         let mut errno = [0u8; 4];
@@ -131,9 +128,19 @@ impl Process {
         self.pid
     }
 
-    /// Readable when the process has exited.
-    pub fn pidfd(&self) -> BorrowedFd<'_> {
-        self.pidfd.as_fd()
+    /// A pidfd for it, readable once it has exited (`None` once it has been reaped: its
+    /// pid may be someone else's by then).
+    pub fn pidfd(&self) -> io::Result<Option<OwnedFd>> {
+        if self.status.is_some() {
+            return Ok(None);
+        }
+        // SAFETY: pidfd_open on our own unreaped child's pid (see the module docs).
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pidfd_open returned a new fd that nothing else owns.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) }))
     }
 
     /// Its exit status if it has exited (reaping it), without waiting.
@@ -175,22 +182,14 @@ impl Process {
         }
     }
 
-    /// SIGKILL, through the pidfd (a no-op once it has been reaped).
+    /// SIGKILL (a no-op once it has been reaped). A plain `kill`, needing no fd: the pid
+    /// is our unreaped child's (see the module docs).
     pub fn kill(&mut self) -> io::Result<()> {
         if self.status.is_some() {
             return Ok(());
         }
-        // SAFETY: pidfd_send_signal with our pidfd, a signal number and no siginfo.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc != 0 {
+        // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+        if unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -30,8 +30,29 @@ pub fn node_pid() -> u32 {
         .unwrap_or_else(std::process::id)
 }
 
+/// What to add to an error whose cause is `e` when starting a process or thread: EAGAIN
+/// there means the host (`kernel.pid_max`, `kernel.threads-max`) or a cgroup (`pids.max`)
+/// has no task left, which the bare "Resource temporarily unavailable" does not say.
+pub fn tasks_hint(e: &std::io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EAGAIN) {
+        " (no task left: each running fork takes 3 — its worker, its vCPU thread and KVM's \
+         kvm-nx-lpage-recovery thread, plus one per extra vCPU and one for a device event \
+         loop; raise kernel.pid_max, or the cgroup's pids.max; see images/node/README.md)"
+    } else {
+        ""
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_eagain_gets_the_task_limit_hint() {
+        let again = std::io::Error::from_raw_os_error(libc::EAGAIN);
+        assert!(super::tasks_hint(&again).contains("kernel.pid_max"));
+        let other = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(super::tasks_hint(&other), "");
+    }
+
     #[test]
     fn outside_a_pid_namespace_the_node_pid_is_the_pid() {
         assert_eq!(super::node_pid(), std::process::id());

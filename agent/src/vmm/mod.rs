@@ -58,7 +58,10 @@ pub enum VmmError {
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     Serial(#[from] SerialError),
-    #[error("starting the thread for vCPU {index}: {source}")]
+    #[error(
+        "starting the thread for vCPU {index}: {source}{}",
+        crate::host::tasks_hint(source)
+    )]
     Thread { index: u8, source: std::io::Error },
     #[error(transparent)]
     Vsock(#[from] VsockError),
@@ -83,7 +86,7 @@ pub enum VmmError {
         base: u64,
         irq: u32,
     },
-    #[error("starting the device event loop: {0}")]
+    #[error("starting the device event loop: {}{}", .0, crate::host::tasks_hint(.0))]
     EventLoop(std::io::Error),
 }
 
@@ -109,8 +112,9 @@ fn call(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> KvmCallError {
     move |source| KvmCallError { op, source }
 }
 
-// The platform steps every VM takes, booted or forked, in this order:
-// `create_vm_fd`, register guest memory, `create_irqchip`, `create_pit`.
+// The platform steps every VM takes, in this order: `create_vm_fd`, register guest
+// memory, `create_irqchip`, and `create_pit` for a VM that boots (a fork has no PIT: see
+// fork/restore.rs).
 
 /// A new KVM VM with KVM's TSS placed (Intel needs it before any vCPU runs).
 pub fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, KvmCallError> {
