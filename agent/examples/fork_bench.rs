@@ -10,11 +10,7 @@
 //! per request, and a pool of pre-started workers that already hold the template and a
 //! prepared shell.
 //!
-//! `cargo run --release -p cleave-agent --example fork_bench -- [--forks N] [--mem-mib M]
-//! [--alive K] [--workers N] [--pool P]` (K: how many in-process forks stay alive at once;
-//! `--workers 0` skips the process measurements). `--idle 1,100,1000` measures only the
-//! memory of that many idle (halted) forks alive at once, one worker process each, and
-//! how fast they were created.
+//! `cargo run --release -p cleave-agent --example fork_bench -- --help` for the flags.
 
 use cleave_agent::fork::process::Process;
 use std::collections::VecDeque;
@@ -22,12 +18,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::process::ExitCode;
+
 use anyhow::{bail, Context, Result};
 use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::fork::jail::Jail;
 use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, RestoreTimings, Template};
-use cleave_agent::host::memory::{self, ProcessMemory};
+use cleave_agent::host::memory::{HostMemory, ProcessMemory};
 use cleave_agent::vmm::config::MachineConfig;
 use cleave_agent::vmm::{self, tiny, Irqchip, Vm};
 use kvm_ioctls::Kvm;
@@ -43,7 +41,25 @@ struct Args {
     idle: Vec<usize>,
 }
 
-fn parse_args() -> Result<Args> {
+const USAGE: &str = "\
+usage: fork_bench [--forks N] [--warmup N] [--mem-mib M] [--alive K] [--workers N] [--pool P]
+       fork_bench --idle N[,N...] [--mem-mib M]
+
+Times forks of a tiny guest on /dev/kvm: in-process (cold and from a warm shell), then one
+process per fork (a fresh cleave-fork-worker per request, jailed and not, and a pool of
+pre-started workers). Build the worker first:
+  cargo build --release -p cleave-agent --bins --examples
+
+  --forks N     forks per path (1000)          --warmup N   untimed forks first (20)
+  --mem-mib M   guest memory (256)             --alive K    in-process forks kept alive (1)
+  --workers N   forks per process path; 0 skips them (1000)
+  --pool P      pre-started workers in the pool (32)
+  --idle LIST   only: keep N idle forks alive at once (one worker each), for each N, and
+                report memory per fork (process and kernel) and the creation rate
+";
+
+/// Parses the flags; `Ok(None)` after printing the usage for `--help`.
+fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
         forks: 1000,
         mem_mib: 256,
@@ -62,6 +78,10 @@ fn parse_args() -> Result<Args> {
                 .with_context(|| format!("{flag} takes a number"))
         };
         match flag.as_str() {
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
             "--forks" => args.forks = value()?,
             "--mem-mib" => args.mem_mib = value()? as u64,
             "--alive" => args.alive = value()?.max(1),
@@ -83,10 +103,10 @@ fn parse_args() -> Result<Args> {
                     bail!("--idle: every count must be at least 1");
                 }
             }
-            other => bail!("unknown argument {other}; see the file's header for usage"),
+            other => bail!("unknown argument {other:?}; see --help"),
         }
     }
-    Ok(args)
+    Ok(Some(args))
 }
 
 /// Boots a tiny guest, lets it run a moment, and captures it.
@@ -150,8 +170,20 @@ fn first_run(vm: &mut Vm) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-fn main() -> Result<()> {
-    let args = parse_args()?;
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fork_bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
     let kvm = vmm::open_kvm()?;
     if !args.idle.is_empty() {
         // Idle forks halt: the counting guest would keep writing and printing.
@@ -418,13 +450,15 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
          | host MemAvailable drop KiB/fork | prepare/s | go/s | created/s |"
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut kernel_rows = Vec::new();
     for &n in &args.idle {
-        let before = memory::available_kib()?;
+        let before = HostMemory::read()?;
         let t = Instant::now();
         let mut workers = Vec::with_capacity(n);
-        for _ in 0..n {
-            let mut w = Worker::spawn(&exe)?;
-            w.load(&encoded)?;
+        for i in 0..n {
+            let w = Worker::spawn(&exe)
+                .and_then(|mut w| w.load(&encoded).map(|()| w))
+                .with_context(|| format!("idle fork {} of {n}", i + 1))?;
             workers.push(w);
         }
         let prepare = t.elapsed();
@@ -436,7 +470,8 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
         // Let every vCPU reach its hlt and the workers settle.
         std::thread::sleep(Duration::from_secs(1));
         let total = ProcessMemory::total(workers.iter().map(Worker::pid))?;
-        let host = before.saturating_sub(memory::available_kib()?);
+        let after = HostMemory::read()?;
+        let host = before.available.saturating_sub(after.available);
         let per = |kib: u64| kib / n as u64;
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         println!(
@@ -449,9 +484,28 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
             rate(go),
             rate(prepare + go),
         );
+        let parts: Vec<String> = before
+            .parts()
+            .iter()
+            .zip(after.parts())
+            .map(|(b, a)| format!("{:.1}", a.saturating_sub(*b) as f64 / n as f64))
+            .collect();
+        kernel_rows.push(format!("| {n} | {} | {} |", parts.join(" | "), per(host)));
         for w in workers {
             w.destroy()?;
         }
+    }
+    // Where the host's memory went, per fork, by /proc/meminfo's own accounting.
+    println!(
+        "\n| idle forks | {} | MemAvailable drop |",
+        HostMemory::PARTS.join(" | ")
+    );
+    println!(
+        "| ---: |{} ---: |",
+        " ---: |".repeat(HostMemory::PARTS.len())
+    );
+    for row in kernel_rows {
+        println!("{row}");
     }
     Ok(())
 }

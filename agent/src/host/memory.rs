@@ -46,14 +46,78 @@ impl ProcessMemory {
 
 /// `MemAvailable` from `/proc/meminfo`, in KiB.
 pub fn available_kib() -> io::Result<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo")?;
-    if !text.lines().any(|l| l.starts_with("MemAvailable:")) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "/proc/meminfo has no MemAvailable line",
-        ));
+    Ok(HostMemory::read()?.available)
+}
+
+/// Where the host's memory is, from `/proc/meminfo` (KiB): the kernel's own parts that a
+/// VM and its process add to, so a per-fork figure can be split by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostMemory {
+    pub available: u64,
+    /// Anonymous pages of every process (workers' heaps and stacks, guest pages copied).
+    pub anon: u64,
+    /// Kernel stacks: 16 KiB per thread, the kernel's own threads included.
+    pub kernel_stack: u64,
+    /// Page tables of every process.
+    pub page_tables: u64,
+    /// Slab that cannot be reclaimed (KVM's VM and vCPU objects, tasks, sockets, files).
+    pub slab_unreclaimable: u64,
+    /// Slab that can be (dentries and inodes: debugfs makes a directory per VM).
+    pub slab_reclaimable: u64,
+    /// vmalloc'd memory (large KVM structures).
+    pub vmalloc: u64,
+    /// Per-CPU allocations.
+    pub percpu: u64,
+}
+
+impl HostMemory {
+    /// The names of the fields after `available`, as [`parts`](Self::parts) orders them.
+    pub const PARTS: [&'static str; 7] = [
+        "anon",
+        "kernel stacks",
+        "page tables",
+        "slab (unreclaimable)",
+        "slab (reclaimable)",
+        "vmalloc",
+        "per-CPU",
+    ];
+
+    pub fn read() -> io::Result<Self> {
+        let text = std::fs::read_to_string("/proc/meminfo")?;
+        if !text.lines().any(|l| l.starts_with("MemAvailable:")) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "/proc/meminfo has no MemAvailable line",
+            ));
+        }
+        Ok(Self::parse(&text))
     }
-    Ok(kib_field(&text, "MemAvailable:"))
+
+    fn parse(text: &str) -> Self {
+        Self {
+            available: kib_field(text, "MemAvailable:"),
+            anon: kib_field(text, "AnonPages:"),
+            kernel_stack: kib_field(text, "KernelStack:"),
+            page_tables: kib_field(text, "PageTables:"),
+            slab_unreclaimable: kib_field(text, "SUnreclaim:"),
+            slab_reclaimable: kib_field(text, "SReclaimable:"),
+            vmalloc: kib_field(text, "VmallocUsed:"),
+            percpu: kib_field(text, "Percpu:"),
+        }
+    }
+
+    /// The kernel-side parts, in [`PARTS`](Self::PARTS) order.
+    pub fn parts(&self) -> [u64; 7] {
+        [
+            self.anon,
+            self.kernel_stack,
+            self.page_tables,
+            self.slab_unreclaimable,
+            self.slab_reclaimable,
+            self.vmalloc,
+            self.percpu,
+        ]
+    }
 }
 
 /// The number after `name` on its line (`Name:   1234 kB`); 0 when absent.
@@ -81,6 +145,18 @@ mod tests {
         assert_eq!(m.private_dirty_kib, 1300);
         assert_eq!(m.private_clean_kib, 200);
         assert_eq!(m.pss_kib, 3000);
+    }
+
+    #[test]
+    fn meminfo_parts_are_read_by_name() {
+        let text = "MemTotal: 100 kB\nMemAvailable: 90 kB\nAnonPages: 7 kB\n\
+                    KernelStack: 16 kB\nPageTables: 4 kB\nSReclaimable: 3 kB\n\
+                    SUnreclaim: 5 kB\nVmallocUsed: 8 kB\nPercpu: 2 kB\n";
+        let m = HostMemory::parse(text);
+        assert_eq!(m.available, 90);
+        assert_eq!(m.parts(), [7, 16, 4, 5, 3, 8, 2]);
+        // A kernel without a field reads as 0 for it, not as an error.
+        assert_eq!(HostMemory::parse("MemAvailable: 1 kB\n").parts(), [0; 7]);
     }
 
     #[test]
