@@ -39,11 +39,13 @@ struct Args {
     pool: usize,
     /// Idle-fork counts to measure memory at; when given, only that runs.
     idle: Vec<usize>,
+    /// `--idle` with jailed workers (the node's path).
+    jailed: bool,
 }
 
 const USAGE: &str = "\
 usage: fork_bench [--forks N] [--warmup N] [--mem-mib M] [--alive K] [--workers N] [--pool P]
-       fork_bench --idle N[,N...] [--mem-mib M]
+       fork_bench --idle N[,N...] [--jailed] [--mem-mib M]
 
 Times forks of a tiny guest on /dev/kvm: in-process (cold and from a warm shell), then one
 process per fork (a fresh cleave-fork-worker per request, jailed and not, and a pool of
@@ -56,6 +58,8 @@ pre-started workers). Build the worker first:
   --pool P      pre-started workers in the pool (32)
   --idle LIST   only: keep N idle forks alive at once (one worker each), for each N, and
                 report memory per fork (process and kernel) and the creation rate
+  --jailed      with --idle: each worker jailed as the node jails it (uid, namespaces,
+                cgroup leaf where cgroup2 is mounted, seccomp)
 ";
 
 /// Parses the flags; `Ok(None)` after printing the usage for `--help`.
@@ -68,6 +72,7 @@ fn parse_args() -> Result<Option<Args>> {
         workers: 1000,
         pool: 32,
         idle: Vec::new(),
+        jailed: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -82,6 +87,7 @@ fn parse_args() -> Result<Option<Args>> {
                 print!("{USAGE}");
                 return Ok(None);
             }
+            "--jailed" => args.jailed = true,
             "--forks" => args.forks = value()?,
             "--mem-mib" => args.mem_mib = value()? as u64,
             "--alive" => args.alive = value()?.max(1),
@@ -440,11 +446,32 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// A worker with the template loaded, jailed as the node would when `jail` is given.
+fn spawn_idle(exe: &std::path::Path, encoded: &Encoded, jail: Option<&Jail>) -> Result<Worker> {
+    let mut w = match jail {
+        Some(jail) => {
+            let lease = jail.uids.claim(0)?;
+            let leaf = match &jail.cgroups {
+                Some(c) => Some(c.leaf_for(lease.ids(), encoded.guest_bytes())?),
+                None => None,
+            };
+            Worker::spawn_jailed(exe, lease, leaf)?
+        }
+        None => Worker::spawn(exe)?,
+    };
+    w.load(encoded)?;
+    Ok(w)
+}
+
 /// Unique memory per idle fork and the creation rate, with `n` forks alive at once (one
 /// worker process each), for each `n` in `args.idle`.
 fn idle(template: &Template, args: &Args) -> Result<()> {
     let exe = worker_exe()?;
     let encoded = Encoded::new(template)?;
+    let jail = match args.jailed {
+        true => Some(Jail::best_effort().context("--jailed needs root")?),
+        false => None,
+    };
     println!(
         "| idle forks | unique KiB/fork (Private_Dirty) | Private_Clean KiB/fork | PSS KiB/fork \
          | host MemAvailable drop KiB/fork | prepare/s | go/s | created/s |"
@@ -456,8 +483,7 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
         let t = Instant::now();
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
-            let w = Worker::spawn(&exe)
-                .and_then(|mut w| w.load(&encoded).map(|()| w))
+            let w = spawn_idle(&exe, &encoded, jail.as_ref())
                 .with_context(|| format!("idle fork {} of {n}", i + 1))?;
             workers.push(w);
         }
