@@ -12,7 +12,7 @@
 //!
 //! `cargo run --release -p cleave-agent --example fork_bench -- --help` for the flags.
 
-use cleave_agent::fork::process::Process;
+use cleave_agent::fork::process::{set_policy, Process};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::fork::jail::Jail;
-use cleave_agent::fork::worker::{Encoded, Worker};
+use cleave_agent::fork::worker::{Encoded, Priority, Worker};
 use cleave_agent::fork::{self, RestoreTimings, Template};
 use cleave_agent::host::memory::{HostMemory, ProcessMemory};
 use cleave_agent::vmm::config::MachineConfig;
@@ -41,10 +41,13 @@ struct Args {
     idle: Vec<usize>,
     /// `--idle` with jailed workers (the node's path).
     jailed: bool,
+    /// Requests per second on the pooled path.
+    rate: u32,
 }
 
 const USAGE: &str = "\
 usage: fork_bench [--forks N] [--warmup N] [--mem-mib M] [--alive K] [--workers N] [--pool P]
+                  [--rate R]
        fork_bench --idle N[,N...] [--jailed] [--mem-mib M]
 
 Times forks of a tiny guest on /dev/kvm: in-process (cold and from a warm shell), then one
@@ -56,6 +59,7 @@ pre-started workers). Build the worker first:
   --mem-mib M   guest memory (256)             --alive K    in-process forks kept alive (1)
   --workers N   forks per process path; 0 skips them (1000)
   --pool P      pre-started workers in the pool (32)
+  --rate R      requests per second on the pooled path (250)
   --idle LIST   only: keep N idle forks alive at once (one worker each), for each N, and
                 report memory per fork (process and kernel) and the creation rate
   --jailed      with --idle: each worker jailed as the node jails it (uid, namespaces,
@@ -73,6 +77,7 @@ fn parse_args() -> Result<Option<Args>> {
         pool: 32,
         idle: Vec::new(),
         jailed: false,
+        rate: 250,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -88,6 +93,7 @@ fn parse_args() -> Result<Option<Args>> {
                 return Ok(None);
             }
             "--jailed" => args.jailed = true,
+            "--rate" => args.rate = (value()? as u32).max(1),
             "--forks" => args.forks = value()?,
             "--mem-mib" => args.mem_mib = value()? as u64,
             "--alive" => args.alive = value()?.max(1),
@@ -334,8 +340,6 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     );
     let mut go = Column::new("fresh: go → ready (finish, start)", n);
     let mut fresh = Column::new("**fresh process: request → ready**", n);
-    let mut pooled = Column::new("**pre-started pool: request → ready**", n);
-    let mut in_worker = Column::new("(pool: finish + start inside the worker)", n);
     // The same fresh path with the worker jailed (when root): what the jail adds, and
     // that it adds it before the request (`go` should not move).
     let jail = Jail::best_effort();
@@ -368,7 +372,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
                 Some(c) => Some(c.leaf_for(lease.ids(), encoded.guest_bytes())?),
                 None => None,
             };
-            let mut w = Worker::spawn_jailed(&exe, lease, leaf)?;
+            let mut w = Worker::spawn_jailed(&exe, lease, leaf, Priority::Request)?;
             let t1 = Instant::now();
             w.load(&encoded)?;
             let t2 = Instant::now();
@@ -384,37 +388,23 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         }
     }
 
-    let mut pool: VecDeque<Worker> = VecDeque::with_capacity(args.pool);
-    let mut done = 0;
-    while done < args.warmup + n {
-        // Refill (off the measured path, as a pool does between requests).
-        while pool.len() < args.pool {
-            let mut w = Worker::spawn(&exe)?;
-            w.load(&encoded)?;
-            pool.push_back(w);
-        }
-        while let Some(mut w) = pool.pop_front() {
-            let t = Instant::now();
-            let ready = w.go(None)?;
-            let took = t.elapsed();
-            if done >= args.warmup {
-                pooled.samples.push(took);
-                in_worker
-                    .samples
-                    .push(Duration::from_micros(ready.finish_us));
-            }
-            released.push_back(w.release());
-            reap(&mut released, 64)?;
-            done += 1;
-            if done == args.warmup + n {
-                break;
-            }
-        }
-    }
-    for w in pool {
-        released.push_back(w.release());
-    }
     reap(&mut released, 0)?;
+    // The pool as a node runs it: refilled by a thread of its own while requests come at
+    // a steady rate and served forks end behind them; first with workers prepared at
+    // normal priority, then under SCHED_IDLE (`Priority::Ahead`), in the same run.
+    let mut pooled = Vec::new();
+    for (priority, label) in [
+        (Priority::Request, "refilled at normal priority"),
+        (Priority::Ahead, "refilled under SCHED_IDLE"),
+    ] {
+        let (request, inside, waited) = pool_run(&exe, &encoded, args, priority)?;
+        let label = format!("{label} ({waited} found it empty) |");
+        let mut a = Column::new("**pre-started pool: request → ready**", n);
+        let mut b = Column::new("(pool: finish + start inside the worker)", n);
+        a.samples = request;
+        b.samples = inside;
+        pooled.push((label, a, b));
+    }
 
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -428,14 +418,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         "| step | mean µs | p50 µs | p90 µs | p99 µs | max µs |"
     )?;
     writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
-    for col in [
-        &mut spawn,
-        &mut load,
-        &mut go,
-        &mut fresh,
-        &mut pooled,
-        &mut in_worker,
-    ] {
+    for col in [&mut spawn, &mut load, &mut go, &mut fresh] {
         writeln!(out, "{}", col.row())?;
     }
     if jail.is_some() {
@@ -443,7 +426,88 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
             writeln!(out, "{}", col.row())?;
         }
     }
+    writeln!(
+        out,
+        "\npool of {}, refilled by its own thread, {} requests/s; served forks torn down \
+         behind them (under SCHED_IDLE)",
+        args.pool, args.rate
+    )?;
+    writeln!(
+        out,
+        "| pool | step | mean µs | p50 µs | p90 µs | p99 µs | max µs |"
+    )?;
+    writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: | ---: |")?;
+    for (label, mut a, mut b) in pooled {
+        writeln!(out, "| {label} {}", &a.row()[1..])?;
+        writeln!(out, "| {label} {}", &b.row()[1..])?;
+    }
     Ok(())
+}
+
+/// One pooled run: a refill thread keeps up to `args.pool` prepared workers (started at
+/// `priority`) while `args.warmup + args.workers` requests take one each at `args.rate`
+/// per second. Returns request → ready and the worker's own finish + start, per request,
+/// and how many requests found the pool empty.
+fn pool_run(
+    exe: &std::path::Path,
+    encoded: &Encoded,
+    args: &Args,
+    priority: Priority,
+) -> Result<(Vec<Duration>, Vec<Duration>, usize)> {
+    let total = args.warmup + args.workers;
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Worker>(args.pool);
+    std::thread::scope(|scope| {
+        let refill = scope.spawn(move || -> Result<()> {
+            if priority == Priority::Ahead {
+                // The refill thread's own work (clone, handing over the template) too.
+                set_policy(0, libc::SCHED_IDLE)?;
+            }
+            loop {
+                let mut w = Worker::spawn_at(exe, priority)?;
+                w.load(encoded)?;
+                if tx.send(w).is_err() {
+                    return Ok(()); // the run is over
+                }
+            }
+        });
+        let mut request = Vec::with_capacity(args.workers);
+        let mut inside = Vec::with_capacity(args.workers);
+        let mut released: VecDeque<Process> = VecDeque::new();
+        let mut next = Instant::now();
+        let mut waited = 0;
+        for i in 0..total {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            next += interval;
+            // A request that finds the pool empty waits for a worker: not timed here, since
+            // that is the refill rate, not the fork path (the run says how often).
+            let mut w = match rx.try_recv() {
+                Ok(w) => w,
+                Err(_) => {
+                    waited += 1;
+                    rx.recv().context("the refill thread stopped")?
+                }
+            };
+            let t = Instant::now();
+            let ready = w.go(None)?;
+            let took = t.elapsed();
+            if i >= args.warmup {
+                request.push(took);
+                inside.push(Duration::from_micros(ready.finish_us));
+            }
+            released.push_back(w.release());
+            // Reap the ones that are done; wait only when far behind.
+            released.retain_mut(|p| !matches!(p.try_wait(), Ok(Some(_))));
+            reap(&mut released, 256)?;
+        }
+        drop(rx);
+        let refilled = refill
+            .join()
+            .map_err(|_| anyhow::anyhow!("the refill thread panicked"))?;
+        reap(&mut released, 0)?;
+        refilled?;
+        Ok((request, inside, waited))
+    })
 }
 
 /// A worker with the template loaded, jailed as the node would when `jail` is given.
@@ -455,7 +519,7 @@ fn spawn_idle(exe: &std::path::Path, encoded: &Encoded, jail: Option<&Jail>) -> 
                 Some(c) => Some(c.leaf_for(lease.ids(), encoded.guest_bytes())?),
                 None => None,
             };
-            Worker::spawn_jailed(exe, lease, leaf)?
+            Worker::spawn_jailed(exe, lease, leaf, Priority::Request)?
         }
         None => Worker::spawn(exe)?,
     };
