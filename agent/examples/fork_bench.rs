@@ -12,7 +12,7 @@
 //!
 //! `cargo run --release -p cleave-agent --example fork_bench -- --help` for the flags.
 
-use cleave_agent::fork::process::{set_policy, Process};
+use cleave_agent::fork::process::Process;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::fork::jail::Jail;
-use cleave_agent::fork::worker::{Encoded, Priority, Worker};
+use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::{self, RestoreTimings, Template};
 use cleave_agent::host::memory::{HostMemory, ProcessMemory};
 use cleave_agent::vmm::config::MachineConfig;
@@ -372,7 +372,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
                 Some(c) => Some(c.leaf_for(lease.ids(), encoded.guest_bytes())?),
                 None => None,
             };
-            let mut w = Worker::spawn_jailed(&exe, lease, leaf, Priority::Request)?;
+            let mut w = Worker::spawn_jailed(&exe, lease, leaf)?;
             let t1 = Instant::now();
             w.load(&encoded)?;
             let t2 = Instant::now();
@@ -390,21 +390,12 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
 
     reap(&mut released, 0)?;
     // The pool as a node runs it: refilled by a thread of its own while requests come at
-    // a steady rate and served forks end behind them; first with workers prepared at
-    // normal priority, then under SCHED_IDLE (`Priority::Ahead`), in the same run.
-    let mut pooled = Vec::new();
-    for (priority, label) in [
-        (Priority::Request, "refilled at normal priority"),
-        (Priority::Ahead, "refilled under SCHED_IDLE"),
-    ] {
-        let (request, inside, waited) = pool_run(&exe, &encoded, args, priority)?;
-        let label = format!("{label} ({waited} found it empty) |");
-        let mut a = Column::new("**pre-started pool: request → ready**", n);
-        let mut b = Column::new("(pool: finish + start inside the worker)", n);
-        a.samples = request;
-        b.samples = inside;
-        pooled.push((label, a, b));
-    }
+    // a steady rate and served forks end behind them.
+    let (request, inside, waited) = pool_run(&exe, &encoded, args)?;
+    let mut pooled = Column::new("**pre-started pool: request → ready**", n);
+    let mut in_worker = Column::new("(pool: finish + start inside the worker)", n);
+    pooled.samples = request;
+    in_worker.samples = inside;
 
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -428,43 +419,36 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     }
     writeln!(
         out,
-        "\npool of {}, refilled by its own thread, {} requests/s; served forks torn down \
-         behind them (under SCHED_IDLE)",
+        "\npool of {}, refilled by its own thread, {} requests/s ({waited} found it empty); \
+         served forks torn down behind them",
         args.pool, args.rate
     )?;
     writeln!(
         out,
-        "| pool | step | mean µs | p50 µs | p90 µs | p99 µs | max µs |"
+        "| step | mean µs | p50 µs | p90 µs | p99 µs | max µs |"
     )?;
-    writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: | ---: |")?;
-    for (label, mut a, mut b) in pooled {
-        writeln!(out, "| {label} {}", &a.row()[1..])?;
-        writeln!(out, "| {label} {}", &b.row()[1..])?;
+    writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
+    for col in [&mut pooled, &mut in_worker] {
+        writeln!(out, "{}", col.row())?;
     }
     Ok(())
 }
 
-/// One pooled run: a refill thread keeps up to `args.pool` prepared workers (started at
-/// `priority`) while `args.warmup + args.workers` requests take one each at `args.rate`
+/// One pooled run: a refill thread keeps up to `args.pool` prepared workers while `args.warmup + args.workers` requests take one each at `args.rate`
 /// per second. Returns request → ready and the worker's own finish + start, per request,
 /// and how many requests found the pool empty.
 fn pool_run(
     exe: &std::path::Path,
     encoded: &Encoded,
     args: &Args,
-    priority: Priority,
 ) -> Result<(Vec<Duration>, Vec<Duration>, usize)> {
     let total = args.warmup + args.workers;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Worker>(args.pool);
     std::thread::scope(|scope| {
         let refill = scope.spawn(move || -> Result<()> {
-            if priority == Priority::Ahead {
-                // The refill thread's own work (clone, handing over the template) too.
-                set_policy(0, libc::SCHED_IDLE)?;
-            }
             loop {
-                let mut w = Worker::spawn_at(exe, priority)?;
+                let mut w = Worker::spawn(exe)?;
                 w.load(encoded)?;
                 if tx.send(w).is_err() {
                     return Ok(()); // the run is over
@@ -519,7 +503,7 @@ fn spawn_idle(exe: &std::path::Path, encoded: &Encoded, jail: Option<&Jail>) -> 
                 Some(c) => Some(c.leaf_for(lease.ids(), encoded.guest_bytes())?),
                 None => None,
             };
-            Worker::spawn_jailed(exe, lease, leaf, Priority::Request)?
+            Worker::spawn_jailed(exe, lease, leaf)?
         }
         None => Worker::spawn(exe)?,
     };

@@ -178,7 +178,6 @@ fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
     use cleave_agent::fork::jail::{Jail, JailRange};
     use cleave_agent::fork::sandbox::WarmWorker;
     use cleave_agent::fork::worker::Encoded;
-    use cleave_agent::fork::worker::Priority;
     use cleave_agent::vmm::runtime_dir::RuntimeDir;
     use std::os::unix::fs::MetadataExt;
 
@@ -197,8 +196,8 @@ fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
         cgroups: None,
     };
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_cleave-fork-worker"));
-    let a = WarmWorker::new(exe, &encoded, Some(&range), Priority::Ahead).unwrap();
-    let b = WarmWorker::new(exe, &encoded, Some(&range), Priority::Ahead).unwrap();
+    let a = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
+    let b = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
     let (pa, pb) = (a.pid(), b.pid());
     assert_eq!(status_field(pa, "Uid"), "910000\t910000\t910000\t910000");
     assert_eq!(status_field(pa, "Gid"), "910000\t910000\t910000\t910000");
@@ -244,7 +243,7 @@ fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
     // Ended: its directory is removed by the parent and its uid is free again.
     drop(a);
     assert!(!rundir.exists());
-    let c = WarmWorker::new(exe, &encoded, Some(&range), Priority::Ahead).unwrap();
+    let c = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
     assert_eq!(
         status_field(c.pid(), "Uid"),
         "910000\t910000\t910000\t910000"

@@ -96,29 +96,6 @@ fn a_forbidden_call_ends_only_the_worker_that_made_it() {
         unsafe { libc::ioctl(0, libc::FIONBIO, 0) as i64 }
     });
     assert_eq!(code, VIOLATION_EXIT, "vcpu: ioctl(FIONBIO)");
-    // The control thread may lower itself to SCHED_IDLE (before a teardown), and nothing
-    // else: not raise itself, not touch another thread.
-    fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> i64 {
-        let p = libc::sched_param { sched_priority: 0 };
-        // SAFETY: a valid sched_param on the stack.
-        unsafe { libc::sched_setscheduler(tid, policy, &p) as i64 }
-    }
-    let (code, out) = in_confined_child(&filters, ThreadKind::Control, || {
-        set_policy(0, libc::SCHED_IDLE)
-    });
-    assert_eq!(
-        (code, out.as_str()),
-        (0, ""),
-        "control: lower itself to idle"
-    );
-    let (code, _) = in_confined_child(&filters, ThreadKind::Control, || {
-        set_policy(0, libc::SCHED_OTHER)
-    });
-    assert_eq!(code, VIOLATION_EXIT, "control: raise itself");
-    let (code, _) = in_confined_child(&filters, ThreadKind::Control, || {
-        set_policy(1, libc::SCHED_IDLE)
-    });
-    assert_eq!(code, VIOLATION_EXIT, "control: another process's policy");
 
     // Real workers: for each thread kind, one worker whose thread of that kind makes a
     // forbidden call as the fork starts, beside one that does not.

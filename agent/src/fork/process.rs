@@ -19,14 +19,11 @@ use std::process::ExitStatus;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Where a new worker process starts.
-#[derive(Default)]
 pub struct Birth<'a> {
     /// Its own PID namespace (needs CAP_SYS_ADMIN).
     pub new_pid_namespace: bool,
     /// A cgroup v2 directory to start in.
     pub cgroup: Option<&'a Path>,
-    /// Starts under `SCHED_IDLE`: it runs only on CPU time nothing else wants.
-    pub idle_priority: bool,
 }
 
 /// A child process we started and have not yet reaped.
@@ -72,7 +69,6 @@ impl Process {
         if cgroup.is_some() {
             flags |= CLONE_INTO_CGROUP;
         }
-        let idle = birth.idle_priority;
         // SAFETY: a zeroed clone_args is valid (no stack: the child runs on a copy of ours,
         // as after fork); we set the fields clone3 reads, with pointers that outlive it.
         let mut ca: libc::clone_args = unsafe { std::mem::zeroed() };
@@ -101,9 +97,6 @@ impl Process {
                 let mut empty: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut empty);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                if idle && set_policy(0, libc::SCHED_IDLE).is_err() {
-                    child_fail(report_fd);
-                }
                 libc::execv(exe_c.as_ptr(), argv.as_ptr());
                 child_fail(report_fd);
             }
@@ -189,16 +182,6 @@ impl Process {
         }
     }
 
-    /// Moves its main thread (and the threads it starts from now on) back to the normal
-    /// policy from `SCHED_IDLE`: needs CAP_SYS_NICE, or the same uid and a `RLIMIT_NICE`
-    /// that allows it.
-    pub fn to_normal_priority(&self) -> io::Result<()> {
-        if self.status.is_some() {
-            return Ok(());
-        }
-        set_policy(self.pid as libc::pid_t, libc::SCHED_OTHER)
-    }
-
     /// SIGKILL (a no-op once it has been reaped). A plain `kill`, needing no fd: the pid
     /// is our unreaped child's (see the module docs).
     pub fn kill(&mut self) -> io::Result<()> {
@@ -211,17 +194,6 @@ impl Process {
         }
         Ok(())
     }
-}
-
-/// `sched_setscheduler(tid, policy)` with priority 0 (the only one these policies take).
-/// Async-signal-safe: one system call on a stack value.
-pub fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: a valid sched_param that outlives the call.
-    if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -285,7 +257,10 @@ mod tests {
 
     #[test]
     fn a_child_runs_and_its_status_comes_back() {
-        let plain = Birth::default();
+        let plain = Birth {
+            new_pid_namespace: false,
+            cgroup: None,
+        };
         let mut p =
             Process::spawn(Path::new("/bin/sh"), &["-c", "exit 7"], stdin(), &plain).unwrap();
         assert_eq!(p.wait().unwrap().code(), Some(7));
@@ -295,27 +270,11 @@ mod tests {
     }
 
     #[test]
-    fn a_child_born_idle_runs_idle_until_raised() {
-        let idle = Birth {
-            idle_priority: true,
-            ..Birth::default()
-        };
-        let mut p = Process::spawn(Path::new("/bin/sleep"), &["30"], stdin(), &idle).unwrap();
-        // SAFETY: reading a process's policy takes only its pid.
-        let policy = |pid: u32| unsafe { libc::sched_getscheduler(pid as libc::pid_t) };
-        assert_eq!(policy(p.id()), libc::SCHED_IDLE);
-        // Needs root (CAP_SYS_NICE), as the whole suite does.
-        p.to_normal_priority().unwrap();
-        assert_eq!(policy(p.id()), libc::SCHED_OTHER);
-        p.kill().unwrap();
-        p.wait().unwrap();
-        // Once reaped there is nothing to raise, and no pid to touch.
-        p.to_normal_priority().unwrap();
-    }
-
-    #[test]
     fn an_exec_failure_is_an_error_not_an_exit_status() {
-        let plain = Birth::default();
+        let plain = Birth {
+            new_pid_namespace: false,
+            cgroup: None,
+        };
         let e = Process::spawn(Path::new("/nonexistent/worker"), &[], stdin(), &plain).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
     }
@@ -325,7 +284,7 @@ mod tests {
         // Needs root (CAP_SYS_ADMIN), as the whole suite does.
         let own = Birth {
             new_pid_namespace: true,
-            ..Birth::default()
+            cgroup: None,
         };
         let mut p = Process::spawn(
             Path::new("/bin/sh"),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cleave_guest::protocol::{Client, ReseedReply};
 
 use super::gate::{self, GateError};
-use super::worker::{Encoded, Priority, ReadyReport, Worker, WorkerError};
+use super::worker::{Encoded, ReadyReport, Worker, WorkerError};
 use crate::net::SandboxNetwork;
 
 /// The worker binary's name; it is installed next to `cleave`.
@@ -79,7 +79,6 @@ impl WarmWorker {
         exe: &std::path::Path,
         template: &Encoded,
         jail: Option<&super::jail::Jail>,
-        priority: Priority,
     ) -> Result<WarmWorker, WorkerError> {
         let mut worker = match jail {
             Some(jail) => {
@@ -91,9 +90,9 @@ impl WarmWorker {
                     Some(c) => Some(c.leaf_for(lease.ids(), template.guest_bytes())?),
                     None => None,
                 };
-                Worker::spawn_jailed(exe, lease, leaf, priority)?
+                Worker::spawn_jailed(exe, lease, leaf)?
             }
-            None => Worker::spawn_at(exe, priority)?,
+            None => Worker::spawn(exe)?,
         };
         match worker.load(template) {
             Ok(()) => Ok(WarmWorker { worker }),

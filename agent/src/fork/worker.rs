@@ -283,18 +283,6 @@ impl Encoded {
 /// is killed.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 
-/// When a worker's CPU time matters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Priority {
-    /// Someone waits for this worker now (a fork with no pool): normal priority.
-    Request,
-    /// Started ahead of any request (a pool's refill): it prepares under `SCHED_IDLE`, so
-    /// it never takes CPU from a fork being served, and is moved back to normal priority
-    /// by [`Worker::go`]. Needs root (CAP_SYS_NICE) to move it back; without, it is
-    /// [`Request`](Priority::Request).
-    Ahead,
-}
-
 /// The parent's handle on one worker process. Dropping it ends the worker as
 /// [`destroy`](Worker::destroy) does.
 pub struct Worker {
@@ -306,19 +294,12 @@ pub struct Worker {
     cgroup: Option<CgroupLeaf>,
     /// A jailed worker's uid, held until it is reaped.
     jail: Option<JailLease>,
-    /// Born under `SCHED_IDLE`, to be moved to normal priority at `go`.
-    born_idle: bool,
 }
 
 impl Worker {
     /// Starts `exe` (the `cleave-fork-worker` binary) with its end of the socket as stdin.
     pub fn spawn(exe: &Path) -> Result<Worker, WorkerError> {
-        Self::spawn_in(exe, None, None, Priority::Request)
-    }
-
-    /// [`spawn`](Self::spawn) at a [`Priority`].
-    pub fn spawn_at(exe: &Path, priority: Priority) -> Result<Worker, WorkerError> {
-        Self::spawn_in(exe, None, None, priority)
+        Self::spawn_in(exe, None, None)
     }
 
     /// [`spawn`](Self::spawn), and the worker jails itself as `jail`'s uid/gid before it
@@ -328,16 +309,14 @@ impl Worker {
         exe: &Path,
         jail: JailLease,
         cgroup: Option<CgroupLeaf>,
-        priority: Priority,
     ) -> Result<Worker, WorkerError> {
-        Self::spawn_in(exe, Some(jail), cgroup, priority)
+        Self::spawn_in(exe, Some(jail), cgroup)
     }
 
     fn spawn_in(
         exe: &Path,
         jail: Option<JailLease>,
         cgroup: Option<CgroupLeaf>,
-        priority: Priority,
     ) -> Result<Worker, WorkerError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -352,11 +331,9 @@ impl Worker {
             Some(ids) => vec!["--jail", ids],
             None => vec![],
         };
-        let born_idle = priority == Priority::Ahead && nix::unistd::geteuid().is_root();
         let birth = Birth {
             new_pid_namespace: jail.is_some(),
             cgroup: cgroup.as_ref().map(CgroupLeaf::path),
-            idle_priority: born_idle,
         };
         let child =
             Process::spawn(exe, &args, theirs, &birth).map_err(|source| WorkerError::Spawn {
@@ -369,7 +346,6 @@ impl Worker {
             runtime_dir: None,
             cgroup,
             jail,
-            born_idle,
         })
     }
 
@@ -420,14 +396,6 @@ impl Worker {
             tap: tap.map(|t| t.name().to_string()),
         };
         let body = serde_json::to_vec(&req).map_err(WorkerError::Encode)?;
-        if std::mem::take(&mut self.born_idle) {
-            if let Some(child) = &self.child {
-                if let Err(e) = child.to_normal_priority() {
-                    // Slower, not less safe: the fork still runs, only on idle CPU time.
-                    tracing::warn!(pid = child.id(), error = %e, "cannot move a pooled fork worker to normal priority");
-                }
-            }
-        }
         let sock = self.sock()?;
         send(sock, Kind::Go, &body, tap.map(|t| t.as_fd()), "go")?;
         let msg = expect(sock, Kind::Ready, "ready")?;
@@ -702,9 +670,6 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
             }
         }
     }
-    // The fork is over: tearing it down (the VM's kernel objects, the guest's pages) runs
-    // on CPU time nothing else wants, so it never delays a fork being served.
-    let _ = super::process::set_policy(0, libc::SCHED_IDLE);
     let end = running.stop();
     tracing::debug!(%end, "fork ended");
     Ok(())

@@ -788,13 +788,6 @@ impl Drop for Node {
 /// Keeps the warm pools and the network slot pool at their targets, off the request
 /// path, until told to stop.
 fn refill_loop(node: std::sync::Weak<Node>, signal: Arc<(Mutex<bool>, Condvar)>) {
-    // Its work (starting workers, handing them templates, building slots) runs only on CPU
-    // time no request wants; the workers it starts prepare under SCHED_IDLE too
-    // (`Priority::Ahead`). A request that finds the pool empty starts its own worker at
-    // normal priority.
-    if let Err(e) = crate::fork::process::set_policy(0, libc::SCHED_IDLE) {
-        tracing::warn!(error = %e, "the pool refill thread runs at normal priority");
-    }
     loop {
         {
             let Some(node) = node.upgrade() else { return };

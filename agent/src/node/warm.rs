@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use crate::fork::jail::Jail;
 use crate::fork::sandbox::WarmWorker;
-use crate::fork::worker::{Encoded, Priority, WorkerError};
+use crate::fork::worker::{Encoded, WorkerError};
 
 use super::journal::Journal;
 
@@ -35,16 +35,11 @@ impl WarmPool {
         if let Some(w) = lock(&self.ready).pop() {
             return Ok(w);
         }
-        // Someone is waiting for this one.
-        self.start_one(journal, Priority::Request)
+        self.start_one(journal)
     }
 
-    fn start_one(
-        &self,
-        journal: Option<&Journal>,
-        priority: Priority,
-    ) -> Result<WarmWorker, WorkerError> {
-        let w = WarmWorker::new(&self.exe, &self.encoded, self.jail.as_ref(), priority)?;
+    fn start_one(&self, journal: Option<&Journal>) -> Result<WarmWorker, WorkerError> {
+        let w = WarmWorker::new(&self.exe, &self.encoded, self.jail.as_ref())?;
         if let Some(j) = journal {
             if let Err(e) = j.record(w.pid()) {
                 // Not fatal: the worker still ends when this process does.
@@ -58,7 +53,7 @@ impl WarmPool {
     pub fn refill(&self, journal: Option<&Journal>) -> Result<usize, WorkerError> {
         let mut started = 0;
         while self.depth() < self.target {
-            let w = self.start_one(journal, Priority::Ahead)?;
+            let w = self.start_one(journal)?;
             lock(&self.ready).push(w);
             started += 1;
         }

@@ -239,25 +239,7 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
             // The host side of a guest-initiated vsock connection: a Unix socket only.
             rules.insert(libc::SYS_socket, vec![arg_is(0, libc::AF_UNIX as u64)?]);
         }
-        ThreadKind::Control => {
-            // Only to lower itself to SCHED_IDLE before tearing the fork down.
-            let idle = SeccompRule::new(
-                vec![
-                    SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0),
-                    SeccompCondition::new(
-                        1,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        libc::SCHED_IDLE as u64,
-                    ),
-                ]
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(err)?,
-            )
-            .map_err(err)?;
-            rules.insert(libc::SYS_sched_setscheduler, vec![idle]);
-        }
+        ThreadKind::Control => {}
     }
     rules.insert(libc::SYS_fcntl, fcntl);
     Ok(rules)

@@ -19,7 +19,7 @@ use cleave_agent::devices::virtio::vsock::hybrid;
 use cleave_agent::fork::gate;
 use cleave_agent::fork::sandbox::{worker_exe, Sandbox, WarmWorker};
 use cleave_agent::fork::store::{TemplateMeta, TemplateStore};
-use cleave_agent::fork::worker::{Encoded, Priority, Worker};
+use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::host::kvm;
 use cleave_agent::host::memory::{self, ProcessMemory};
 use cleave_agent::node::boot::{resolve_image, BASE_CMDLINE};
@@ -108,7 +108,7 @@ fn bench(template: &str, forks: usize, cold: usize) -> anyhow::Result<()> {
     let mut restore_ms = Vec::with_capacity(forks);
     let started = Instant::now();
     for i in 1..=forks {
-        let p = WarmWorker::new(&exe, &encoded, None, Priority::Ahead)?;
+        let p = WarmWorker::new(&exe, &encoded, None)?;
         let s = Sandbox::start(p, gate_timeout, None).with_context(|| format!("fork {i}"))?;
         fork_ms.push(s.fork_time().as_secs_f64() * 1e3);
         restore_ms.push(s.ready_report().finish_us as f64 / 1e3);
@@ -172,7 +172,7 @@ fn idle(template: &str, counts: &[usize]) -> anyhow::Result<()> {
         let before = memory::available_kib()?;
         let t = Instant::now();
         let prepared = (0..n)
-            .map(|_| WarmWorker::new(&exe, &encoded, None, Priority::Ahead))
+            .map(|_| WarmWorker::new(&exe, &encoded, None))
             .collect::<Result<Vec<_>, _>>()?;
         let prepare_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
