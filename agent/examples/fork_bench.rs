@@ -329,6 +329,10 @@ fn reap(children: &mut VecDeque<Process>, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// The head of a table of [`Column`] rows.
+const STEP_HEADER: &str =
+    "| step | mean µs | p50 µs | p90 µs | p99 µs | max µs |\n| --- | ---: | ---: | ---: | ---: | ---: |";
+
 fn workers(template: &Template, args: &Args) -> Result<()> {
     let exe = worker_exe()?;
     let encoded = Encoded::new(template)?;
@@ -404,11 +408,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         args.pool,
         encoded.len()
     )?;
-    writeln!(
-        out,
-        "| step | mean µs | p50 µs | p90 µs | p99 µs | max µs |"
-    )?;
-    writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
+    writeln!(out, "{STEP_HEADER}")?;
     for col in [&mut spawn, &mut load, &mut go, &mut fresh] {
         writeln!(out, "{}", col.row())?;
     }
@@ -423,11 +423,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
          served forks torn down behind them",
         args.pool, args.rate
     )?;
-    writeln!(
-        out,
-        "| step | mean µs | p50 µs | p90 µs | p99 µs | max µs |"
-    )?;
-    writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
+    writeln!(out, "{STEP_HEADER}")?;
     for col in [&mut pooled, &mut in_worker] {
         writeln!(out, "{}", col.row())?;
     }
