@@ -7,7 +7,7 @@ TRIPLE := x86_64-unknown-linux-gnu
 GUEST_BIN := target/guest/$(TRIPLE)/release/cleave-guest
 CLEAVE := target/debug/cleave
 
-.PHONY: run test deps guest image rig build lint unit bench-boot bench-net bench-image clean-cache manifests fuzz
+.PHONY: run test deps guest image rig build lint unit bench-boot bench-net bench-image entropy clean-cache manifests fuzz
 
 ## make run: install what is missing, build images and agent, run the main job
 ## (boot the default image and time the guest agent's readiness, then run commands in a
@@ -74,6 +74,15 @@ bench-image: deps image rig
 	python3 scripts/bench-image.py prepare $(BENCH_IMAGES)
 	@CLEAVE_BIN=target/release/cleave CLEAVE_RIG_MEM_MIB=$${CLEAVE_RIG_MEM_MIB:-8192} \
 	  scripts/kvm-or-rig python3 scripts/bench-image.py measure $(BENCH_IMAGES)
+
+## Entropy at scale: FORKS Linux guests of one template (BATCH alive at a time), every
+## fork's first getrandom block distinct from all others and from the template's.
+FORKS ?= 2000
+BATCH ?= 25
+entropy: deps image rig
+	$(CARGO) build --release -p cleave-agent
+	@CLEAVE_BIN=target/release/cleave CLEAVE_RIG_TIMEOUT_SECS=$${CLEAVE_RIG_TIMEOUT_SECS:-7200} \
+	  scripts/kvm-or-rig sh scripts/entropy-at-scale.sh $(FORKS) $(BATCH)
 
 clean-cache:
 	rm -rf "$${CLEAVE_CACHE:-$$HOME/.cache/cleave}"
