@@ -3,7 +3,8 @@
 # checks that every fork's first getrandom(2) block (64 bytes, read right after its
 # reseed gate) differs from every other fork's and from the template's own read before
 # capture. Exits 1 on any repeat, or if a fork printed no block. Every block is printed
-# (`block <hex>`) as it comes, so a cut-short run can still be checked.
+# (`template <hex>`, then `block <hex>`) as it comes, so a cut-short run (the rig has
+# frozen under long fork churn) can still be checked.
 #
 #   scripts/kvm-or-rig sh scripts/entropy-at-scale.sh [FORKS] [BATCH]   (make entropy)
 #
@@ -22,6 +23,7 @@ blocks() { grep -oE '[0-9a-f]{128}' || true; }
 start=$(date +%s)
 "$cleave" template create --name entropy --mem 128 -- /init getrandom 64 | blocks > "$work/template"
 [ "$(wc -l < "$work/template")" -eq 1 ] || { echo "the template printed no block" >&2; exit 1; }
+sed 's/^/template /' "$work/template"
 done_=0
 while [ "$done_" -lt "$forks" ]; do
   n=$batch
