@@ -29,9 +29,8 @@
 //! time and sleeps without it.
 //!
 //! Teardown is not here: dropping a VM costs ~19 ms in the kernel (measured without a
-//! PIT; debugfs and SRCU waits), so a
-//! caller that cares drops forks off its fork path (a reaper thread, or the fork's own
-//! process exiting).
+//! PIT; debugfs and SRCU waits), so a caller that cares drops forks off its fork path (a
+//! reaper thread, or the fork's own process exiting).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
