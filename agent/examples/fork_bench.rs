@@ -371,12 +371,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         }
         if let Some(jail) = &jail {
             let t0 = Instant::now();
-            let lease = jail.uids.claim(0)?;
-            let leaf = match &jail.cgroups {
-                Some(c) => Some(c.leaf_for(lease.ids(), encoded.guest_bytes())?),
-                None => None,
-            };
-            let mut w = Worker::spawn_jailed(&exe, lease, leaf)?;
+            let mut w = Worker::spawn_for(&exe, Some(jail), encoded.guest_bytes())?;
             let t1 = Instant::now();
             w.load(&encoded)?;
             let t2 = Instant::now();
@@ -492,17 +487,7 @@ fn pool_run(
 
 /// A worker with the template loaded, jailed as the node would when `jail` is given.
 fn spawn_idle(exe: &std::path::Path, encoded: &Encoded, jail: Option<&Jail>) -> Result<Worker> {
-    let mut w = match jail {
-        Some(jail) => {
-            let lease = jail.uids.claim(0)?;
-            let leaf = match &jail.cgroups {
-                Some(c) => Some(c.leaf_for(lease.ids(), encoded.guest_bytes())?),
-                None => None,
-            };
-            Worker::spawn_jailed(exe, lease, leaf)?
-        }
-        None => Worker::spawn(exe)?,
-    };
+    let mut w = Worker::spawn_for(exe, jail, encoded.guest_bytes())?;
     w.load(encoded)?;
     Ok(w)
 }
@@ -558,7 +543,7 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
             .parts()
             .iter()
             .zip(after.parts())
-            .map(|(b, a)| format!("{:.1}", a.saturating_sub(*b) as f64 / n as f64))
+            .map(|((_, b), (_, a))| format!("{:.1}", a.saturating_sub(*b) as f64 / n as f64))
             .collect();
         kernel_rows.push(format!("| {n} | {} | {} |", parts.join(" | "), per(host)));
         for w in workers {
@@ -566,14 +551,12 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
         }
     }
     // Where the host's memory went, per fork, by /proc/meminfo's own accounting.
+    let names = HostMemory::default().parts().map(|(name, _)| name);
     println!(
         "\n| idle forks | {} | MemAvailable drop |",
-        HostMemory::PARTS.join(" | ")
+        names.join(" | ")
     );
-    println!(
-        "| ---: |{} ---: |",
-        " ---: |".repeat(HostMemory::PARTS.len())
-    );
+    println!("| ---: |{} ---: |", " ---: |".repeat(names.len()));
     for row in kernel_rows {
         println!("{row}");
     }

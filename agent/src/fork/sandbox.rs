@@ -80,20 +80,7 @@ impl WarmWorker {
         template: &Encoded,
         jail: Option<&super::jail::Jail>,
     ) -> Result<WarmWorker, WorkerError> {
-        let mut worker = match jail {
-            Some(jail) => {
-                let lease = jail
-                    .uids
-                    .claim(0)
-                    .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
-                let leaf = match &jail.cgroups {
-                    Some(c) => Some(c.leaf_for(lease.ids(), template.guest_bytes())?),
-                    None => None,
-                };
-                Worker::spawn_jailed(exe, lease, leaf)?
-            }
-            None => Worker::spawn(exe)?,
-        };
+        let mut worker = Worker::spawn_for(exe, jail, template.guest_bytes())?;
         match worker.load(template) {
             Ok(()) => Ok(WarmWorker { worker }),
             Err(e) => {

@@ -313,6 +313,28 @@ impl Worker {
         Self::spawn_in(exe, Some(jail), cgroup)
     }
 
+    /// A worker as the node starts one: with `jail`, [`spawn_jailed`](Self::spawn_jailed)
+    /// as a uid claimed from the jail's range, in a cgroup leaf sized for a guest of
+    /// `guest_bytes` when the jail has cgroups; without, [`spawn`](Self::spawn).
+    pub fn spawn_for(
+        exe: &Path,
+        jail: Option<&jail::Jail>,
+        guest_bytes: u64,
+    ) -> Result<Worker, WorkerError> {
+        let Some(jail) = jail else {
+            return Self::spawn(exe);
+        };
+        let lease = jail
+            .uids
+            .claim(0)
+            .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
+        let leaf = match &jail.cgroups {
+            Some(c) => Some(c.leaf_for(lease.ids(), guest_bytes)?),
+            None => None,
+        };
+        Self::spawn_jailed(exe, lease, leaf)
+    }
+
     fn spawn_in(
         exe: &Path,
         jail: Option<JailLease>,

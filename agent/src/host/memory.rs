@@ -71,17 +71,6 @@ pub struct HostMemory {
 }
 
 impl HostMemory {
-    /// The names of the fields after `available`, as [`parts`](Self::parts) orders them.
-    pub const PARTS: [&'static str; 7] = [
-        "anon",
-        "kernel stacks",
-        "page tables",
-        "slab (unreclaimable)",
-        "slab (reclaimable)",
-        "vmalloc",
-        "per-CPU",
-    ];
-
     pub fn read() -> io::Result<Self> {
         let text = std::fs::read_to_string("/proc/meminfo")?;
         if !text.lines().any(|l| l.starts_with("MemAvailable:")) {
@@ -106,16 +95,16 @@ impl HostMemory {
         }
     }
 
-    /// The kernel-side parts, in [`PARTS`](Self::PARTS) order.
-    pub fn parts(&self) -> [u64; 7] {
+    /// Every figure but `available`, named, in a fixed order (a table's columns).
+    pub fn parts(&self) -> [(&'static str, u64); 7] {
         [
-            self.anon,
-            self.kernel_stack,
-            self.page_tables,
-            self.slab_unreclaimable,
-            self.slab_reclaimable,
-            self.vmalloc,
-            self.percpu,
+            ("anon", self.anon),
+            ("kernel stacks", self.kernel_stack),
+            ("page tables", self.page_tables),
+            ("slab (unreclaimable)", self.slab_unreclaimable),
+            ("slab (reclaimable)", self.slab_reclaimable),
+            ("vmalloc", self.vmalloc),
+            ("per-CPU", self.percpu),
         ]
     }
 }
@@ -154,9 +143,11 @@ mod tests {
                     SUnreclaim: 5 kB\nVmallocUsed: 8 kB\nPercpu: 2 kB\n";
         let m = HostMemory::parse(text);
         assert_eq!(m.available, 90);
-        assert_eq!(m.parts(), [7, 16, 4, 5, 3, 8, 2]);
+        assert_eq!(m.parts().map(|(_, v)| v), [7, 16, 4, 5, 3, 8, 2]);
+        assert_eq!(m.parts()[1], ("kernel stacks", 16));
         // A kernel without a field reads as 0 for it, not as an error.
-        assert_eq!(HostMemory::parse("MemAvailable: 1 kB\n").parts(), [0; 7]);
+        let bare = HostMemory::parse("MemAvailable: 1 kB\n");
+        assert_eq!(bare.parts().map(|(_, v)| v), [0; 7]);
     }
 
     #[test]
