@@ -14,6 +14,12 @@ set -eu
 forks=${1:-2000}
 batch=${2:-25}
 cleave=${CLEAVE_BIN:-target/release/cleave}
+for v in "$forks" "$batch"; do
+  case $v in
+    '' | *[!0-9]* | 0) echo "usage: $0 [FORKS] [BATCH]: both are counts of at least 1 (got '$v')" >&2; exit 2 ;;
+  esac
+done
+[ -x "$cleave" ] || { echo "$cleave is missing: cargo build --release -p cleave-agent (or set CLEAVE_BIN)" >&2; exit 2; }
 work=$(mktemp -d /tmp/cleave-entropy.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export XDG_RUNTIME_DIR="$work"
