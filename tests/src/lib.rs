@@ -42,6 +42,9 @@ pub struct Outcome {
     pub exit_code: i32,
     /// stdout and stderr, interleaved.
     pub output: String,
+    /// How long it ran by the running machine's clock (`/proc/uptime`), when known: a
+    /// scenario that failed after a long wait says so.
+    pub secs: Option<f64>,
 }
 
 /// Where the batch ran.
@@ -80,7 +83,8 @@ fn batch_script(scenarios: &[Scenario]) -> String {
     for sc in scenarios {
         let _ = writeln!(
             s,
-            "echo '{BEGIN}{name}@@'\n( {body}\n) </dev/null 2>&1\necho \"\n{END}{name}:$?@@\"",
+            "read __t0 __ </proc/uptime\necho '{BEGIN}{name}@@'\n( {body}\n) </dev/null 2>&1\n\
+             __rc=$?; read __t1 __ </proc/uptime\necho \"\n{END}{name}:$__rc:$__t0:$__t1@@\"",
             name = sc.name,
             body = sc.script
         );
@@ -99,6 +103,7 @@ fn parse(output: &str, scenarios: &[Scenario]) -> Vec<Outcome> {
                     name: sc.name.clone(),
                     exit_code: -1,
                     output: "(scenario never started)".into(),
+                    secs: None,
                 };
             };
             let Some(e) = output[b..].find(&end).map(|i| b + i) else {
@@ -106,16 +111,24 @@ fn parse(output: &str, scenarios: &[Scenario]) -> Vec<Outcome> {
                     name: sc.name.clone(),
                     exit_code: -1,
                     output: format!("(scenario never ended)\n{}", &output[b..]),
+                    secs: None,
                 };
             };
-            let code = output[e + end.len()..]
+            // `RC:T0:T1` (uptimes in seconds).
+            let fields: Vec<&str> = output[e + end.len()..]
                 .split("@@")
                 .next()
-                .and_then(|c| c.trim().parse().ok())
-                .unwrap_or(-1);
+                .unwrap_or("")
+                .split(':')
+                .map(str::trim)
+                .collect();
+            let code = fields.first().and_then(|c| c.parse().ok()).unwrap_or(-1);
+            let uptime = |i: usize| fields.get(i).and_then(|t| t.parse::<f64>().ok());
+            let secs = uptime(1).zip(uptime(2)).map(|(t0, t1)| t1 - t0);
             Outcome {
                 name: sc.name.clone(),
                 exit_code: code,
+                secs,
                 // The end marker starts on a line of its own; the newline that ended the
                 // scenario's last line is not part of its output.
                 output: output[b..e]
@@ -125,6 +138,18 @@ fn parse(output: &str, scenarios: &[Scenario]) -> Vec<Outcome> {
             }
         })
         .collect()
+}
+
+/// Prints how long each scenario took (shown with a failing test's output), then
+/// passes the outcomes on.
+fn timed(outcomes: Vec<Outcome>) -> Vec<Outcome> {
+    for o in &outcomes {
+        match o.secs {
+            Some(s) => eprintln!("scenario {}: exit {}, {s:.1} s", o.name, o.exit_code),
+            None => eprintln!("scenario {}: exit {}", o.name, o.exit_code),
+        }
+    }
+    outcomes
 }
 
 /// How many times a batch is tried when the rig itself fails (see [`run_batch`]).
@@ -148,7 +173,7 @@ pub fn run_batch(scenarios: &[Scenario], timeout: Duration) -> (Place, Vec<Outco
             .output()
             .expect("running sh");
         let output = String::from_utf8_lossy(&out.stdout).into_owned();
-        return (Place::Host, parse(&output, scenarios));
+        return (Place::Host, timed(parse(&output, scenarios)));
     }
     let argv = ["sh", "-c", script.as_str()].map(OsString::from).to_vec();
     let mut cmd = RigCommand::new(argv, cwd);
@@ -158,7 +183,7 @@ pub fn run_batch(scenarios: &[Scenario], timeout: Duration) -> (Place, Vec<Outco
         let result = rig::run(&cmd, &mut buf);
         let text = String::from_utf8_lossy(&buf).into_owned();
         match result {
-            Ok(_) => return (Place::Rig, parse(&text, scenarios)),
+            Ok(_) => return (Place::Rig, timed(parse(&text, scenarios))),
             Err(e) if attempt < RIG_ATTEMPTS => eprintln!(
                 "WARNING: the rig itself failed (attempt {attempt} of {RIG_ATTEMPTS}): {e}; \
                  running the batch again in a fresh rig\n--- rig output ---\n{text}\n--- end ---"
@@ -187,8 +212,12 @@ pub struct Failures(Vec<String>);
 impl Failures {
     pub fn check(&mut self, outcome: &Outcome, ok: bool, what: &str) {
         if !ok {
+            let took = outcome
+                .secs
+                .map(|s| format!(", after {s:.1} s"))
+                .unwrap_or_default();
             self.0.push(format!(
-                "scenario {} (exit {}): {what}\n--- output ---\n{}\n--- end ---",
+                "scenario {} (exit {}{took}): {what}\n--- output ---\n{}\n--- end ---",
                 outcome.name, outcome.exit_code, outcome.output
             ));
         }
@@ -222,6 +251,7 @@ mod tests {
         let r = parse(&String::from_utf8_lossy(&out.stdout), &sc);
         assert_eq!((r[0].exit_code, r[0].output.as_str()), (3, "one"));
         assert_eq!((r[1].exit_code, r[1].output.as_str()), (0, "two"));
+        assert!(r.iter().all(|o| o.secs.is_some_and(|s| s >= 0.0)), "{r:?}");
     }
 
     #[test]

@@ -153,7 +153,7 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
                  CLEAVE_TOKEN=$t {c} exec --no-stdin $i -- sh -c \
                  'nslookup allowed.test >/dev/null; printf \"GET / HTTP/1.0\\r\\n\\r\\n\" | nc -w 3 45.45.0.10 80; \
                  printf \"GET / HTTP/1.0\\r\\n\\r\\n\" | nc -w 3 45.45.0.11 80; echo other_rc=$?'; \
-                 {c} sandbox rm $i; echo rm_rc=$?"
+                 echo exec_rc=$?; {c} sandbox rm $i; echo rm_rc=$?"
             ),
         ),
         Scenario::new(
