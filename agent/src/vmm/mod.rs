@@ -206,9 +206,16 @@ impl Vm {
             create_pit(&fd)?;
         }
         let serial = Serial::new(console, (irqchip == Irqchip::InKernel).then_some(&fd))?;
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(call("KVM_GET_SUPPORTED_CPUID"))?;
+        // KVM emulates the TSC-deadline timer in its LAPIC but leaves it to userspace to
+        // offer. Without it a Linux guest calibrates its LAPIC timer against the PIT, and
+        // on a loaded host that calibration fails and leaves the guest on the PIT, which
+        // its forks do not have.
+        if irqchip == Irqchip::InKernel && kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            vcpu::cpuid::offer_tsc_deadline(&mut supported_cpuid);
+        }
         let vcpus = (0..machine.vcpus.get())
             .map(|i| Vcpu::create(&fd, i))
             .collect::<Result<Vec<_>, _>>()?;

@@ -7,6 +7,7 @@ const LEAF_FEATURES: u32 = 0x1;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 /// CLFLUSH line size in 8-byte units (64 bytes).
@@ -54,6 +55,18 @@ fn fix_entry(e: &mut kvm_cpuid_entry2, index: u8, count: u8) {
     }
 }
 
+/// Lists the TSC-deadline timer in leaf 1, for a VM whose in-kernel LAPIC emulates it
+/// (`KVM_CAP_TSC_DEADLINE_TIMER`). A Linux guest then runs each CPU's clock on it
+/// (`lapic-deadline`), from the TSC frequency it already knows, and never calibrates its
+/// LAPIC timer against the PIT.
+pub fn offer_tsc_deadline(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == LEAF_FEATURES {
+            e.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
+
 /// The CPUID table for vCPU `index` of `count`.
 pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
     let mut cpuid = supported.clone();
@@ -96,6 +109,16 @@ mod tests {
         let mut smt = leaf(LEAF_EXT_TOPOLOGY, 0);
         fix_entry(&mut smt, 5, 6);
         assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 5));
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_in_leaf_1_only() {
+        let mut cpuid =
+            CpuId::from_entries(&[leaf(LEAF_FEATURES, 0), leaf(LEAF_EXT_TOPOLOGY, 0)]).unwrap();
+        offer_tsc_deadline(&mut cpuid);
+        let e = cpuid.as_slice();
+        assert_ne!(e[0].ecx & ECX_TSC_DEADLINE, 0);
+        assert_eq!(e[1].ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
