@@ -147,7 +147,11 @@ fn capture_vcpu(
         cpuid: fd
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map_err(err("KVM_GET_CPUID2"))?,
-        msrs: msrs_that_round_trip(vcpu, msr_candidates)?,
+        msrs: {
+            let mut msrs = msrs_that_round_trip(vcpu, msr_candidates)?;
+            arm_an_expired_deadline(&mut msrs);
+            msrs
+        },
         regs: fd.get_regs().map_err(err("KVM_GET_REGS"))?,
         sregs: fd.get_sregs().map_err(err("KVM_GET_SREGS"))?,
         fpu,
@@ -157,6 +161,31 @@ fn capture_vcpu(
         events: fd.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?,
         debugregs: fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
     })
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// A TSC deadline of 0 means the timer fired (KVM clears it then), but its interrupt may
+/// still be pending inside KVM, where `KVM_GET_LAPIC` does not see it: a fork would never
+/// get it, and its guest, still waiting for that tick, would not program another. The
+/// deadline becomes the captured TSC instead: already due, it fires as soon as a fork
+/// runs, and a Linux guest takes the extra tick in its stride. (Firecracker found the
+/// same.)
+fn arm_an_expired_deadline(msrs: &mut Msrs) {
+    let tsc = msrs
+        .as_slice()
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data);
+    let Some(tsc) = tsc else {
+        return;
+    };
+    for m in msrs.as_mut_slice() {
+        if m.index == MSR_IA32_TSC_DEADLINE && m.data == 0 {
+            m.data = tsc;
+        }
+    }
 }
 
 /// Reads every MSR KVM lists (`KVM_GET_MSR_INDEX_LIST`: the architectural ones it saves
@@ -219,4 +248,54 @@ fn capture_vm(fd: &VmFd) -> Result<VmState, CaptureError> {
         },
         clock: fd.get_clock().map_err(vm_err("KVM_GET_CLOCK"))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msrs(entries: &[(u32, u64)]) -> Msrs {
+        let e: Vec<kvm_msr_entry> = entries
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        Msrs::from_entries(&e).unwrap()
+    }
+
+    fn data(m: &Msrs) -> Vec<(u32, u64)> {
+        m.as_slice().iter().map(|e| (e.index, e.data)).collect()
+    }
+
+    #[test]
+    fn an_expired_tsc_deadline_is_armed_at_the_captured_tsc() {
+        let mut m = msrs(&[
+            (MSR_IA32_TSC, 5_000),
+            (MSR_IA32_TSC_DEADLINE, 0),
+            (0x174, 0),
+        ]);
+        arm_an_expired_deadline(&mut m);
+        assert_eq!(
+            data(&m),
+            [
+                (MSR_IA32_TSC, 5_000),
+                (MSR_IA32_TSC_DEADLINE, 5_000),
+                (0x174, 0)
+            ]
+        );
+        // An armed deadline is the guest's own and stays.
+        let mut m = msrs(&[(MSR_IA32_TSC_DEADLINE, 9_000), (MSR_IA32_TSC, 5_000)]);
+        arm_an_expired_deadline(&mut m);
+        assert_eq!(
+            data(&m),
+            [(MSR_IA32_TSC_DEADLINE, 9_000), (MSR_IA32_TSC, 5_000)]
+        );
+        // Without the TSC there is nothing to arm it at.
+        let mut m = msrs(&[(MSR_IA32_TSC_DEADLINE, 0)]);
+        arm_an_expired_deadline(&mut m);
+        assert_eq!(data(&m), [(MSR_IA32_TSC_DEADLINE, 0)]);
+    }
 }
