@@ -3,7 +3,8 @@
 //! `getrandom` differ from each other and from the template's own read before capture;
 //! the reseed gate's three failure cases (reseeded: false, no answer, wrong nonce), each
 //! reaped with no command run in it; memory writes private to each fork; forks keep time
-//! without a PIT; nothing left behind. One rig boot for all.
+//! without a PIT, and a guest that would need one is refused as a template; nothing left
+//! behind. One rig boot for all.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -24,6 +25,25 @@ const READ: &str = "head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; 
 const TIMERS: &str = "cat /sys/devices/system/clockevents/clockevent0/current_device; \
     a=$(cut -d' ' -f1 /proc/uptime); sleep 1; b=$(cut -d' ' -f1 /proc/uptime); \
     echo slept $a $b";
+
+/// The value of the last `key=value` line.
+fn value_of<'a>(r: &'a cleave_tests::Outcome, key: &str) -> Option<&'a str> {
+    r.output
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+}
+
+/// How long `sleep 1` took by the guest's clock, from a [`TIMERS`] run.
+fn slept(r: &cleave_tests::Outcome) -> Option<f64> {
+    r.output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("slept "))
+        .and_then(|l| {
+            let v: Vec<f64> = l.split(' ').filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 2).then(|| v[1] - v[0])
+        })
+}
 
 /// The 128-hex-digit lines in `s` (64-byte reads).
 fn reads(s: &str) -> Vec<String> {
@@ -83,6 +103,15 @@ fn forks_end_to_end() {
                  [ \"$n\" -ge 2 ] && break; sleep 0.25; done; \
                  echo vcpus=$n pits=$(ps -eLo comm | grep -c '^kvm-pit'); wait",
                 timers = sh_quote(TIMERS),
+            ),
+        ),
+        // A guest that keeps the PIT as its clock (its LAPIC timer disabled) would never
+        // wake from a sleep in a fork, which has no PIT: no template is made of it.
+        Scenario::new(
+            "fork-pit-clock",
+            format!(
+                "{cleave} template create --name pitclock --mem 128 --test-kernel-arg noapictimer; \
+                 echo create_rc=$?; {cleave} template ls | grep -c pitclock | sed 's/^/listed=/'"
             ),
         ),
         // Each fork writes a file and 16 MiB into its guest RAM; later forks see none of it.
@@ -230,26 +259,31 @@ fn forks_end_to_end() {
     let r = by("fork-timers");
     f.check(
         r,
-        r.output.lines().any(|l| l.trim().starts_with("lapic")),
-        "a fork's guest ticks on its local APIC timer",
+        r.output.lines().any(|l| l.trim() == "lapic-deadline"),
+        "a fork's guest ticks on its local APIC timer in TSC-deadline mode",
     );
-    let slept = r
-        .output
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("slept "))
-        .and_then(|l| {
-            let v: Vec<f64> = l.split(' ').filter_map(|x| x.parse().ok()).collect();
-            (v.len() == 2).then(|| v[1] - v[0])
-        });
+    let slept_lapic = slept(r);
     f.check(
         r,
-        slept.is_some_and(|d| (0.95..10.0).contains(&d)),
-        &format!("`sleep 1` in a fork without a PIT sleeps about a second ({slept:?})"),
+        slept_lapic.is_some_and(|d| (0.95..10.0).contains(&d)),
+        &format!("`sleep 1` in a fork without a PIT sleeps about a second ({slept_lapic:?})"),
     );
     f.check(
         r,
         r.output.contains("vcpus=2 pits=0"),
         "no kvm-pit thread on the host while two forks run",
+    );
+
+    let r = by("fork-pit-clock");
+    f.check(
+        r,
+        value_of(r, "create_rc").is_some_and(|c| c != "0")
+            && r.output
+                .contains("does not keep time on TSC-deadline LAPIC timers")
+            && r.output.contains("noapictimer")
+            && value_of(r, "listed") == Some("0"),
+        "a template whose guest may tick on the PIT is refused, saying why and what to boot \
+         instead, and nothing is saved",
     );
 
     let r = by("isolation");

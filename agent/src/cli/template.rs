@@ -47,6 +47,9 @@ pub struct CreateArgs {
     /// this way, so every fork of it must be refused.
     #[arg(long, value_enum, hide = true)]
     pub test_reseed: Option<TestReseed>,
+    /// For tests only: appended to the guest's kernel command line (repeatable).
+    #[arg(long, value_name = "ARG", hide = true)]
+    pub test_kernel_arg: Vec<String>,
     /// A warm-up command run in the template before it is captured (it must exit 0 and
     /// leave no process behind).
     #[arg(
@@ -65,6 +68,7 @@ impl CreateArgs {
             vcpus: self.vcpus,
             boot_timeout: Duration::from_secs(self.boot_timeout),
             test_reseed: self.test_reseed,
+            test_kernel_args: self.test_kernel_arg.clone(),
             warmup: self.warmup.clone(),
             image: self.image.clone(),
         }

@@ -41,6 +41,8 @@ pub enum FreezeError {
     Ended(crate::devices::GuestEnd),
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    #[error("template: {0}")]
+    PitClock(String),
 }
 
 /// What to boot and how.
@@ -113,6 +115,9 @@ pub fn freeze(
         return Err(FreezeError::Ended(end));
     }
     let template = capture(kvm, stopped)?;
+    if let Some(why) = template.state().pit_clock_reason() {
+        return Err(FreezeError::PitClock(why));
+    }
     Ok(Frozen {
         template,
         warmup,

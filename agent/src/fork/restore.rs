@@ -20,13 +20,15 @@
 //!    (which also set the APIC base), FPU/XSAVE, XCRs, debug registers, LAPIC, then MSRs
 //!    (after the LAPIC, or KVM ignores the TSC-deadline MSR), and pending events last.
 //!
-//! A fork has no PIT. A Linux guest needs one only while it boots (to calibrate its TSC
-//! and before its local APIC timer takes over); the template booted with one, and from
-//! then on ticks on the LAPIC timer (KVM reports ARAT, so no broadcast device is
-//! needed). Without it a fork is one kernel thread (`kvm-pit/<pid>`) lighter, its shell
-//! waits for one SRCU grace period fewer, and its teardown does not stop that thread.
-//! The rig's `fork-timers` scenario (tests/tests/fork.rs) proves a fork's guest keeps
-//! time and sleeps without it.
+//! A fork has no PIT. A Linux guest needs one only while it boots (to calibrate its TSC);
+//! the template booted with one, and from then on each CPU ticks on its TSC-deadline
+//! LAPIC timer, which the vCPUs' CPUID offers (`vmm::vcpu::cpuid`; KVM reports ARAT, so
+//! no broadcast device is needed). Without it a fork is one kernel thread
+//! (`kvm-pit/<pid>`) lighter, its shell waits for one SRCU grace period fewer, and its
+//! teardown does not stop that thread. A guest still on the PIT would never wake from a
+//! sleep here, so no such template is made or loaded (`MachineState::pit_clock_reason`).
+//! The rig's `fork-timers` and `fork-pit-clock` scenarios (tests/tests/fork.rs) prove
+//! both.
 //!
 //! Teardown is not here: dropping a VM costs ~19 ms in the kernel (measured without a
 //! PIT; debugfs and SRCU waits), so a caller that cares drops forks off its fork path (a

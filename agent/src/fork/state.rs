@@ -62,6 +62,26 @@ pub struct VcpuState {
     pub debugregs: kvm_debugregs,
 }
 
+/// The LAPIC's LVT timer register (offset in the register page) and its timer-mode field.
+const APIC_LVTT: usize = 0x320;
+const LVTT_MODE: u32 = 0b11 << 17;
+const LVTT_MODE_TSC_DEADLINE: u32 = 0b10 << 17;
+
+impl VcpuState {
+    /// Whether the guest runs this vCPU's clock on its TSC-deadline LAPIC timer: Linux
+    /// puts the LVT timer in that mode only then, and keeps the mode when it masks the
+    /// timer while idle. Any other mode (a calibrated one-shot or periodic LAPIC timer, a
+    /// calibration that failed, or none) may mean the guest's clock is the PIT.
+    pub fn ticks_on_tsc_deadline(&self) -> bool {
+        lvtt(&self.lapic) & LVTT_MODE == LVTT_MODE_TSC_DEADLINE
+    }
+}
+
+fn lvtt(lapic: &kvm_lapic_state) -> u32 {
+    let b = |i: usize| lapic.regs[APIC_LVTT + i] as u8;
+    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+}
+
 /// The in-kernel interrupt controllers and timer.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct IrqchipState {
@@ -113,6 +133,22 @@ pub struct MachineState {
 }
 
 impl MachineState {
+    /// Why a Linux guest in this state would stop keeping time in a fork, if it would:
+    /// forks have no PIT (`fork::restore`), so every vCPU must tick on its own
+    /// TSC-deadline LAPIC timer (offered by `vmm::vcpu::cpuid`). A guest still on the PIT
+    /// would never wake from a sleep in a fork.
+    pub fn pit_clock_reason(&self) -> Option<String> {
+        let v = self.vcpus.iter().find(|v| !v.ticks_on_tsc_deadline())?;
+        Some(format!(
+            "its guest does not keep time on TSC-deadline LAPIC timers (vCPU {}'s LVT timer \
+             is {:#x}), so it may tick on the PIT, which forks do not have: their timers \
+             would never fire (boot it with a kernel that has the TSC-deadline timer, \
+             without `noapictimer` or `lapic=notscdeadline`)",
+            v.index,
+            lvtt(&v.lapic)
+        ))
+    }
+
     /// Checks what a decoded state must satisfy before anything is restored from it:
     /// one vCPU state per vCPU of the machine, in index order.
     pub fn validate(&self) -> Result<(), String> {
@@ -279,5 +315,32 @@ mod wire {
         pub modem_status: u8,
         pub scratch: u8,
         pub in_buffer: Vec<u8>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_lvtt(v: u32) -> kvm_lapic_state {
+        let mut l = kvm_lapic_state::default();
+        for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+            l.regs[APIC_LVTT + i] = b as _;
+        }
+        l
+    }
+
+    #[test]
+    fn only_a_tsc_deadline_lvt_timer_counts_as_ticking_on_the_lapic() {
+        let mode = |v: u32| lvtt(&with_lvtt(v)) & LVTT_MODE;
+        // Linux's lapic-deadline clock event, armed and masked (idle) alike.
+        for v in [0x0004_00ec, 0x0005_00ec] {
+            assert_eq!(mode(v), LVTT_MODE_TSC_DEADLINE, "{v:#x}");
+        }
+        // Reset (masked, one-shot), a failed calibration (masked one-shot with its
+        // vector), a calibrated one-shot and a periodic LAPIC timer.
+        for v in [0x0001_0000, 0x0001_00ec, 0x0000_00ec, 0x0002_00ec] {
+            assert_ne!(mode(v), LVTT_MODE_TSC_DEADLINE, "{v:#x}");
+        }
     }
 }

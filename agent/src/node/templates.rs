@@ -32,6 +32,9 @@ pub struct TemplateSpec {
     pub boot_timeout: Duration,
     /// For the gate's tests only: every fork of the template answers its reseed wrongly.
     pub test_reseed: Option<TestReseed>,
+    /// For tests only: appended to the guest's kernel command line (e.g. `noapictimer`:
+    /// a guest that keeps the PIT as its clock).
+    pub test_kernel_args: Vec<String>,
     /// Run in the template before capture; must exit 0 and leave no process behind.
     pub warmup: Vec<OsString>,
     /// The image to boot (`None`: the built-in default). For an existing template, a
@@ -48,6 +51,7 @@ impl TemplateSpec {
             vcpus: 1,
             boot_timeout: Duration::from_secs(120),
             test_reseed: None,
+            test_kernel_args: Vec::new(),
             warmup: Vec::new(),
             image: None,
         }
@@ -106,6 +110,13 @@ pub fn create(
             TestReseed::WrongNonce => "wrong-nonce",
         };
         cmdline.push_str(&format!(" {}={v}", cleave_guest::reseed::TEST_RESEED_FLAG));
+    }
+    for arg in &spec.test_kernel_args {
+        if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            anyhow::bail!("kernel argument {arg:?} must be one word (no spaces or controls)");
+        }
+        cmdline.push(' ');
+        cmdline.push_str(arg);
     }
     let opts = FreezeOptions {
         machine,
