@@ -26,7 +26,7 @@
 //! no broadcast device is needed). Without it a fork is one kernel thread
 //! (`kvm-pit/<pid>`) lighter, its shell waits for one SRCU grace period fewer, and its
 //! teardown does not stop that thread. A guest still on the PIT would never wake from a
-//! sleep here, so no such template is made or loaded (`MachineState::pit_clock_reason`).
+//! sleep here, so no such template is made (`MachineState::pit_clock_reason`).
 //! The rig's `fork-timers` and `fork-pit-clock` scenarios (tests/tests/fork.rs) prove
 //! both.
 //!

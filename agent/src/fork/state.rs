@@ -133,7 +133,8 @@ pub struct MachineState {
 }
 
 impl MachineState {
-    /// Why a Linux guest in this state would stop keeping time in a fork, if it would:
+    /// Why a Linux guest in this state would stop keeping time in a fork, if it would
+    /// (checked when a template is made: tests' tiny guests never set a timer up):
     /// forks have no PIT (`fork::restore`), so every vCPU must tick on its own
     /// TSC-deadline LAPIC timer (offered by `vmm::vcpu::cpuid`). A guest still on the PIT
     /// would never wake from a sleep in a fork.

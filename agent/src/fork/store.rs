@@ -303,14 +303,6 @@ impl TemplateStore {
         let state: MachineState =
             serde_json::from_slice(&raw).map_err(|e| damaged(STATE)(e.to_string()))?;
         state.validate().map_err(damaged(STATE))?;
-        // A template captured before this was checked at creation may keep time on the
-        // PIT: refused by name, rather than forks that hang.
-        if let Some(why) = state.pit_clock_reason() {
-            return Err(StoreError::Unusable {
-                name: name.clone(),
-                why,
-            });
-        }
         let size = state.machine.mem.bytes();
         if meta.mem_mib != state.machine.mem.mib() {
             return Err(damaged(META)(format!(
