@@ -47,6 +47,17 @@ pub struct Outcome {
     pub secs: Option<f64>,
 }
 
+impl Outcome {
+    /// The value of the last `key=value` line (scenarios print `key=$?` and the like).
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.output
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim)
+    }
+}
+
 /// Where the batch ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
@@ -252,6 +263,21 @@ mod tests {
         assert_eq!((r[0].exit_code, r[0].output.as_str()), (3, "one"));
         assert_eq!((r[1].exit_code, r[1].output.as_str()), (0, "two"));
         assert!(r.iter().all(|o| o.secs.is_some_and(|s| s >= 0.0)), "{r:?}");
+    }
+
+    #[test]
+    fn the_last_value_of_a_key_is_read() {
+        let o = Outcome {
+            name: "v".into(),
+            exit_code: 0,
+            output: "rc=1\nrc=0 \n  rc=7\nrcx=5\nnoise".into(),
+            secs: None,
+        };
+        assert_eq!(o.value("rc"), Some("0"));
+        assert_eq!(o.value("rcx"), Some("5"));
+        // Only a line that starts with the key counts.
+        assert_ne!(o.value("rc"), Some("7"));
+        assert_eq!(o.value("missing"), None);
     }
 
     #[test]

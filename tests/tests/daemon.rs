@@ -16,14 +16,6 @@ fn lab_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lab")
 }
 
-fn value<'a>(r: &'a Outcome, key: &str) -> Option<&'a str> {
-    r.output
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .map(str::trim)
-}
-
 /// The `key=value` lines after `marker` in the output.
 fn after<'a>(r: &'a Outcome, marker: &str, key: &str) -> Option<&'a str> {
     let rest = &r.output[r.output.find(marker)? + marker.len()..];
@@ -242,7 +234,7 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
 
     let r = get("create-two");
     let created = json_lines(r);
-    f.check(r, value(r, "rc") == Some("0"), "create --count 2 succeeds");
+    f.check(r, r.value("rc") == Some("0"), "create --count 2 succeeds");
     f.check(
         r,
         created.len() == 2
@@ -257,11 +249,12 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     let r = get("jail");
     f.check(
         r,
-        value(r, "jailed_workers").is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 4))
-            && value(r, "running_forks") == Some("2")
-            && value(r, "foreign_connects_refused") == Some("2")
-            && value(r, "jail_violations") == Some("0")
-            && value(r, "distinct_uids") == value(r, "jailed_workers"),
+        r.value("jailed_workers")
+            .is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 4))
+            && r.value("running_forks") == Some("2")
+            && r.value("foreign_connects_refused") == Some("2")
+            && r.value("jail_violations") == Some("0")
+            && r.value("distinct_uids") == r.value("jailed_workers"),
         "every worker runs as its own uid, without capabilities, with no_new_privs, in its \
          own mount and network namespaces and cgroup leaf (memory and pids limits), in a \
          directory only it can enter; both running forks have every thread under seccomp; \
@@ -276,7 +269,7 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
         .collect();
     f.check(
         r,
-        value(r, "rc1") == Some("0") && value(r, "rc2") == Some("0"),
+        r.value("rc1") == Some("0") && r.value("rc2") == Some("0"),
         "exec runs with the sandbox's own token",
     );
     f.check(
@@ -289,20 +282,20 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     let denied = "the token does not grant access";
     f.check(
         r,
-        value(r, "cross_rc") == Some("1")
-            && value(r, "wrong_rc") == Some("1")
-            && value(r, "unknown_rc") == Some("1")
+        r.value("cross_rc") == Some("1")
+            && r.value("wrong_rc") == Some("1")
+            && r.value("unknown_rc") == Some("1")
             && r.output.matches(denied).count() == 3,
         "A's token on B, a wrong token and an unknown sandbox get the same refusal",
     );
     f.check(
         r,
-        value(r, "missing_rc") == Some("1") && r.output.contains("CLEAVE_TOKEN"),
+        r.value("missing_rc") == Some("1") && r.output.contains("CLEAVE_TOKEN"),
         "a missing token is refused with how to pass one",
     );
     f.check(
         r,
-        value(r, "badid_rc") == Some("1") && r.output.contains("is not a sandbox id"),
+        r.value("badid_rc") == Some("1") && r.output.contains("is not a sandbox id"),
         "a malformed id is refused as such",
     );
 
@@ -311,20 +304,20 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
         r,
         r.output.contains("piped-input")
             && r.output.contains("to-stderr")
-            && value(r, "rc") == Some("7"),
+            && r.value("rc") == Some("7"),
         "stdin, stdout, stderr and the exit code stream through",
     );
     f.check(
         r,
-        value(r, "sig_rc") == Some("143"),
+        r.value("sig_rc") == Some("143"),
         "a signal death is 128+N",
     );
 
     let r = get("exec-limit");
     f.check(
         r,
-        value(r, "active") == Some("4")
-            && value(r, "fifth_rc") == Some("1")
+        r.value("active") == Some("4")
+            && r.value("fifth_rc") == Some("1")
             && r.output.contains("runs 4 execs already"),
         "a fifth concurrent exec in one sandbox is refused, naming the limit",
     );
@@ -332,73 +325,74 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     let r = get("files");
     f.check(
         r,
-        value(r, "up_rc") == Some("0")
-            && value(r, "down_rc") == Some("0")
-            && value(r, "same") == Some("yes"),
+        r.value("up_rc") == Some("0")
+            && r.value("down_rc") == Some("0")
+            && r.value("same") == Some("yes"),
         "a file round trips through the sandbox",
     );
     f.check(
         r,
-        value(r, "sibling_sees") == Some("1"),
+        r.value("sibling_sees") == Some("1"),
         "a sandbox's file is not in its sibling",
     );
     f.check(
         r,
-        value(r, "cross_cp_rc") == Some("1") && value(r, "missing_rc") == Some("1"),
+        r.value("cross_cp_rc") == Some("1") && r.value("missing_rc") == Some("1"),
         "cp with another sandbox's token, or of a missing file, fails",
     );
 
     let r = get("limits");
     f.check(
         r,
-        value(r, "over_rc") == Some("1") && r.output.contains("limit reached"),
+        r.value("over_rc") == Some("1") && r.output.contains("limit reached"),
         "a create beyond max_sandboxes is refused, naming the limit",
     );
     f.check(
         r,
-        value(r, "ttl_rc") == Some("1") && r.output.contains("longer than this node allows"),
+        r.value("ttl_rc") == Some("1") && r.output.contains("longer than this node allows"),
         "a TTL beyond the maximum is refused",
     );
     f.check(
         r,
-        value(r, "template_rc") == Some("1") && r.output.contains("no template nosuch"),
+        r.value("template_rc") == Some("1") && r.output.contains("no template nosuch"),
         "an unknown template is refused",
     );
     f.check(
         r,
-        value(r, "policy_rc") == Some("1") && r.output.contains("network policy"),
+        r.value("policy_rc") == Some("1") && r.output.contains("network policy"),
         "a bad policy is refused",
     );
-    f.check(r, value(r, "count_rc") != Some("0"), "count 0 is refused");
+    f.check(r, r.value("count_rc") != Some("0"), "count 0 is refused");
     f.check(
         r,
-        value(r, "live") == Some("2"),
+        r.value("live") == Some("2"),
         "no refused request created anything",
     );
 
     let r = get("network");
     f.check(
         r,
-        value(r, "rc") == Some("0") && r.output.contains("hello from allowed.test"),
+        r.value("rc") == Some("0") && r.output.contains("hello from allowed.test"),
         "a sandbox created with a policy reaches its allowed name",
     );
     f.check(
         r,
         !r.output.contains("hello from other.test")
-            && value(r, "other_rc").is_some_and(|c| c != "0"),
+            && r.value("other_rc").is_some_and(|c| c != "0"),
         "and nothing else",
     );
-    f.check(r, value(r, "rm_rc") == Some("0"), "and is removed");
+    f.check(r, r.value("rm_rc") == Some("0"), "and is removed");
 
     let r = get("ttl");
     f.check(
         r,
-        r.output.lines().any(|l| l.trim() == "0") && value(r, "expired") == Some("1"),
+        r.output.lines().any(|l| l.trim() == "0") && r.value("expired") == Some("1"),
         "a sandbox is destroyed when its TTL runs out, and the audit log says so",
     );
 
     let r = get("metrics");
-    let count = value(r, "cleave_fork_latency_seconds_count")
+    let count = r
+        .value("cleave_fork_latency_seconds_count")
         .or_else(|| {
             r.output
                 .lines()
@@ -442,20 +436,20 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     );
     f.check(
         r,
-        value(r, "token_hits") == Some("0"),
+        r.value("token_hits") == Some("0"),
         "no token appears in the audit log or the node log",
     );
 
     let r = get("lost");
     f.check(
         r,
-        value(r, "pid_found") == Some("1")
-            && value(r, "exec_rc").is_some_and(|c| c != "0")
-            && value(r, "listed") == Some("0")
-            && value(r, "live") == Some("2")
-            && value(r, "lost") == Some("1")
-            && value(r, "logged").is_some_and(|n| n != "0")
-            && value(r, "other_rc") == Some("0"),
+        r.value("pid_found") == Some("1")
+            && r.value("exec_rc").is_some_and(|c| c != "0")
+            && r.value("listed") == Some("0")
+            && r.value("live") == Some("2")
+            && r.value("lost") == Some("1")
+            && r.value("logged").is_some_and(|n| n != "0")
+            && r.value("other_rc") == Some("0"),
         "a worker killed mid-exec ends that exec and only its sandbox, which is audited as \
          lost and logged; the other sandboxes go on",
     );
@@ -463,7 +457,7 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     let r = get("kill-9");
     f.check(
         r,
-        value(r, "live_before").is_some_and(|n| n != "0"),
+        r.value("live_before").is_some_and(|n| n != "0"),
         "the storm had sandboxes alive when the daemon was killed",
     );
     for key in [
@@ -494,19 +488,19 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     );
     f.check(
         r,
-        value(r, "live_after") == Some("0"),
+        r.value("live_after") == Some("0"),
         "no sandbox survives a restart",
     );
 
     let r = get("sigterm");
     f.check(
         r,
-        value(r, "live") == Some("2"),
+        r.value("live") == Some("2"),
         "two sandboxes before SIGTERM",
     );
     f.check(
         r,
-        value(r, "rc") == Some("1"),
+        r.value("rc") == Some("1"),
         "SIGTERM stops the daemon cleanly",
     );
     for key in [
@@ -521,24 +515,24 @@ fn the_daemon_serves_sandboxes_and_survives_kill_9() {
     ] {
         f.check(
             r,
-            value(r, key) == Some("0"),
+            r.value(key) == Some("0"),
             &format!("after SIGTERM: {key}=0"),
         );
     }
-    f.check(r, value(r, "sock") == Some("0"), "the socket is removed");
+    f.check(r, r.value("sock") == Some("0"), "the socket is removed");
 
     let r = get("container");
     f.check(
         r,
-        value(r, "daemon_cgroup") == Some("/pod/cleave-agent")
-            && value(r, "leaves").is_some_and(|n| n != "0")
-            && value(r, "leaves_after_stop") == Some("0"),
+        r.value("daemon_cgroup") == Some("/pod/cleave-agent")
+            && r.value("leaves").is_some_and(|n| n != "0")
+            && r.value("leaves_after_stop") == Some("0"),
         "a daemon alone at the root of its cgroup namespace (a privileged pod) moves itself \
          into cleave-agent/, gives its workers leaves under cleave/, and removes them when \
          it stops",
     );
 
     let r = get("down");
-    f.check(r, value(r, "netns") == Some("0"), "the lab is gone");
+    f.check(r, r.value("netns") == Some("0"), "the lab is gone");
     f.assert_none();
 }

@@ -26,14 +26,6 @@ const TIMERS: &str = "cat /sys/devices/system/clockevents/clockevent0/current_de
     a=$(cut -d' ' -f1 /proc/uptime); sleep 1; b=$(cut -d' ' -f1 /proc/uptime); \
     echo slept $a $b";
 
-/// The value of the last `key=value` line.
-fn value_of<'a>(r: &'a cleave_tests::Outcome, key: &str) -> Option<&'a str> {
-    r.output
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-}
-
 /// How long `sleep 1` took by the guest's clock, from a [`TIMERS`] run.
 fn slept(r: &cleave_tests::Outcome) -> Option<f64> {
     r.output
@@ -277,11 +269,11 @@ fn forks_end_to_end() {
     let r = by("fork-pit-clock");
     f.check(
         r,
-        value_of(r, "create_rc").is_some_and(|c| c != "0")
+        r.value("create_rc").is_some_and(|c| c != "0")
             && r.output
                 .contains("does not keep time on TSC-deadline LAPIC timers")
             && r.output.contains("noapictimer")
-            && value_of(r, "listed") == Some("0"),
+            && r.value("listed") == Some("0"),
         "a template whose guest may tick on the PIT is refused, saying why and what to boot \
          instead, and nothing is saved",
     );
