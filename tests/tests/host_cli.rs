@@ -32,6 +32,18 @@ fn bad_arguments_are_explained_without_a_panic() {
         (&["boot", "--kernel", "/k"], "--kernel-sha256"),
         (&["boot", "--kernel-sha256", "00"], "64 hex characters"),
         (&["rig"], "ARGS"),
+        // Refused before any image is resolved or guest booted.
+        (
+            &[
+                "template",
+                "create",
+                "--name",
+                "x",
+                "--test-kernel-arg",
+                "a b",
+            ],
+            "must be one word",
+        ),
     ];
     for (args, expect) in cases {
         let out = Command::new(cleave_bin()).args(*args).output().unwrap();

@@ -81,6 +81,14 @@ pub fn create(
     spec: &TemplateSpec,
     resolve: impl ImageResolver,
 ) -> anyhow::Result<CreatedTemplate> {
+    // Checked before anything is resolved or booted.
+    if let Some(arg) = spec
+        .test_kernel_args
+        .iter()
+        .find(|a| a.is_empty() || a.contains(|c: char| c.is_whitespace() || c.is_control()))
+    {
+        anyhow::bail!("kernel argument {arg:?} must be one word (no spaces or controls)");
+    }
     if store.exists(&spec.name) {
         anyhow::bail!(
             "a template named {} exists already (remove it with `cleave template rm {}`)",
@@ -112,9 +120,6 @@ pub fn create(
         cmdline.push_str(&format!(" {}={v}", cleave_guest::reseed::TEST_RESEED_FLAG));
     }
     for arg in &spec.test_kernel_args {
-        if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || c.is_control()) {
-            anyhow::bail!("kernel argument {arg:?} must be one word (no spaces or controls)");
-        }
         cmdline.push(' ');
         cmdline.push_str(arg);
     }
