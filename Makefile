@@ -7,7 +7,7 @@ TRIPLE := x86_64-unknown-linux-gnu
 GUEST_BIN := target/guest/$(TRIPLE)/release/cleave-guest
 CLEAVE := target/debug/cleave
 
-.PHONY: run test deps guest image rig build lint unit bench-boot bench-net bench-image entropy clean-cache manifests fuzz
+.PHONY: run test deps guest image rig build lint unit bench bench-boot bench-net bench-image entropy clean-cache manifests fuzz
 
 ## make run: install what is missing, build images and agent, run the main job
 ## (boot the default image and time the guest agent's readiness, then run commands in a
@@ -54,6 +54,16 @@ rig:
 
 build:
 	$(CARGO) build --workspace
+
+## Every benchmark of docs/PERFORMANCE.md in one run, each beside its peer or baseline,
+## written to docs/bench/DATE-KVM.md with the date and environment (scripts/bench.sh):
+## host rows here, guest rows on hardware KVM or in the rig. `make bench BENCH="fork churn"`
+## runs only those sections (`scripts/bench.sh --help` lists them).
+BENCH ?=
+bench: deps image rig
+	$(CARGO) build --release -p cleave-agent -p cleave-tests -p cleave-netfilter \
+	  -p cleave-dnsproxy -p cleave-guest --bins --examples
+	@scripts/bench.sh $(BENCH)
 
 ## Boot-time benchmark: cleave vs QEMU -M microvm on the same kernel and initramfs.
 bench-boot: deps image rig

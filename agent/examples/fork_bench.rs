@@ -33,7 +33,8 @@ use kvm_ioctls::Kvm;
 struct Args {
     forks: usize,
     mem_mib: u64,
-    alive: usize,
+    /// Forks kept alive at once (in-process path: 1; `--churn`: 64).
+    alive: Option<usize>,
     warmup: usize,
     workers: usize,
     pool: usize,
@@ -43,12 +44,17 @@ struct Args {
     jailed: bool,
     /// Requests per second on the pooled path.
     rate: u32,
+    /// Seconds of sustained churn to measure; when given, only that runs.
+    churn: Option<u64>,
+    /// Threads refilling the pool during `--churn`.
+    refillers: usize,
 }
 
 const USAGE: &str = "\
 usage: fork_bench [--forks N] [--warmup N] [--mem-mib M] [--alive K] [--workers N] [--pool P]
                   [--rate R]
        fork_bench --idle N[,N...] [--jailed] [--mem-mib M]
+       fork_bench --churn SECS [--alive K] [--pool P] [--refillers R] [--mem-mib M]
 
 Times forks of a tiny guest on /dev/kvm: in-process (cold and from a warm shell), then one
 process per fork (a fresh cleave-fork-worker per request, jailed and not, and a pool of
@@ -64,6 +70,9 @@ pre-started workers). Build the worker first:
                 report memory per fork (process and kernel) and the creation rate
   --jailed      with --idle: each worker jailed as the node jails it (uid, namespaces,
                 cgroup leaf where cgroup2 is mounted, seccomp)
+  --churn SECS  only: create → ready → destroy as fast as the pool allows for SECS, one
+                worker per fork, at most K forks alive (--alive, 64 here), the pool of P
+                refilled by R threads (--refillers, 2); reports the sustained rate
 ";
 
 /// Parses the flags; `Ok(None)` after printing the usage for `--help`.
@@ -71,13 +80,15 @@ fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
         forks: 1000,
         mem_mib: 256,
-        alive: 1,
+        alive: None,
         warmup: 20,
         workers: 1000,
         pool: 32,
         idle: Vec::new(),
         jailed: false,
         rate: 250,
+        churn: None,
+        refillers: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -96,10 +107,12 @@ fn parse_args() -> Result<Option<Args>> {
             "--rate" => args.rate = (value()? as u32).max(1),
             "--forks" => args.forks = value()?,
             "--mem-mib" => args.mem_mib = value()? as u64,
-            "--alive" => args.alive = value()?.max(1),
+            "--alive" => args.alive = Some(value()?.max(1)),
             "--warmup" => args.warmup = value()?,
             "--workers" => args.workers = value()?,
             "--pool" => args.pool = value()?.max(1),
+            "--churn" => args.churn = Some(value()?.max(1) as u64),
+            "--refillers" => args.refillers = value()?.max(1),
             "--idle" => {
                 let list = it
                     .next()
@@ -197,6 +210,11 @@ fn run() -> Result<()> {
         return Ok(());
     };
     let kvm = vmm::open_kvm()?;
+    if let Some(secs) = args.churn {
+        // Churned forks halt, as idle ones do: the run measures the fork path, not guests.
+        let template = template(&kvm, args.mem_mib, tiny::Ending::Halt)?;
+        return churn(&template, &args, Duration::from_secs(secs));
+    }
     if !args.idle.is_empty() {
         // Idle forks halt: the counting guest would keep writing and printing.
         return idle(&template(&kvm, args.mem_mib, tiny::Ending::Halt)?, &args);
@@ -213,10 +231,11 @@ fn run() -> Result<()> {
     let mut prepare = Column::new("(warm shell: prepare, ahead of the request)", n);
     let mut first_exit = Column::new("(first KVM_RUN → first exit)", n);
     let mut teardown = Column::new("(teardown: drop the VM)", n);
-    let mut alive: VecDeque<Vm> = VecDeque::with_capacity(args.alive);
+    let alive_max = args.alive.unwrap_or(1);
+    let mut alive: VecDeque<Vm> = VecDeque::with_capacity(alive_max);
     let mut keep = |vm: Vm, teardown: &mut Column, record: bool| {
         alive.push_back(vm);
-        if alive.len() >= args.alive {
+        if alive.len() >= alive_max {
             let t = Instant::now();
             drop(alive.pop_front());
             if record {
@@ -274,7 +293,7 @@ fn run() -> Result<()> {
          msrs={}",
         args.warmup,
         args.mem_mib,
-        args.alive,
+        alive_max,
         template.state().vcpus[0].msrs.as_slice().len()
     )?;
     writeln!(
@@ -482,6 +501,113 @@ fn pool_run(
         reap(&mut released, 0)?;
         refilled?;
         Ok((request, inside, waited))
+    })
+}
+
+/// Sustained churn: forks created → ready → destroyed back to back for `secs`, one worker
+/// process each, at most `--alive` forks alive, the pool refilled by `--refillers`
+/// threads. Every cost of a fork's life shares the machine at once: the refill (spawn,
+/// exec, template, shell), the request, and the teardown of the forks it displaces.
+fn churn(template: &Template, args: &Args, secs: Duration) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::TryRecvError;
+    let exe = worker_exe()?;
+    let encoded = Encoded::new(template)?;
+    let alive_max = args.alive.unwrap_or(64);
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Worker>(args.pool);
+    std::thread::scope(|scope| -> Result<()> {
+        let refills: Vec<_> = (0..args.refillers)
+            .map(|_| {
+                let tx = tx.clone();
+                let (exe, encoded, stop) = (&exe, &encoded, &stop);
+                scope.spawn(move || -> Result<()> {
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut w = Worker::spawn(exe)?;
+                        w.load(encoded)?;
+                        if tx.send(w).is_err() {
+                            break; // the run is over
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(tx);
+        // Let the pool fill before the clock starts.
+        std::thread::sleep(Duration::from_secs(1));
+
+        let mut ready = Vec::new();
+        let mut per_second = vec![0u32; secs.as_secs() as usize + 1];
+        let mut empty = 0usize;
+        let mut alive: VecDeque<Worker> = VecDeque::with_capacity(alive_max + 1);
+        let mut released: VecDeque<Process> = VecDeque::new();
+        let start = Instant::now();
+        while start.elapsed() < secs {
+            let mut w = match rx.try_recv() {
+                Ok(w) => w,
+                Err(TryRecvError::Empty) => {
+                    empty += 1;
+                    rx.recv().context("every refill thread stopped")?
+                }
+                Err(TryRecvError::Disconnected) => bail!("every refill thread stopped"),
+            };
+            let t = Instant::now();
+            w.go(None)?;
+            ready.push(t.elapsed());
+            let second = (start.elapsed().as_secs() as usize).min(per_second.len() - 1);
+            per_second[second] += 1;
+            alive.push_back(w);
+            if alive.len() > alive_max {
+                if let Some(old) = alive.pop_front() {
+                    released.push_back(old.release());
+                }
+            }
+            released.retain_mut(|p| !matches!(p.try_wait(), Ok(Some(_))));
+            reap(&mut released, 256)?;
+        }
+        let elapsed = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        drop(rx);
+        for r in refills {
+            r.join()
+                .map_err(|_| anyhow::anyhow!("a refill thread panicked"))??;
+        }
+        released.extend(alive.into_iter().map(Worker::release));
+        reap(&mut released, 0)?;
+
+        let created = ready.len();
+        if created == 0 {
+            bail!("no fork became ready in {secs:?}");
+        }
+        ready.sort();
+        // Whole seconds only: the first and the last are partial.
+        let mut steady: Vec<u32> = per_second[1..per_second.len() - 1].to_vec();
+        steady.sort();
+        let (lo, mid, hi) = match steady.as_slice() {
+            [] => (0, 0, 0),
+            s => (s[0], s[s.len() / 2], s[s.len() - 1]),
+        };
+        println!(
+            "churn for {:.1} s: one worker per fork, at most {alive_max} alive, pool of {}, \
+             {} refill threads, guest {} MiB",
+            elapsed.as_secs_f64(),
+            args.pool,
+            args.refillers,
+            args.mem_mib
+        );
+        println!(
+            "| forks created → ready → destroyed | forks/s sustained | forks/s per second: \
+             min / median / max | go → ready p50 µs | p99 µs | requests that found the pool empty |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!(
+            "| {created} | **{:.0}** | {lo} / {mid} / {hi} | {} | {} | {empty} |",
+            created as f64 / elapsed.as_secs_f64(),
+            us(pct(&ready, 0.5)),
+            us(pct(&ready, 0.99)),
+        );
+        Ok(())
     })
 }
 
