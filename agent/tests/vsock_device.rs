@@ -263,6 +263,73 @@ fn transport_reset_event_reaches_the_guest_and_closes_host_streams() {
     assert_eq!(host.read(&mut b).unwrap(), 0, "host stream closed");
 }
 
+/// The host end of `host` reads end-of-stream (not a timeout): the device closed it.
+fn assert_closed(host: &mut UnixStream, why: &str) {
+    let mut b = [0u8; 64];
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    loop {
+        match host.read(&mut b) {
+            Ok(0) => return,
+            Ok(_) => continue, // the OK line, or data sent before the end
+            // Closed with our CONNECT line unread: the kernel answers with a reset.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{why}: the host stream is still open ({e})"),
+        }
+    }
+}
+
+#[test]
+fn an_established_connection_arms_no_timer() {
+    let mut h = Harness::new();
+    assert!(!h.lock().timer_armed(), "an idle device sleeps");
+    let mut s = UnixStream::connect(&h.uds).unwrap();
+    h.pump();
+    assert!(
+        h.lock().timer_armed(),
+        "a handshake under way has a deadline"
+    );
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    h.pump();
+    h.give_rx(1, 4096);
+    let pkts = h.recv();
+    let (req, _) = pkts.iter().find(|(p, _)| p.op == OP_REQUEST).unwrap();
+    let local = req.src_port;
+    h.send(Hdr::guest(OP_RESPONSE, 1024, local), &[]);
+    assert!(
+        !h.lock().timer_armed(),
+        "established: nothing to expire, no wake-ups"
+    );
+}
+
+#[test]
+fn a_device_reset_closes_host_streams_without_waiting_for_a_tick() {
+    let mut h = Harness::new();
+    let (mut host, _) = h.host_connect(1024);
+    // What a dying guest's kernel does on its vCPU thread (virtio shutdown: status 0).
+    h.lock().reset();
+    h.pump();
+    assert_closed(&mut host, "after the guest reset the device");
+}
+
+#[test]
+fn the_guests_end_closes_host_streams_and_refuses_new_ones() {
+    use cleave_agent::devices::GuestEnd;
+    use cleave_agent::vmm::control::RunControl;
+    let mut h = Harness::new();
+    let (mut host, _) = h.host_connect(1024);
+    let run = RunControl::default();
+    run.wake_on_guest_end(h.lock().end_event().unwrap());
+    // A guest that dies without resetting its devices (a panic, a triple fault).
+    run.end(GuestEnd::TripleFault);
+    h.pump();
+    assert_closed(&mut host, "after the guest's end");
+    let mut late = UnixStream::connect(&h.uds).unwrap();
+    late.write_all(b"CONNECT 1024\n").unwrap();
+    h.pump();
+    assert_closed(&mut late, "a connect after the guest's end");
+    assert_eq!(h.lock().muxer().connection_count(), 0);
+}
+
 #[test]
 fn transport_reset_waits_for_an_event_buffer() {
     let mut h = Harness::new();

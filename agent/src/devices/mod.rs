@@ -51,6 +51,12 @@ impl GuestEnd {
         }
     }
 
+    /// Whether the guest's side ended it (anything but a host's stop): nothing in the
+    /// guest will answer again.
+    pub fn by_guest(&self) -> bool {
+        !matches!(self, GuestEnd::Stopped)
+    }
+
     /// Whether this is an orderly end (the guest asked for it, or the host did).
     pub fn is_clean(&self) -> bool {
         matches!(

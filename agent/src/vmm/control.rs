@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::devices::GuestEnd;
 
 /// Exit counters per kind (metrics, and what the ioctl-level tests observe).
@@ -53,6 +55,8 @@ pub struct RunControl {
     stopping: AtomicBool,
     end: Mutex<Option<GuestEnd>>,
     ended: Condvar,
+    /// Written when the guest's side ends the run (see [`GuestEnd::by_guest`]).
+    on_guest_end: Mutex<Vec<EventFd>>,
     pub stats: ExitStats,
 }
 
@@ -62,19 +66,37 @@ impl RunControl {
     }
 
     /// Records why the VM ended (the first reason wins) and tells every vCPU to stop.
+    /// When the guest's side ended it, every [`wake_on_guest_end`](Self::wake_on_guest_end)
+    /// eventfd is written: the device event loop is not a vCPU and would not know.
     pub fn end(&self, why: GuestEnd) {
-        let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        let mut end = crate::sync::lock(&self.end);
+        let by_guest = why.by_guest();
         if end.is_none() {
             tracing::debug!(end = %why, "guest ended");
             *end = Some(why);
         }
         self.stopping.store(true, Ordering::Release);
         self.ended.notify_all();
+        if by_guest {
+            for evt in crate::sync::lock(&self.on_guest_end).iter() {
+                let _ = evt.write(1);
+            }
+        }
+    }
+
+    /// Has `evt` written when the guest's side ends the run (a reset, crash or VMM
+    /// failure, not a host's stop), at once if it already has.
+    pub fn wake_on_guest_end(&self, evt: EventFd) {
+        let end = crate::sync::lock(&self.end);
+        if end.as_ref().is_some_and(GuestEnd::by_guest) {
+            let _ = evt.write(1);
+        }
+        crate::sync::lock(&self.on_guest_end).push(evt);
     }
 
     /// Waits until the VM ended or `timeout` passed.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<GuestEnd> {
-        let end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        let end = crate::sync::lock(&self.end);
         let end = match timeout {
             Some(t) => {
                 self.ended
@@ -104,5 +126,32 @@ mod tests {
         c.end(GuestEnd::TripleFault);
         assert!(c.is_stopping());
         assert_eq!(c.wait(None), Some(GuestEnd::Reset));
+    }
+
+    fn written(e: &EventFd) -> bool {
+        e.read().is_ok()
+    }
+
+    fn nonblocking() -> EventFd {
+        EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    }
+
+    #[test]
+    fn the_guests_end_wakes_its_listeners_and_a_hosts_stop_does_not() {
+        let c = RunControl::default();
+        let early = nonblocking();
+        c.wake_on_guest_end(early.try_clone().unwrap());
+        assert!(!written(&early), "nothing ended yet");
+        c.end(GuestEnd::Stopped);
+        assert!(!written(&early), "a host's stop is not the guest's end");
+
+        let c = RunControl::default();
+        let early = nonblocking();
+        c.wake_on_guest_end(early.try_clone().unwrap());
+        c.end(GuestEnd::TripleFault);
+        assert!(written(&early));
+        let late = nonblocking();
+        c.wake_on_guest_end(late.try_clone().unwrap());
+        assert!(written(&late), "registered after the end: written at once");
     }
 }

@@ -485,6 +485,14 @@ impl Vm {
     ) -> Result<RunningVm, VmmError> {
         install_kick_handler();
         let control = Arc::new(RunControl::default());
+        if let Some(vsock) = &self.vsock {
+            // A guest that dies without resetting its devices (a panic, a triple fault)
+            // must still close every host connection: nothing else would wake the loop.
+            match crate::sync::lock(&vsock.device).end_event() {
+                Ok(evt) => control.wake_on_guest_end(evt),
+                Err(e) => return Err(VmmError::EventLoop(e)),
+            }
+        }
         let event_loop = if self.subscribers.is_empty() {
             None
         } else {

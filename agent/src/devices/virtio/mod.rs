@@ -18,6 +18,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue_state;
 pub mod rng;
+pub mod timer;
 pub mod vsock;
 
 use vm_memory::GuestMemoryMmap;

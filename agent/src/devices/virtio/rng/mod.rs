@@ -16,12 +16,12 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::interrupt::INT_USED_RING;
 use super::log_limit::LogLimit;
 use super::mmio::SavedVirtio;
 use super::queue_state::QueueSnapshot;
+use super::timer::DeviceTimer;
 use super::{check_queues, ActivateError, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 pub const QUEUE_SIZE: u16 = 64;
@@ -107,8 +107,7 @@ pub struct Rng {
     active: Option<Active>,
     acked_features: u64,
     budget: ByteBudget,
-    pub(super) timer: TimerFd,
-    timer_armed: bool,
+    pub(super) timer: DeviceTimer,
     buf: Vec<u8>,
     /// The guest broke its queue; nothing more is processed until it resets the device.
     broken: bool,
@@ -120,7 +119,7 @@ impl Rng {
     pub fn new(interrupt: Arc<Interrupt>) -> Result<Self, RngError> {
         let queue_evts =
             vec![EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RngError::Fd)?];
-        let timer = TimerFd::new().map_err(|e| RngError::Fd(e.into()))?;
+        let timer = DeviceTimer::new().map_err(RngError::Fd)?;
         Ok(Rng {
             queue_evts,
             interrupt,
@@ -128,7 +127,6 @@ impl Rng {
             acked_features: 0,
             budget: ByteBudget::full(Instant::now()),
             timer,
-            timer_armed: false,
             buf: Vec::new(),
             broken: false,
             counts: RngCounts::default(),
@@ -179,9 +177,8 @@ impl Rng {
                 // Over budget: the request waits in the queue for the timer.
                 a.queues[0].go_to_previous_position();
                 self.counts.throttled += 1;
-                if !self.timer_armed {
-                    let _ = self.timer.reset(self.budget.wait_for(want as u64), None);
-                    self.timer_armed = true;
+                if !self.timer.is_armed() {
+                    let _ = self.timer.arm_once(self.budget.wait_for(want as u64));
                 }
                 break;
             }
@@ -220,9 +217,9 @@ impl Rng {
 
     /// The timer fired: the budget has grown, try again.
     pub(super) fn on_timer(&mut self) {
-        let _ = self.timer.wait();
-        self.timer_armed = false;
-        self.process();
+        if self.timer.take_expiry() {
+            self.process();
+        }
     }
 
     pub(super) fn queue_event(&self) -> &EventFd {

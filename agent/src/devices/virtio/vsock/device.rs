@@ -8,7 +8,6 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::{self, PacketError, RxSlot};
 use super::state::VsockState;
@@ -17,6 +16,7 @@ use super::VsockConfig;
 use crate::devices::virtio::interrupt::INT_USED_RING;
 use crate::devices::virtio::log_limit::LogLimit;
 use crate::devices::virtio::queue_state::QueueSnapshot;
+use crate::devices::virtio::timer::DeviceTimer;
 use crate::devices::virtio::{
     check_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK,
     VIRTIO_F_VERSION_1,
@@ -66,7 +66,11 @@ pub struct Vsock {
     cid: u64,
     queue_evts: Vec<EventFd>,
     interrupt: Arc<Interrupt>,
-    pub(super) timer: TimerFd,
+    /// Armed (every [`TICK`]) only while the muxer awaits a deadline: an idle VM's loop
+    /// then sleeps until a queue or socket wakes it.
+    pub(super) timer: DeviceTimer,
+    /// Written when the guest's run ends (see [`end_event`](Self::end_event)).
+    pub(super) guest_end: EventFd,
     active: Option<Active>,
     acked_features: u64,
     pub(super) muxer: Muxer,
@@ -85,10 +89,8 @@ impl Vsock {
             .map(|_| EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<Result<Vec<_>, _>>()
             .map_err(VsockError::Fd)?;
-        let mut timer = TimerFd::new().map_err(|e| VsockError::Fd(e.into()))?;
-        timer
-            .reset(TICK, Some(TICK))
-            .map_err(|e| VsockError::Fd(e.into()))?;
+        let timer = DeviceTimer::new().map_err(VsockError::Fd)?;
+        let guest_end = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::Fd)?;
         let muxer =
             Muxer::bind(&config.uds_path, config.guest_cid, config.peer_uid).map_err(|source| {
                 VsockError::Bind {
@@ -101,6 +103,7 @@ impl Vsock {
             queue_evts,
             interrupt,
             timer,
+            guest_end,
             active: None,
             acked_features: 0,
             muxer,
@@ -110,6 +113,43 @@ impl Vsock {
             counts: VsockCounts::default(),
             log: LogLimit::new(),
         })
+    }
+
+    /// Arms the timer while the muxer awaits a deadline and disarms it after.
+    pub(super) fn sync_timer(&mut self) {
+        let want = self.muxer.awaits_deadline();
+        if want == self.timer.is_armed() {
+            return;
+        }
+        let r = if want {
+            self.timer.arm_periodic(TICK)
+        } else {
+            self.timer.disarm()
+        };
+        // Left as it was: armed, a tick is spent for nothing; disarmed, handshakes wait
+        // for the next event to expire. Retried on the next event either way.
+        if let Err(e) = r {
+            self.log.warn(format_args!("vsock: timer: {e}"));
+        }
+    }
+
+    /// An eventfd to write when the guest's run ends (reset, crash, VMM failure): the
+    /// device then closes every host connection and refuses new ones, since nothing in a
+    /// guest that is gone will answer them. Its holder is the VM's
+    /// [`RunControl`](crate::vmm::control::RunControl).
+    pub fn end_event(&self) -> std::io::Result<EventFd> {
+        self.guest_end.try_clone()
+    }
+
+    /// The guest's run ended: see [`end_event`](Self::end_event).
+    pub(super) fn on_guest_end(&mut self) {
+        let _ = self.guest_end.read();
+        self.muxer.guest_gone();
+    }
+
+    /// Whether the expiry timer is armed (only while a handshake or close is under way).
+    pub fn timer_armed(&self) -> bool {
+        self.timer.is_armed()
     }
 
     pub fn cid(&self) -> u64 {
@@ -382,6 +422,9 @@ impl VirtioDevice for Vsock {
         self.broken = false;
         self.reset_event_pending = false;
         self.muxer.reset_all();
+        // Runs on a vCPU thread: wake the event loop, which closes the host streams (a
+        // guest resetting its devices as it dies may never kick a queue again).
+        let _ = self.queue_evts[EVQ].write(1);
     }
 
     fn active_queues(&self) -> Option<Vec<QueueSnapshot>> {

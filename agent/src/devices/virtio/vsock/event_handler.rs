@@ -1,5 +1,6 @@
 //! How the VM's event loop wakes the vsock device: queue kicks (ioeventfds), the Unix
-//! listener and host streams, and a periodic tick for expiring handshakes.
+//! listener and host streams, the end of the guest's run, and a tick for expiring
+//! handshakes, armed only while one is under way.
 
 use std::os::fd::AsRawFd;
 use std::time::Instant;
@@ -16,6 +17,7 @@ impl MutEventSubscriber for Vsock {
             self.queue_event(EVQ).as_raw_fd(),
             self.muxer.listener().as_raw_fd(),
             self.timer.as_raw_fd(),
+            self.guest_end.as_raw_fd(),
         ];
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
@@ -35,9 +37,12 @@ impl MutEventSubscriber for Vsock {
         } else if fd == self.queue_event(EVQ).as_raw_fd() {
             let _ = self.queue_event(EVQ).read();
             self.process_event_queue();
+        } else if fd == self.guest_end.as_raw_fd() {
+            self.on_guest_end();
         } else if fd == self.timer.as_raw_fd() {
-            let _ = self.timer.wait();
-            self.muxer.tick(Instant::now());
+            if self.timer.take_expiry() {
+                self.muxer.tick(Instant::now());
+            }
         } else {
             self.muxer.handle_host_event(fd, events.event_set());
         }
@@ -45,5 +50,6 @@ impl MutEventSubscriber for Vsock {
         self.process_rx();
         let starved = self.rx_starved;
         self.muxer.sync_interest(ops, starved);
+        self.sync_timer();
     }
 }

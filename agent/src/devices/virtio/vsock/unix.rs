@@ -89,6 +89,8 @@ pub struct Muxer {
     log: LogLimit,
     /// Who may connect (`SO_PEERCRED`), when restricted.
     peer_uid: Option<u32>,
+    /// The guest's run ended: host connections are closed as they come.
+    guest_gone: bool,
 }
 
 impl Muxer {
@@ -99,6 +101,7 @@ impl Muxer {
         Ok(Muxer {
             guest_cid,
             peer_uid,
+            guest_gone: false,
             path: path.to_path_buf(),
             listener,
             pending: HashMap::new(),
@@ -346,6 +349,9 @@ impl Muxer {
                     continue;
                 }
             }
+            if self.guest_gone {
+                continue; // closed: no guest will answer
+            }
             if self.pending.len() >= MAX_PENDING_CONNECTS
                 || self.conns.len() >= MAX_CONNECTIONS
                 || stream.set_nonblocking(true).is_err()
@@ -565,6 +571,25 @@ impl Muxer {
         self.ready.clear();
     }
 
+    /// The guest's run ended: every connection and handshake is dropped (their host
+    /// streams close once the event loop lets go of them) and later connects are closed
+    /// as they are accepted.
+    pub fn guest_gone(&mut self) {
+        self.guest_gone = true;
+        self.reset_all();
+    }
+
+    /// Whether something waits on a deadline that only [`tick`](Self::tick) enforces: a
+    /// host connect whose `CONNECT` line has not come, a guest that has not answered our
+    /// REQUEST, a close the guest has not confirmed. Otherwise nothing needs the timer.
+    pub fn awaits_deadline(&self) -> bool {
+        !self.pending.is_empty()
+            || self
+                .conns
+                .values()
+                .any(|c| matches!(c.state, ConnState::LocalInit | ConnState::Closing))
+    }
+
     /// Expires handshakes and closes that take too long.
     pub fn tick(&mut self, now: Instant) {
         let stale: Vec<RawFd> = self
@@ -693,6 +718,22 @@ mod tests {
             assert_eq!(m.pending.len(), 1, "{name}");
             assert_eq!(m.counts().refused_peers, 0);
         }
+    }
+
+    #[test]
+    fn only_an_unfinished_handshake_needs_the_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sock");
+        let mut m = Muxer::bind(&path, 3, None).unwrap();
+        assert!(!m.awaits_deadline(), "an idle muxer waits on nothing");
+        let _c = UnixStream::connect(&path).unwrap();
+        m.accept_host();
+        assert!(
+            m.awaits_deadline(),
+            "a connect without its CONNECT line expires"
+        );
+        m.tick(Instant::now() + HANDSHAKE_TIMEOUT + Duration::from_secs(1));
+        assert!(!m.awaits_deadline(), "expired: nothing left to wait on");
     }
 
     #[test]
