@@ -173,7 +173,8 @@ const RIG_ATTEMPTS: usize = 2;
 /// that stack has been seen to crash its own kernel under heavy nested load (a kernel
 /// oops in the rig, in KVM's vCPU thread, with no exit status reported). When the *rig*
 /// fails like that, the batch is run once more from a fresh rig boot, and the first
-/// attempt's output is printed; a scenario that fails is never retried.
+/// attempt's output is printed and kept in `$TMPDIR/cleave-rig-failures/`; a scenario
+/// that fails is never retried.
 pub fn run_batch(scenarios: &[Scenario], timeout: Duration) -> (Place, Vec<Outcome>) {
     let script = batch_script(scenarios);
     let cwd = std::env::current_dir().expect("current dir");
@@ -195,16 +196,35 @@ pub fn run_batch(scenarios: &[Scenario], timeout: Duration) -> (Place, Vec<Outco
         let text = String::from_utf8_lossy(&buf).into_owned();
         match result {
             Ok(_) => return (Place::Rig, timed(parse(&text, scenarios))),
-            Err(e) if attempt < RIG_ATTEMPTS => eprintln!(
-                "WARNING: the rig itself failed (attempt {attempt} of {RIG_ATTEMPTS}): {e}; \
-                 running the batch again in a fresh rig\n--- rig output ---\n{text}\n--- end ---"
-            ),
+            Err(e) if attempt < RIG_ATTEMPTS => {
+                // cargo shows a passing test's stderr to no one: keep the output on disk.
+                let kept = keep_rig_failure(&text);
+                eprintln!(
+                    "WARNING: the rig itself failed (attempt {attempt} of {RIG_ATTEMPTS}): {e}; \
+                     running the batch again in a fresh rig (its output is also in {kept})\n\
+                     --- rig output ---\n{text}\n--- end ---"
+                )
+            }
             Err(e) => {
                 panic!("the rig failed {RIG_ATTEMPTS} times; last: {e}\n--- rig output ---\n{text}")
             }
         }
     }
     unreachable!("the loop returns or panics on its last attempt")
+}
+
+/// Writes a failed rig attempt's output to `$TMPDIR/cleave-rig-failures/` and says where
+/// (or why not).
+fn keep_rig_failure(text: &str) -> String {
+    let dir = std::env::temp_dir().join("cleave-rig-failures");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = dir.join(format!("{stamp}-{}.log", std::process::id()));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, text)) {
+        Ok(()) => path.display().to_string(),
+        Err(e) => format!("nowhere: writing {}: {e}", path.display()),
+    }
 }
 
 /// The JSON objects a scenario printed, one a line (`--json` output).
