@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make bench`: every benchmark of docs/PERFORMANCE.md in one run, each side by side with
 # its peer or baseline, written as one Markdown file with the date and environment:
-# docs/bench/DATE-KVM.md (KVM = kvm_pvm, kvm_amd or kvm_intel).
+# docs/bench/DATE-KVM.md (KVM = kvm_pvm, kvm_amd or kvm_intel); a run of some sections
+# only, to target/bench/DATE-KVM-partial.md.
 #
 #   scripts/bench.sh [SECTION...]      (default: all; `make bench BENCH="fork churn"`)
 #
@@ -21,7 +22,7 @@ EX=$REL/examples
 ALL=(fork churn density netfilter dns agent slots boot control fork-linux api net)
 case "${1:-}" in
   -h | --help)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     echo "sections: ${ALL[*]}"
     exit 0
     ;;
@@ -38,6 +39,8 @@ for m in kvm_pvm kvm_amd kvm_intel; do
 done
 date_=$(date -u +%F)
 out=$ROOT/docs/bench/$date_-$kvm.md
+# A run of some sections only does not replace the day's full run.
+[ "${SECTIONS[*]}" = "${ALL[*]}" ] || out=$ROOT/target/bench/$date_-$kvm-partial.md
 logs=$ROOT/target/bench/$date_
 mkdir -p "$(dirname "$out")" "$logs"
 if [ "$kvm" = kvm_pvm ] || [ "$kvm" = none ]; then
@@ -103,7 +106,7 @@ section churn "Sustained churn: create → ready → destroy, one process per fo
 section density "Idle forks alive at once: memory per fork and creation rate (host, tiny guest)" -- \
   "$EX/fork_bench" --idle 1,100,1000,10000
 section netfilter "netfilter: per-sandbox apply / teardown vs nft -f" -- "$EX/nft_bench"
-section dns "dnsproxy: added latency and throughput vs dnsmasq --nftset" -- "$EX/dns_bench" 5000 0
+section dns "dnsproxy: added latency and throughput vs dnsmasq --nftset" -- "$EX/dns_bench" 1000 0
 section agent "Guest agent protocol, in-process (no VM)" -- "$EX/agent_bench" 1000
 section slots "Sandbox network slots at scale (host side)" -- "$EX/net_bench" --slots 1000
 section boot "Boot: cleave vs QEMU -M microvm (guests)" -- guest boot

@@ -14,14 +14,14 @@
 //! set. The client and upstream run on CPU 1; the proxy (one thread) and
 //! dnsmasq run on CPU `SERVER_CPU` (second argument, default 0):
 //!
-//!     dns_bench [QUERIES [SERVER_CPU]]
+//!     dns_bench [QUERIES [SERVER_CPU]]     (QUERIES: 1000, at most 1024)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use cleave_dnsproxy::{DnsProxy, FirewallPinner, Limits, PolicySpec, ProxyConfig};
 use cleave_netfilter::testutil::NetNs;
-use cleave_netfilter::{Firewall, SandboxId, TapName};
+use cleave_netfilter::{Firewall, SandboxId, TapName, MAX_PINS_PER_SET};
 use common::client::query_bytes;
 use common::fake_upstream::FakeUpstream;
 use hickory_proto::rr::RecordType;
@@ -119,7 +119,16 @@ fn throughput(to: SocketAddr, tag: &str, n: usize, window: usize, fresh: bool) -
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    // Every phase starts from an empty pin set; the throughput phase pins 4 × n names.
+    if n == 0 || 4 * n > MAX_PINS_PER_SET as usize {
+        eprintln!(
+            "dns_bench: QUERIES must be 1..={} (a sandbox's pin set holds {MAX_PINS_PER_SET} \
+             and the throughput phase pins 4 × QUERIES names)",
+            MAX_PINS_PER_SET / 4
+        );
+        std::process::exit(2);
+    }
     // CPU for the proxy and dnsmasq; the client and upstream use CPU 1.
     let server_cpu: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let ns = NetNs::new("dbench").expect("create namespace (run as root)");
@@ -249,8 +258,12 @@ fn run(ns: &NetNs, n: usize, server_cpu: usize) {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v
     };
+    // A full set refuses pins (the proxy then answers SERVFAIL): empty it between phases.
+    let empty_pins = || fw.release(&SandboxId::new("bench").unwrap()).unwrap();
+    empty_pins();
     let ours = latencies(proxy, "p", n);
     let theirs = latencies(dnsmasq, "m", n);
+    empty_pins();
     let (tp_ours, lost_ours) = throughput(proxy, "tp", n * 4, 32, true);
     let (tp_theirs, lost_theirs) = throughput(dnsmasq, "tm", n * 4, 32, true);
     let (hot_ours, hot_lost_ours) = throughput(proxy, "hp", n * 4, 32, false);
