@@ -20,7 +20,11 @@ run() {
 }
 table() { python3 scripts/json-table.py "$@"; }
 case ${1:-} in
-  boot) run python3 scripts/bench-boot.py --cleave "$PWD/$rel/cleave" ;;
+  boot)
+    echo "| date | environment | runs | cleave median | QEMU median | ratio | cleave range | QEMU range |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"
+    run python3 scripts/bench-boot.py --cleave "$PWD/$rel/cleave"
+    ;;
   control)
     echo "1,000 sequential execs of \`true\` and \`hello\` round trips, then 64 MiB each way (default image, 512 MiB, 2 vCPUs):"
     echo
