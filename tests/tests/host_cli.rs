@@ -44,6 +44,11 @@ fn bad_arguments_are_explained_without_a_panic() {
             ],
             "must be one word",
         ),
+        // A misspelt flag is not taken for the warm-up command (that comes after `--`).
+        (
+            &["template", "create", "--name", "x", "--bogus"],
+            "unexpected argument '--bogus'",
+        ),
     ];
     for (args, expect) in cases {
         let out = Command::new(cleave_bin()).args(*args).output().unwrap();

@@ -51,12 +51,8 @@ pub struct CreateArgs {
     #[arg(long, value_name = "ARG", hide = true)]
     pub test_kernel_arg: Vec<String>,
     /// A warm-up command run in the template before it is captured (it must exit 0 and
-    /// leave no process behind).
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "WARMUP"
-    )]
+    /// leave no process behind), after `--`: `-- sh -c 'import-things'`.
+    #[arg(last = true, value_name = "WARMUP")]
     pub warmup: Vec<OsString>,
 }
 
