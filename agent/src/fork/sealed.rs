@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 
+/// How often sealing is retried on `EBUSY` (10 + 20 + … ms, capped at 250: ~1.1 s).
+const SEAL_RETRIES: u32 = 7;
+
 /// The seals every template memfd carries.
 pub fn template_seals() -> SealFlag {
     SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL
@@ -43,8 +46,25 @@ pub struct SealedMemory {
 
 impl SealedMemory {
     /// Seals `file` (write, grow, shrink, and further sealing) and checks its size.
+    ///
+    /// Right after the template VM is dropped, KVM may still hold references to some of
+    /// its pages for a moment (its teardown is partly asynchronous), and the kernel
+    /// answers `EBUSY` for those just as for a live writable mapping: a bounded retry
+    /// (~1 s in all) tells the two apart.
     pub fn seal(file: Arc<File>, size: u64) -> Result<Self, SealError> {
-        fcntl(&*file, FcntlArg::F_ADD_SEALS(template_seals())).map_err(SealError::Seal)?;
+        let mut wait = std::time::Duration::from_millis(10);
+        let mut tries = 0;
+        loop {
+            match fcntl(&*file, FcntlArg::F_ADD_SEALS(template_seals())) {
+                Ok(_) => break,
+                Err(nix::errno::Errno::EBUSY) if tries < SEAL_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(std::time::Duration::from_millis(250));
+                }
+                Err(e) => return Err(SealError::Seal(e)),
+            }
+        }
         Self::from_sealed(file, size)
     }
 
@@ -119,6 +139,19 @@ mod tests {
         let mut buf = [0u8; 8];
         sealed.file().read_exact_at(&mut buf, 0x3000).unwrap();
         assert_eq!(u64::from_le_bytes(buf), 7);
+    }
+
+    #[test]
+    fn a_mapping_that_goes_within_the_retries_is_waited_for() {
+        let ram = ram();
+        let (file, size) = (ram.file().clone(), ram.size());
+        // What KVM's asynchronous teardown looks like from here: busy, then not.
+        let later = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(ram);
+        });
+        SealedMemory::seal(file, size).unwrap();
+        later.join().unwrap();
     }
 
     #[test]
