@@ -444,6 +444,21 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Keeps `tx`'s pool topped up with prepared workers until the run drops its end.
+fn refill(
+    exe: &std::path::Path,
+    encoded: &Encoded,
+    tx: &std::sync::mpsc::SyncSender<Worker>,
+) -> Result<()> {
+    loop {
+        let mut w = Worker::spawn(exe)?;
+        w.load(encoded)?;
+        if tx.send(w).is_err() {
+            return Ok(()); // the run is over
+        }
+    }
+}
+
 /// One pooled run: a refill thread keeps up to `args.pool` prepared workers while `args.warmup + args.workers` requests take one each at `args.rate`
 /// per second. Returns request → ready and the worker's own finish + start, per request,
 /// and how many requests found the pool empty.
@@ -456,15 +471,7 @@ fn pool_run(
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Worker>(args.pool);
     std::thread::scope(|scope| {
-        let refill = scope.spawn(move || -> Result<()> {
-            loop {
-                let mut w = Worker::spawn(exe)?;
-                w.load(encoded)?;
-                if tx.send(w).is_err() {
-                    return Ok(()); // the run is over
-                }
-            }
-        });
+        let refill = scope.spawn(move || refill(exe, encoded, &tx));
         let mut request = Vec::with_capacity(args.workers);
         let mut inside = Vec::with_capacity(args.workers);
         let mut released: VecDeque<Process> = VecDeque::new();
@@ -509,28 +516,17 @@ fn pool_run(
 /// threads. Every cost of a fork's life shares the machine at once: the refill (spawn,
 /// exec, template, shell), the request, and the teardown of the forks it displaces.
 fn churn(template: &Template, args: &Args, secs: Duration) -> Result<()> {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc::TryRecvError;
     let exe = worker_exe()?;
     let encoded = Encoded::new(template)?;
     let alive_max = args.alive.unwrap_or(64);
-    let stop = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Worker>(args.pool);
     std::thread::scope(|scope| -> Result<()> {
         let refills: Vec<_> = (0..args.refillers)
             .map(|_| {
                 let tx = tx.clone();
-                let (exe, encoded, stop) = (&exe, &encoded, &stop);
-                scope.spawn(move || -> Result<()> {
-                    while !stop.load(Ordering::Relaxed) {
-                        let mut w = Worker::spawn(exe)?;
-                        w.load(encoded)?;
-                        if tx.send(w).is_err() {
-                            break; // the run is over
-                        }
-                    }
-                    Ok(())
-                })
+                let (exe, encoded) = (&exe, &encoded);
+                scope.spawn(move || refill(exe, encoded, &tx))
             })
             .collect();
         drop(tx);
@@ -567,7 +563,6 @@ fn churn(template: &Template, args: &Args, secs: Duration) -> Result<()> {
             reap(&mut released, 256)?;
         }
         let elapsed = start.elapsed();
-        stop.store(true, Ordering::Relaxed);
         drop(rx);
         for r in refills {
             r.join()

@@ -298,7 +298,12 @@ impl Vsock {
         self.reset_event_pending = true;
         self.counts.transport_resets += 1;
         self.process_event_queue();
-        // Wake the event loop: it takes the closed streams out of epoll and closes them.
+        self.wake_event_loop();
+    }
+
+    /// Wakes the event loop from another thread (a vCPU, the worker): it takes streams
+    /// the muxer closed out of epoll, closes them and re-arms the timer as needed.
+    fn wake_event_loop(&self) {
         let _ = self.queue_evts[EVQ].write(1);
     }
 
@@ -422,9 +427,9 @@ impl VirtioDevice for Vsock {
         self.broken = false;
         self.reset_event_pending = false;
         self.muxer.reset_all();
-        // Runs on a vCPU thread: wake the event loop, which closes the host streams (a
-        // guest resetting its devices as it dies may never kick a queue again).
-        let _ = self.queue_evts[EVQ].write(1);
+        // Runs on a vCPU thread, and a guest resetting its devices as it dies may never
+        // kick a queue again.
+        self.wake_event_loop();
     }
 
     fn active_queues(&self) -> Option<Vec<QueueSnapshot>> {
