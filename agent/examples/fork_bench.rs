@@ -7,8 +7,8 @@
 //!
 //! Then the same with one process per fork (`cleave-fork-worker`, built beside this
 //! example by `cargo build --release -p cleave-agent --bins --examples`): a fresh process
-//! per request, and a pool of pre-started workers that already hold the template and a
-//! prepared shell.
+//! per request (exec'd, or forked from a zygote), and a pool of pre-started workers that
+//! already hold the template and a prepared shell.
 //!
 //! `cargo run --release -p cleave-agent --example fork_bench -- --help` for the flags.
 
@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::fork::jail::Jail;
 use cleave_agent::fork::worker::{Encoded, Worker};
+use cleave_agent::fork::zygote::Zygote;
 use cleave_agent::fork::{self, RestoreTimings, Template};
 use cleave_agent::host::memory::{HostMemory, ProcessMemory};
 use cleave_agent::vmm::config::MachineConfig;
@@ -57,8 +58,9 @@ usage: fork_bench [--forks N] [--warmup N] [--mem-mib M] [--alive K] [--workers 
        fork_bench --churn SECS [--alive K] [--pool P] [--refillers R] [--mem-mib M]
 
 Times forks of a tiny guest on /dev/kvm: in-process (cold and from a warm shell), then one
-process per fork (a fresh cleave-fork-worker per request, jailed and not, and a pool of
-pre-started workers). Build the worker first:
+process per fork (a fresh cleave-fork-worker per request, exec'd or forked from a zygote,
+jailed and not, and a pool of pre-started workers refilled either way). Build the worker
+first:
   cargo build --release -p cleave-agent --bins --examples
 
   --forks N     forks per path (1000)          --warmup N   untimed forks first (20)
@@ -72,7 +74,8 @@ pre-started workers). Build the worker first:
                 cgroup leaf where cgroup2 is mounted, seccomp)
   --churn SECS  only: create → ready → destroy as fast as the pool allows for SECS, one
                 worker per fork, at most K forks alive (--alive, 64 here), the pool of P
-                refilled by R threads (--refillers, 2); reports the sustained rate
+                refilled by R threads (--refillers, 2), from the zygote and then by exec;
+                reports the sustained rate of each
 ";
 
 /// Parses the flags; `Ok(None)` after printing the usage for `--help`.
@@ -369,6 +372,12 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     let mut jailed_spawn = Column::new("fresh, jailed: spawn (+ uid, cgroup leaf)", n);
     let mut jailed_load = Column::new("fresh, jailed: template → prepared (+ jail)", n);
     let mut jailed_go = Column::new("fresh, jailed: go → ready", n);
+    // The node's path: forked from a zygote that holds the template.
+    let zygote = Zygote::start(&exe, &encoded)?;
+    let mut z_spawn = Column::new("zygote: spawn → prepared (clone, jail-free, prepare)", n);
+    let mut z_go = Column::new("zygote: go → ready (finish, start)", n);
+    let mut z_fresh = Column::new("**zygote: request → ready**", n);
+    let mut z_jailed = Column::new("zygote, jailed: spawn → prepared (+ uid, cgroup, jail)", n);
     let mut released: VecDeque<Process> = VecDeque::new();
 
     for i in 0..args.warmup + n {
@@ -388,7 +397,27 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
             go.samples.push(t3 - t2);
             fresh.samples.push(t3 - t0);
         }
+        let t0 = Instant::now();
+        let mut w = zygote.spawn(None)?;
+        let t1 = Instant::now();
+        w.go(None)?;
+        let t2 = Instant::now();
+        released.push_back(w.release());
+        reap(&mut released, 64)?;
+        if record {
+            z_spawn.samples.push(t1 - t0);
+            z_go.samples.push(t2 - t1);
+            z_fresh.samples.push(t2 - t0);
+        }
         if let Some(jail) = &jail {
+            let t0 = Instant::now();
+            let mut w = zygote.spawn(Some(jail))?;
+            let t1 = Instant::now();
+            w.go(None)?;
+            w.destroy()?;
+            if record {
+                z_jailed.samples.push(t1 - t0);
+            }
             let t0 = Instant::now();
             let mut w = Worker::spawn_for(&exe, Some(jail), encoded.guest_bytes())?;
             let t1 = Instant::now();
@@ -408,12 +437,23 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
 
     reap(&mut released, 0)?;
     // The pool as a node runs it: refilled by a thread of its own while requests come at
-    // a steady rate and served forks end behind them.
-    let (request, inside, waited) = pool_run(&exe, &encoded, args)?;
-    let mut pooled = Column::new("**pre-started pool: request → ready**", n);
-    let mut in_worker = Column::new("(pool: finish + start inside the worker)", n);
-    pooled.samples = request;
-    in_worker.samples = inside;
+    // a steady rate and served forks end behind them; refilled from the zygote (the
+    // node's path) and by exec (the old one), one after the other.
+    let mut pools = Vec::new();
+    for spawner in [Spawner::Zygote(&zygote), Spawner::Exec(&exe, &encoded)] {
+        let (request, inside, waited) = pool_run(spawner, args)?;
+        let mut pooled = Column::new(
+            match spawner {
+                Spawner::Zygote(_) => "**pool refilled from the zygote: request → ready**",
+                Spawner::Exec(..) => "**pool refilled by exec: request → ready**",
+            },
+            n,
+        );
+        let mut in_worker = Column::new("(pool: finish + start inside the worker)", n);
+        pooled.samples = request;
+        in_worker.samples = inside;
+        pools.push((pooled, in_worker, waited));
+    }
 
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -431,28 +471,66 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
             writeln!(out, "{}", col.row())?;
         }
     }
+    for col in [&mut z_spawn, &mut z_go, &mut z_fresh] {
+        writeln!(out, "{}", col.row())?;
+    }
+    if jail.is_some() {
+        writeln!(out, "{}", z_jailed.row())?;
+    }
     writeln!(
         out,
-        "\npool of {}, refilled by its own thread, {} requests/s ({waited} found it empty); \
-         served forks torn down behind them",
+        "\npool of {}, refilled by its own thread, {} requests/s; served forks torn down \
+         behind them",
         args.pool, args.rate
     )?;
     writeln!(out, "{STEP_HEADER}")?;
-    for col in [&mut pooled, &mut in_worker] {
-        writeln!(out, "{}", col.row())?;
+    let mut empty = Vec::new();
+    for (pooled, in_worker, waited) in &mut pools {
+        writeln!(out, "{}", pooled.row())?;
+        writeln!(out, "{}", in_worker.row())?;
+        empty.push(waited.to_string());
     }
+    writeln!(
+        out,
+        "\nrequests that found the pool empty (zygote, exec): {}",
+        empty.join(", ")
+    )?;
     Ok(())
 }
 
+/// Where a benchmark's workers come from: forked from a zygote that holds the template
+/// (the node's path), or exec'd and sent it (the path before the zygote).
+#[derive(Clone, Copy)]
+enum Spawner<'a> {
+    Zygote(&'a Zygote),
+    Exec(&'a std::path::Path, &'a Encoded),
+}
+
+impl Spawner<'_> {
+    /// A worker with its shell prepared, jailed as the node would when `jail` is given.
+    fn prepared(&self, jail: Option<&Jail>) -> Result<Worker> {
+        match self {
+            Spawner::Zygote(z) => Ok(z.spawn(jail)?),
+            Spawner::Exec(exe, encoded) => {
+                let mut w = Worker::spawn_for(exe, jail, encoded.guest_bytes())?;
+                w.load(encoded)?;
+                Ok(w)
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Spawner::Zygote(_) => "zygote",
+            Spawner::Exec(..) => "exec",
+        }
+    }
+}
+
 /// Keeps `tx`'s pool topped up with prepared workers until the run drops its end.
-fn refill(
-    exe: &std::path::Path,
-    encoded: &Encoded,
-    tx: &std::sync::mpsc::SyncSender<Worker>,
-) -> Result<()> {
+fn refill(spawner: Spawner, tx: &std::sync::mpsc::SyncSender<Worker>) -> Result<()> {
     loop {
-        let mut w = Worker::spawn(exe)?;
-        w.load(encoded)?;
+        let w = spawner.prepared(None)?;
         if tx.send(w).is_err() {
             return Ok(()); // the run is over
         }
@@ -462,16 +540,12 @@ fn refill(
 /// One pooled run: a refill thread keeps up to `args.pool` prepared workers while `args.warmup + args.workers` requests take one each at `args.rate`
 /// per second. Returns request → ready and the worker's own finish + start, per request,
 /// and how many requests found the pool empty.
-fn pool_run(
-    exe: &std::path::Path,
-    encoded: &Encoded,
-    args: &Args,
-) -> Result<(Vec<Duration>, Vec<Duration>, usize)> {
+fn pool_run(spawner: Spawner, args: &Args) -> Result<(Vec<Duration>, Vec<Duration>, usize)> {
     let total = args.warmup + args.workers;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Worker>(args.pool);
     std::thread::scope(|scope| {
-        let refill = scope.spawn(move || refill(exe, encoded, &tx));
+        let refill = scope.spawn(move || refill(spawner, &tx));
         let mut request = Vec::with_capacity(args.workers);
         let mut inside = Vec::with_capacity(args.workers);
         let mut released: VecDeque<Process> = VecDeque::new();
@@ -514,19 +588,43 @@ fn pool_run(
 /// Sustained churn: forks created → ready → destroyed back to back for `secs`, one worker
 /// process each, at most `--alive` forks alive, the pool refilled by `--refillers`
 /// threads. Every cost of a fork's life shares the machine at once: the refill (spawn,
-/// exec, template, shell), the request, and the teardown of the forks it displaces.
+/// exec, template, shell), the request, and the teardown of the forks it displaces. Runs
+/// with workers from the zygote, then (as long again) exec'd ones.
 fn churn(template: &Template, args: &Args, secs: Duration) -> Result<()> {
-    use std::sync::mpsc::TryRecvError;
     let exe = worker_exe()?;
     let encoded = Encoded::new(template)?;
+    let zygote = Zygote::start(&exe, &encoded)?;
+    println!(
+        "churn for {} s per path: one worker per fork, at most {} alive, pool of {}, {} refill \
+         threads, guest {} MiB",
+        secs.as_secs(),
+        args.alive.unwrap_or(64),
+        args.pool,
+        args.refillers,
+        args.mem_mib
+    );
+    println!(
+        "| workers | forks created → ready → destroyed | forks/s sustained | forks/s per \
+         second: min / median / max | go → ready p50 µs | p99 µs | requests that found the \
+         pool empty |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for spawner in [Spawner::Zygote(&zygote), Spawner::Exec(&exe, &encoded)] {
+        churn_run(spawner, args, secs)?;
+    }
+    Ok(())
+}
+
+/// One churn run (see [`churn`]): prints its row.
+fn churn_run(spawner: Spawner, args: &Args, secs: Duration) -> Result<()> {
+    use std::sync::mpsc::TryRecvError;
     let alive_max = args.alive.unwrap_or(64);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Worker>(args.pool);
     std::thread::scope(|scope| -> Result<()> {
         let refills: Vec<_> = (0..args.refillers)
             .map(|_| {
                 let tx = tx.clone();
-                let (exe, encoded) = (&exe, &encoded);
-                scope.spawn(move || refill(exe, encoded, &tx))
+                scope.spawn(move || refill(spawner, &tx))
             })
             .collect();
         drop(tx);
@@ -584,20 +682,8 @@ fn churn(template: &Template, args: &Args, secs: Duration) -> Result<()> {
             s => (s[0], s[s.len() / 2], s[s.len() - 1]),
         };
         println!(
-            "churn for {:.1} s: one worker per fork, at most {alive_max} alive, pool of {}, \
-             {} refill threads, guest {} MiB",
-            elapsed.as_secs_f64(),
-            args.pool,
-            args.refillers,
-            args.mem_mib
-        );
-        println!(
-            "| forks created → ready → destroyed | forks/s sustained | forks/s per second: \
-             min / median / max | go → ready p50 µs | p99 µs | requests that found the pool empty |"
-        );
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
-        println!(
-            "| {created} | **{:.0}** | {lo} / {mid} / {hi} | {} | {} | {empty} |",
+            "| {} | {created} | **{:.0}** | {lo} / {mid} / {hi} | {} | {} | {empty} |",
+            spawner.name(),
             created as f64 / elapsed.as_secs_f64(),
             us(pct(&ready, 0.5)),
             us(pct(&ready, 0.99)),
@@ -606,18 +692,14 @@ fn churn(template: &Template, args: &Args, secs: Duration) -> Result<()> {
     })
 }
 
-/// A worker with the template loaded, jailed as the node would when `jail` is given.
-fn spawn_idle(exe: &std::path::Path, encoded: &Encoded, jail: Option<&Jail>) -> Result<Worker> {
-    let mut w = Worker::spawn_for(exe, jail, encoded.guest_bytes())?;
-    w.load(encoded)?;
-    Ok(w)
-}
-
 /// Unique memory per idle fork and the creation rate, with `n` forks alive at once (one
 /// worker process each), for each `n` in `args.idle`.
 fn idle(template: &Template, args: &Args) -> Result<()> {
     let exe = worker_exe()?;
     let encoded = Encoded::new(template)?;
+    // Workers come from the zygote, as on a node.
+    let zygote = Zygote::start(&exe, &encoded)?;
+    let spawner = Spawner::Zygote(&zygote);
     let jail = match args.jailed {
         true => Some(Jail::best_effort().context("--jailed needs root")?),
         false => None,
@@ -633,7 +715,8 @@ fn idle(template: &Template, args: &Args) -> Result<()> {
         let t = Instant::now();
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
-            let w = spawn_idle(&exe, &encoded, jail.as_ref())
+            let w = spawner
+                .prepared(jail.as_ref())
                 .with_context(|| format!("idle fork {} of {n}", i + 1))?;
             workers.push(w);
         }

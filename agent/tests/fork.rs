@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::devices::GuestEnd;
 use cleave_agent::fork::worker::{Encoded, Worker};
+use cleave_agent::fork::zygote::Zygote;
 use cleave_agent::fork::{self, SealedMemory, Template};
 use cleave_agent::host::kvm::KvmFlavour;
 use cleave_agent::vmm::config::MachineConfig;
@@ -453,20 +454,43 @@ fn memfds_of(pid: u32) -> usize {
         .count()
 }
 
+/// How a test's workers are started: exec'd and sent the template, or forked from a
+/// zygote that holds it.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    Exec,
+    Zygote,
+}
+
 #[test]
 fn forks_run_in_their_own_processes_and_leave_nothing_behind() {
     let _one = serial();
     let kvm = kvm();
     let c = counting_template(&kvm, 1, 100);
     let with_template = fd_census();
+    for start in [Start::Exec, Start::Zygote] {
+        forks_in_their_own_processes(&c, start);
+        assert_eq!(
+            fd_census(),
+            with_template,
+            "{start:?} workers left fds behind"
+        );
+    }
+}
+
+fn forks_in_their_own_processes(c: &Captured, start: Start) {
     let encoded = Encoded::new(&c.template).unwrap();
     let exe = Path::new(env!("CARGO_BIN_EXE_cleave-fork-worker"));
+    let zygote = matches!(start, Start::Zygote).then(|| Zygote::start(exe, &encoded).unwrap());
 
     let mut workers: Vec<Option<Worker>> = (0..4)
-        .map(|_| {
-            let mut w = Worker::spawn(exe).unwrap();
-            w.load(&encoded).unwrap();
-            Some(w)
+        .map(|_| match &zygote {
+            Some(z) => Some(z.spawn(None).unwrap()),
+            None => {
+                let mut w = Worker::spawn(exe).unwrap();
+                w.load(&encoded).unwrap();
+                Some(w)
+            }
         })
         .collect();
     let mut pids = HashSet::new();
@@ -475,6 +499,8 @@ fn forks_run_in_their_own_processes_and_leave_nothing_behind() {
         assert_eq!(ready.pid, w.pid());
         assert_ne!(ready.pid, std::process::id());
         assert!(pids.insert(ready.pid), "two forks in one process");
+        // Ours to reap, however it was started.
+        assert_eq!(parent_of(ready.pid), std::process::id(), "{start:?}");
         // The worker holds the template's memory and nothing else of ours.
         assert_eq!(memfds_of(ready.pid), 1);
     }
@@ -498,8 +524,84 @@ fn forks_run_in_their_own_processes_and_leave_nothing_behind() {
         assert!(status.success(), "worker {pid}: {status}");
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }
-    drop(encoded);
-    assert_eq!(fd_census(), with_template, "workers left fds behind");
+    if let Some(z) = zygote {
+        let pid = z.pid();
+        drop(z);
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "zygote not reaped"
+        );
+    }
+}
+
+/// `pid`'s parent, from /proc/<pid>/stat (the field after the parenthesised name).
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// The socket inodes `pid` holds.
+fn sockets_of(pid: u32) -> HashSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .filter(|t| t.starts_with("socket:"))
+        .collect()
+}
+
+#[test]
+fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
+    let _one = serial();
+    let kvm = kvm();
+    let c = counting_template(&kvm, 1, 100);
+    let encoded = Encoded::new(&c.template).unwrap();
+    let exe = Path::new(env!("CARGO_BIN_EXE_cleave-fork-worker"));
+    let zygote = Zygote::start(exe, &encoded).unwrap();
+    let zpid = zygote.pid();
+    let mut a = zygote.spawn(None).unwrap();
+    let b = zygote.spawn(None).unwrap();
+    // A worker holds none of the zygote's sockets (its own: the one to us, its vsock
+    // listener).
+    let zygote_sockets = sockets_of(zpid);
+    assert!(!zygote_sockets.is_empty());
+    for w in [&a, &b] {
+        let theirs = sockets_of(w.pid());
+        assert!(
+            theirs.is_disjoint(&zygote_sockets),
+            "worker {} holds the zygote's socket: {theirs:?} / {zygote_sockets:?}",
+            w.pid()
+        );
+    }
+    // The zygote dies; its workers are ours and carry on.
+    // SAFETY: kill(2) on our own unreaped child, no memory involved.
+    assert_eq!(unsafe { libc::kill(zpid as libc::pid_t, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while zygote.is_alive() {
+        assert!(
+            Instant::now() < deadline,
+            "the killed zygote is still alive"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.go(None).unwrap();
+    let before = a.probe().unwrap().io_out;
+    while a.probe().unwrap().io_out <= before {
+        assert!(Instant::now() < deadline, "the orphaned fork does not run");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A dead zygote says so; it does not hang.
+    let Err(e) = zygote.spawn(None) else {
+        panic!("a dead zygote spawned a worker")
+    };
+    let e = e.to_string();
+    assert!(e.contains("fork worker"), "{e}");
+    for w in [a, b] {
+        let status = w.destroy().unwrap();
+        assert!(status.success(), "{status}");
+    }
 }
 
 #[test]

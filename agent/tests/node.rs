@@ -178,8 +178,7 @@ fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
     use cleave_agent::fork::jail::{Jail, JailRange};
     use cleave_agent::fork::sandbox::WarmWorker;
     use cleave_agent::fork::worker::Encoded;
-    use cleave_agent::vmm::runtime_dir::RuntimeDir;
-    use std::os::unix::fs::MetadataExt;
+    use cleave_agent::fork::zygote::Zygote;
 
     let dir = tempfile::tempdir().unwrap();
     let store = TemplateStore::at(dir.path().join("templates"));
@@ -196,8 +195,18 @@ fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
         cgroups: None,
     };
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_cleave-fork-worker"));
-    let a = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
-    let b = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
+    // An exec'd worker, and one forked from a zygote, are jailed alike.
+    jailed_alike(|| WarmWorker::new(exe, &encoded, Some(&range)).unwrap());
+    let zygote = Zygote::start(exe, &encoded).unwrap();
+    jailed_alike(|| WarmWorker::forked(&zygote, Some(&range)).unwrap());
+}
+
+fn jailed_alike(start: impl Fn() -> cleave_agent::fork::sandbox::WarmWorker) {
+    use cleave_agent::vmm::runtime_dir::RuntimeDir;
+    use std::os::unix::fs::MetadataExt;
+
+    let a = start();
+    let b = start();
     let (pa, pb) = (a.pid(), b.pid());
     assert_eq!(status_field(pa, "Uid"), "910000\t910000\t910000\t910000");
     assert_eq!(status_field(pa, "Gid"), "910000\t910000\t910000\t910000");
@@ -243,7 +252,7 @@ fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
     // Ended: its directory is removed by the parent and its uid is free again.
     drop(a);
     assert!(!rundir.exists());
-    let c = WarmWorker::new(exe, &encoded, Some(&range)).unwrap();
+    let c = start();
     assert_eq!(
         status_field(c.pid(), "Uid"),
         "910000\t910000\t910000\t910000"

@@ -1,11 +1,12 @@
 //! `cleave-fork-worker`: runs one fork in its own process. The parent (the node agent, or
 //! a benchmark) starts it with a `SOCK_SEQPACKET` socket as stdin and drives it through
-//! `cleave_agent::fork::worker`; it is not meant to be started by hand.
+//! `cleave_agent::fork::worker`; it is not meant to be started by hand. With `--zygote`
+//! it holds a template and forks workers for it (`cleave_agent::fork::zygote`).
 
 use std::process::ExitCode;
 
 use cleave_agent::fork::jail::JailIds;
-use cleave_agent::fork::worker;
+use cleave_agent::fork::{worker, zygote};
 
 fn main() -> ExitCode {
     // Nothing but stdin/stdout/stderr may come from the parent: a stray inherited fd
@@ -26,8 +27,10 @@ fn main() -> ExitCode {
         .try_init();
     // `--jail UID:GID`: the worker jails itself as that uid before it builds its fork.
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let zygote = matches!(args.as_slice(), [flag] if flag == zygote::ZYGOTE_FLAG);
     let jail = match args.as_slice() {
         [] => None,
+        [_] if zygote => None,
         [flag, ids] if flag == "--jail" => match JailIds::parse(ids) {
             Some(ids) => Some(ids),
             None => {
@@ -36,7 +39,10 @@ fn main() -> ExitCode {
             }
         },
         _ => {
-            eprintln!("cleave-fork-worker: usage: cleave-fork-worker [--jail UID:GID] (started by cleave)");
+            eprintln!(
+                "cleave-fork-worker: usage: cleave-fork-worker [--jail UID:GID | --zygote] \
+                 (started by cleave)"
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -47,7 +53,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match worker::serve(sock, jail) {
+    let served = if zygote {
+        zygote::serve(sock)
+    } else {
+        worker::serve(sock, jail)
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cleave-fork-worker: {e}");

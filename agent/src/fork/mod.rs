@@ -20,6 +20,7 @@ pub mod sealed;
 pub mod state;
 pub mod store;
 pub mod worker;
+pub mod zygote;
 
 pub use capture::{capture, CaptureError};
 pub use restore::{restore, RestoreError, RestoreTimings, Restored, Shell};

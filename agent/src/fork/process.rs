@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -50,45 +50,22 @@ impl Process {
         argv.extend(args_c.iter().map(|a| a.as_ptr()));
         argv.push(std::ptr::null());
         let devnull = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-        let cgroup = match birth.cgroup {
-            Some(dir) => Some(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-                    .open(dir)?,
-            ),
-            None => None,
-        };
+        let cgroup = birth.cgroup.map(open_cgroup).transpose()?;
         // The child reports an exec failure's errno here; a successful exec closes it.
         let (report_r, report_w) = pipe()?;
 
-        let mut flags = 0u64;
-        if birth.new_pid_namespace {
-            flags |= libc::CLONE_NEWPID as u64;
-        }
-        if cgroup.is_some() {
-            flags |= CLONE_INTO_CGROUP;
-        }
-        // SAFETY: a zeroed clone_args is valid (no stack: the child runs on a copy of ours,
-        // as after fork); we set the fields clone3 reads, with pointers that outlive it.
-        let mut ca: libc::clone_args = unsafe { std::mem::zeroed() };
-        ca.flags = flags;
-        ca.exit_signal = libc::SIGCHLD as u64;
-        ca.cgroup = cgroup.as_ref().map_or(0, |c| c.as_raw_fd() as u64);
-
         let (stdin_fd, devnull_fd, report_fd) =
             (stdin.as_raw_fd(), devnull.as_raw_fd(), report_w.as_raw_fd());
-        // SAFETY: clone3 with a valid clone_args of the size we pass. In the child (0), only
-        // async-signal-safe system calls run, on memory prepared above, and it never
-        // returns: it execs or _exits.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &mut ca as *mut libc::clone_args,
-                std::mem::size_of::<libc::clone_args>(),
+        // SAFETY: the child only makes async-signal-safe system calls, on memory prepared
+        // above, and never returns: it execs or _exits.
+        let cloned = unsafe {
+            clone_child(
+                birth.new_pid_namespace,
+                cgroup.as_ref().map(|c| c.as_fd()),
+                false,
             )
         };
-        if rc == 0 {
+        if let Ok(Cloned::Child) = cloned {
             // SAFETY: see above; every pointer was made before the clone.
             unsafe {
                 if libc::dup2(stdin_fd, 0) < 0 || libc::dup2(devnull_fd, 1) < 0 {
@@ -101,14 +78,11 @@ impl Process {
                 child_fail(report_fd);
             }
         }
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        drop(report_w);
-        let mut process = Process {
-            pid: rc as u32,
-            status: None,
+        let Cloned::Parent(pid) = cloned? else {
+            unreachable!("the child execs or exits above")
         };
+        drop(report_w);
+        let mut process = Process { pid, status: None };
         let mut errno = [0u8; 4];
         match read_full(&report_r, &mut errno) {
             Ok(0) => Ok(process),
@@ -122,6 +96,29 @@ impl Process {
                 Err(e)
             }
         }
+    }
+
+    /// Takes charge of `pid`, a child of ours that we did not start ourselves: a
+    /// [zygote](super::zygote) started it with `CLONE_PARENT`. Refused unless `pid` is
+    /// our unreaped child, so a wrong pid can never make us signal or reap someone else.
+    pub(crate) fn adopt(pid: u32) -> io::Result<Process> {
+        // SAFETY: a zeroed siginfo_t is a valid out value for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with a valid out pointer; WNOWAIT leaves the child unreaped, and
+        // WNOHANG makes it answer at once: 0 for our child (running or exited), ECHILD
+        // for anyone else.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Process { pid, status: None })
     }
 
     pub fn id(&self) -> u32 {
@@ -193,6 +190,68 @@ impl Process {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+/// A cgroup v2 directory opened for `CLONE_INTO_CGROUP`.
+pub(crate) fn open_cgroup(dir: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
+}
+
+/// Which side of [`clone_child`] we are on.
+pub(crate) enum Cloned {
+    Child,
+    Parent(u32),
+}
+
+/// `clone3` as `fork`: the child runs on a copy of our memory. With `new_pid_namespace`
+/// it is PID 1 of a PID namespace of its own; with `cgroup` (an open cgroup v2
+/// directory) it is born there; with `sibling` (`CLONE_PARENT`) it is our parent's child,
+/// not ours, so our parent waits for it and gets its `SIGCHLD`.
+///
+/// # Safety
+/// When this process has other threads, the child may only make async-signal-safe calls
+/// until it execs or exits: another thread may have held a lock (the allocator's, say)
+/// at the clone, and nobody will ever release it in the child.
+pub(crate) unsafe fn clone_child(
+    new_pid_namespace: bool,
+    cgroup: Option<BorrowedFd<'_>>,
+    sibling: bool,
+) -> io::Result<Cloned> {
+    let mut flags = 0u64;
+    if new_pid_namespace {
+        flags |= libc::CLONE_NEWPID as u64;
+    }
+    if cgroup.is_some() {
+        flags |= CLONE_INTO_CGROUP;
+    }
+    if sibling {
+        flags |= libc::CLONE_PARENT as u64;
+    }
+    // SAFETY: a zeroed clone_args is valid (no stack: the child runs on a copy of ours,
+    // as after fork); we set the fields clone3 reads.
+    let mut ca: libc::clone_args = unsafe { std::mem::zeroed() };
+    ca.flags = flags;
+    // With CLONE_PARENT the child gets our own exit signal (SIGCHLD for a process
+    // started as ours are), and clone3 refuses any other value than 0 here.
+    ca.exit_signal = if sibling { 0 } else { libc::SIGCHLD as u64 };
+    ca.cgroup = cgroup.map_or(0, |c| c.as_raw_fd() as u64);
+    // SAFETY: clone3 with a valid clone_args of the size we pass; what the child may do
+    // is the caller's contract.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut ca as *mut libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    match rc {
+        0 => Ok(Cloned::Child),
+        pid if pid > 0 => Ok(Cloned::Parent(pid as u32)),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 

@@ -90,6 +90,17 @@ impl WarmWorker {
         }
     }
 
+    /// A worker forked from `zygote` (which holds the template), its shell prepared and,
+    /// with `jail`, jailed as [`new`](Self::new) does.
+    pub fn forked(
+        zygote: &super::zygote::Zygote,
+        jail: Option<&super::jail::Jail>,
+    ) -> Result<WarmWorker, WorkerError> {
+        Ok(WarmWorker {
+            worker: zygote.spawn(jail)?,
+        })
+    }
+
     /// The worker's pid (the fork's id before it starts).
     pub fn pid(&self) -> u32 {
         self.worker.pid()

@@ -10,6 +10,7 @@
 //! `failed` (body: the error text). Closing the socket ends the fork: the worker stops
 //! the VM and exits, so teardown cost lands in that process, off everyone's fork path.
 
+use std::borrow::Borrow;
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -42,7 +43,7 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-enum Kind {
+pub(super) enum Kind {
     Template = 1,
     ShellReady = 2,
     Go = 3,
@@ -50,6 +51,9 @@ enum Kind {
     Probe = 5,
     Status = 6,
     Failed = 7,
+    Spawn = 8,
+    Spawned = 9,
+    Loaded = 10,
 }
 
 impl Kind {
@@ -62,6 +66,9 @@ impl Kind {
             Kind::Probe,
             Kind::Status,
             Kind::Failed,
+            Kind::Spawn,
+            Kind::Spawned,
+            Kind::Loaded,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -143,41 +150,49 @@ struct GoRequest {
     tap: Option<String>,
 }
 
-struct Message {
-    kind: Kind,
-    body: Vec<u8>,
-    fd: Option<OwnedFd>,
+pub(super) struct Message {
+    pub(super) kind: Kind,
+    pub(super) body: Vec<u8>,
+    pub(super) fds: Vec<OwnedFd>,
 }
 
-fn send(
+/// Most fds one packet carries (a spawn request: the worker's socket and its cgroup).
+pub(super) const MAX_FDS: usize = 2;
+
+pub(super) fn send(
     sock: &OwnedFd,
     kind: Kind,
     body: &[u8],
-    fd: Option<BorrowedFd<'_>>,
+    fds: &[BorrowedFd<'_>],
     what: &'static str,
 ) -> Result<(), WorkerError> {
     let head = [kind as u8];
     let iov = [IoSlice::new(&head), IoSlice::new(body)];
-    let fds = fd.map(|f| [f.as_raw_fd()]);
-    let cmsgs: Vec<ControlMessage> = fds
-        .as_ref()
-        .map(|f| ControlMessage::ScmRights(f))
-        .into_iter()
-        .collect();
+    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage> = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
     sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
         .map_err(|source| WorkerError::Send { what, source })?;
     Ok(())
 }
 
 /// Largest packet other than a template (requests, reports, errors).
-const MAX_SMALL_MESSAGE: usize = 64 << 10;
+pub(super) const MAX_SMALL_MESSAGE: usize = 64 << 10;
 
-/// Receives one packet of at most `max` bytes; `Ok(None)` when the other side closed the
-/// socket.
-fn recv(sock: &OwnedFd, max: usize, what: &'static str) -> Result<Option<Message>, WorkerError> {
+/// Receives one packet of at most `max` bytes and `max_fds` fds; `Ok(None)` when the
+/// other side closed the socket.
+pub(super) fn recv(
+    sock: &OwnedFd,
+    max: usize,
+    max_fds: usize,
+    what: &'static str,
+) -> Result<Option<Message>, WorkerError> {
     let mut buf = vec![0u8; max];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let (len, truncated, mut fds) = {
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let (len, truncated, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(
             sock.as_raw_fd(),
@@ -211,9 +226,9 @@ fn recv(sock: &OwnedFd, max: usize, what: &'static str) -> Result<Option<Message
     if truncated {
         return Err(protocol(format!("longer than {max} bytes or too many fds")));
     }
-    if fds.len() > 1 {
+    if fds.len() > max_fds {
         return Err(protocol(format!(
-            "{} fds attached, at most 1 expected",
+            "{} fds attached, at most {max_fds} expected",
             fds.len()
         )));
     }
@@ -223,18 +238,22 @@ fn recv(sock: &OwnedFd, max: usize, what: &'static str) -> Result<Option<Message
     Ok(Some(Message {
         kind,
         body: buf,
-        fd: fds.pop(),
+        fds,
     }))
 }
 
 /// Receives a packet of `kind`; a `failed` packet becomes [`WorkerError::Remote`].
-fn expect(sock: &OwnedFd, kind: Kind, what: &'static str) -> Result<Message, WorkerError> {
-    let max = if kind == Kind::Template {
-        MAX_MESSAGE
-    } else {
-        MAX_SMALL_MESSAGE
+pub(super) fn expect(
+    sock: &OwnedFd,
+    kind: Kind,
+    what: &'static str,
+) -> Result<Message, WorkerError> {
+    let (max, max_fds) = match kind {
+        Kind::Template => (MAX_MESSAGE, 1),
+        Kind::Spawn => (MAX_SMALL_MESSAGE, MAX_FDS),
+        _ => (MAX_SMALL_MESSAGE, 0),
     };
-    let msg = recv(sock, max, what)?.ok_or(WorkerError::Closed(what))?;
+    let msg = recv(sock, max, max_fds, what)?.ok_or(WorkerError::Closed(what))?;
     if msg.kind == Kind::Failed {
         return Err(WorkerError::Remote(
             String::from_utf8_lossy(&msg.body).into_owned(),
@@ -263,6 +282,17 @@ impl Encoded {
             memfd: template.memory().file().clone(),
             guest_bytes: template.state().machine.mem.bytes(),
         })
+    }
+
+    /// Sends it (state and memfd) as a `template` packet.
+    pub(super) fn send_to(&self, sock: &OwnedFd) -> Result<(), WorkerError> {
+        send(
+            sock,
+            Kind::Template,
+            &self.body,
+            &[self.memfd.as_fd()],
+            "the template",
+        )
     }
 
     /// The guest's memory size.
@@ -321,18 +351,10 @@ impl Worker {
         jail: Option<&jail::Jail>,
         guest_bytes: u64,
     ) -> Result<Worker, WorkerError> {
-        let Some(jail) = jail else {
-            return Self::spawn(exe);
-        };
-        let lease = jail
-            .uids
-            .claim(0)
-            .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
-        let leaf = match &jail.cgroups {
-            Some(c) => Some(c.leaf_for(lease.ids(), guest_bytes)?),
-            None => None,
-        };
-        Self::spawn_jailed(exe, lease, leaf)
+        match claim(jail, guest_bytes)? {
+            Some((lease, leaf)) => Self::spawn_jailed(exe, lease, leaf),
+            None => Self::spawn(exe),
+        }
     }
 
     fn spawn_in(
@@ -375,23 +397,38 @@ impl Worker {
         self.child.as_ref().map_or(0, Process::id)
     }
 
-    fn sock(&self) -> Result<&OwnedFd, WorkerError> {
+    pub(super) fn sock(&self) -> Result<&OwnedFd, WorkerError> {
         self.sock
             .as_ref()
             .ok_or(WorkerError::Closed("a live worker"))
     }
 
+    /// A worker a [zygote](super::zygote) started for us: its process (our child, by
+    /// `CLONE_PARENT`) already holds the template.
+    pub(super) fn forked(
+        sock: OwnedFd,
+        child: Process,
+        jail: Option<JailLease>,
+        cgroup: Option<CgroupLeaf>,
+    ) -> Worker {
+        Worker {
+            sock: Some(sock),
+            child: Some(child),
+            runtime_dir: None,
+            cgroup,
+            jail,
+        }
+    }
+
     /// Hands the worker a template and waits until it has prepared a shell for it.
     pub fn load(&mut self, template: &Encoded) -> Result<(), WorkerError> {
-        let sock = self.sock()?;
-        send(
-            sock,
-            Kind::Template,
-            &template.body,
-            Some(template.memfd.as_fd()),
-            "the template",
-        )?;
-        let msg = expect(sock, Kind::ShellReady, "the prepared shell")?;
+        template.send_to(self.sock()?)?;
+        self.await_shell()
+    }
+
+    /// Waits until the worker, which holds its template, has prepared a shell for it.
+    pub(super) fn await_shell(&mut self) -> Result<(), WorkerError> {
+        let msg = expect(self.sock()?, Kind::ShellReady, "the prepared shell")?;
         let ready: ShellReady = if msg.body.is_empty() {
             ShellReady::default()
         } else {
@@ -419,7 +456,8 @@ impl Worker {
         };
         let body = serde_json::to_vec(&req).map_err(WorkerError::Encode)?;
         let sock = self.sock()?;
-        send(sock, Kind::Go, &body, tap.map(|t| t.as_fd()), "go")?;
+        let fds: Vec<BorrowedFd> = tap.map(|t| t.as_fd()).into_iter().collect();
+        send(sock, Kind::Go, &body, &fds, "go")?;
         let msg = expect(sock, Kind::Ready, "ready")?;
         serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
             what: "ready",
@@ -430,7 +468,7 @@ impl Worker {
     /// The running fork's exit counters (proof that its guest runs).
     pub fn probe(&mut self) -> Result<ExitCounts, WorkerError> {
         let sock = self.sock()?;
-        send(sock, Kind::Probe, &[], None, "probe")?;
+        send(sock, Kind::Probe, &[], &[], "probe")?;
         let msg = expect(sock, Kind::Status, "status")?;
         serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
             what: "status",
@@ -494,6 +532,26 @@ impl Worker {
             .take()
             .expect("a worker's child is taken only once")
     }
+}
+
+/// With `jail`, what a new worker becomes: a uid claimed from its range and, when the jail
+/// has cgroups, a leaf sized for a guest of `guest_bytes`.
+pub(super) fn claim(
+    jail: Option<&jail::Jail>,
+    guest_bytes: u64,
+) -> Result<Option<(JailLease, Option<CgroupLeaf>)>, WorkerError> {
+    let Some(jail) = jail else {
+        return Ok(None);
+    };
+    let lease = jail
+        .uids
+        .claim(0)
+        .map_err(|e| WorkerError::Jail(std::io::Error::other(e)))?;
+    let leaf = match &jail.cgroups {
+        Some(c) => Some(c.leaf_for(lease.ids(), guest_bytes)?),
+        None => None,
+    };
+    Ok(Some((lease, leaf)))
 }
 
 /// The runtime directories named for worker `pid`.
@@ -571,25 +629,35 @@ impl Drop for Worker {
 /// telling the parent why).
 pub fn serve(sock: OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError> {
     let result = serve_inner(&sock, jail);
-    if let Err(e) = &result {
-        let _ = send(
-            &sock,
-            Kind::Failed,
-            e.to_string().as_bytes(),
-            None,
-            "the error",
-        );
-    }
+    tell_failure(&sock, &result);
     result
 }
 
+/// Tells the parent why we failed, when we did (best effort: it may be gone).
+pub(super) fn tell_failure(sock: &OwnedFd, result: &Result<(), WorkerError>) {
+    if let Err(e) = result {
+        let _ = send(
+            sock,
+            Kind::Failed,
+            e.to_string().as_bytes(),
+            &[],
+            "the error",
+        );
+    }
+}
+
 fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError> {
-    // The parent is the only peer the fork's socket accepts: the uid we were started as.
-    let parent_uid = nix::unistd::getuid().as_raw();
-    // Read while the node's /proc is still in reach (we may be PID 1 of our own namespace).
-    let pid = crate::host::node_pid();
-    let Message { body, fd, .. } = expect(sock, Kind::Template, "the template")?;
-    let memfd = fd.ok_or_else(|| WorkerError::Protocol {
+    let template = receive_template(sock)?;
+    // Built here, off the fork path; applied by each thread as the fork starts.
+    let filters = Arc::new(seccomp::Filters::build()?);
+    seccomp::install_violation_handler().map_err(WorkerError::Seccomp)?;
+    serve_fork(sock, template, jail, filters)
+}
+
+/// Receives the template (state and sealed memfd) and checks it.
+pub(super) fn receive_template(sock: &OwnedFd) -> Result<Template, WorkerError> {
+    let Message { body, mut fds, .. } = expect(sock, Kind::Template, "the template")?;
+    let memfd = fds.pop().ok_or_else(|| WorkerError::Protocol {
         what: "the template",
         why: "no memfd attached".into(),
     })?;
@@ -604,12 +672,29 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     // Only a sealed memfd of the right size is mapped: the template stays immutable
     // whatever the sender did.
     let memory = SealedMemory::from_sealed(Arc::new(File::from(memfd)), state.machine.mem.bytes())?;
-    let template = Template::new(memory, state);
+    Ok(Template::new(memory, state))
+}
+
+/// Runs one fork of `template` for the parent on `sock`: jails this process (with
+/// `jail`), prepares the shell, and on `go` starts the fork and serves it until the
+/// socket closes. `template` is the worker's own (dropped once the fork runs) or, in a
+/// zygote's child, a borrow of the copy it was born with (left alone: those pages stay
+/// shared with the zygote).
+pub(super) fn serve_fork<T: Borrow<Template>>(
+    sock: &OwnedFd,
+    template: T,
+    jail: Option<JailIds>,
+    filters: Arc<seccomp::Filters>,
+) -> Result<(), WorkerError> {
+    // The parent is the only peer the fork's socket accepts: the uid we were started as.
+    let parent_uid = nix::unistd::getuid().as_raw();
+    // Read while the node's /proc is still in reach (we may be PID 1 of our own namespace).
+    let pid = crate::host::node_pid();
     // The fork's socket lives in a directory of this process's own. Jailed, that
     // directory becomes the whole filesystem: the socket is `/vsock.sock` inside, and the
     // parent (who sees the real path) removes the directory after reaping us.
     let kvm = vmm::open_kvm()?;
-    let has_vsock = template.state().devices.vsock.as_ref();
+    let has_vsock = template.borrow().state().devices.vsock.as_ref();
     let mut dir = match (has_vsock, jail) {
         (None, None) => None,
         _ => Some(RuntimeDir::create()?),
@@ -627,9 +712,6 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
         d.disown();
         d.path().to_path_buf()
     });
-    // Built here, off the fork path; applied by each thread as the fork starts.
-    let filters = Arc::new(seccomp::Filters::build()?);
-    seccomp::install_violation_handler().map_err(WorkerError::Seccomp)?;
     let vsock = has_vsock.zip(outside).map(|(saved, outside)| {
         let inside = match jail {
             Some(_) => PathBuf::from("/").join(VSOCK_SOCKET),
@@ -643,13 +725,13 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
         (config, outside)
     });
     let t = Instant::now();
-    let shell = Shell::build(&kvm, &template)?;
+    let shell = Shell::build(&kvm, template.borrow())?;
     let prepare_us = micros(t.elapsed());
     let body = serde_json::to_vec(&ShellReady { runtime_dir }).map_err(WorkerError::Encode)?;
-    send(sock, Kind::ShellReady, &body, None, "shell-ready")?;
+    send(sock, Kind::ShellReady, &body, &[], "shell-ready")?;
 
     // A pool may retire a prepared worker without using it: closing is not an error then.
-    let go = match recv(sock, MAX_SMALL_MESSAGE, "go")? {
+    let go = match recv(sock, MAX_SMALL_MESSAGE, 1, "go")? {
         None => return Ok(()),
         Some(m) if m.kind == Kind::Go => m,
         Some(m) => {
@@ -662,7 +744,7 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     let t = Instant::now();
     let net = go_backend(go)?;
     let config = vsock.as_ref().map(|(c, _)| c);
-    let restored = shell.finish(&template, Box::new(std::io::sink()), config, net)?;
+    let restored = shell.finish(template.borrow(), Box::new(std::io::sink()), config, net)?;
     let running = restored.vm.start_confined(Some(filters.clone()))?;
     // From here on this thread only talks to the parent and stops the VM.
     filters.apply(seccomp::ThreadKind::Control)?;
@@ -674,15 +756,15 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
         finish_us: micros(t.elapsed()),
     };
     let body = serde_json::to_vec(&report).map_err(WorkerError::Encode)?;
-    send(sock, Kind::Ready, &body, None, "ready")?;
+    send(sock, Kind::Ready, &body, &[], "ready")?;
     drop(body);
     release_free_heap();
 
-    while let Some(msg) = recv(sock, MAX_SMALL_MESSAGE, "a request")? {
+    while let Some(msg) = recv(sock, MAX_SMALL_MESSAGE, 0, "a request")? {
         match msg.kind {
             Kind::Probe => {
                 let body = serde_json::to_vec(&running.exits()).map_err(WorkerError::Encode)?;
-                send(sock, Kind::Status, &body, None, "status")?;
+                send(sock, Kind::Status, &body, &[], "status")?;
             }
             other => {
                 return Err(WorkerError::Protocol {
@@ -710,14 +792,14 @@ fn release_free_heap() {
 }
 
 /// The fork's NIC backend from a `go` message: its tap when one came with it.
-fn go_backend(go: Message) -> Result<NetBackend, WorkerError> {
+fn go_backend(mut go: Message) -> Result<NetBackend, WorkerError> {
     let protocol = |why: String| WorkerError::Protocol { what: "go", why };
     let req: GoRequest = if go.body.is_empty() {
         GoRequest::default()
     } else {
         serde_json::from_slice(&go.body).map_err(|e| protocol(e.to_string()))?
     };
-    match (req.tap, go.fd) {
+    match (req.tap, go.fds.pop()) {
         (None, None) => Ok(NetBackend::Disconnected),
         (Some(name), Some(fd)) => Tap::from_fd(fd, name)
             .map(NetBackend::Tap)
@@ -731,7 +813,16 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The worker's socket: its stdin, as the parent set it up.
+/// The worker's socket: its stdin, as the parent set it up. Taken, not copied: stdin is
+/// /dev/null afterwards, so the socket has one fd, and a zygote's child that closes it
+/// holds nothing of the zygote's.
 pub fn socket_from_stdin() -> std::io::Result<OwnedFd> {
-    std::io::stdin().as_fd().try_clone_to_owned()
+    let sock = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let null = File::open("/dev/null")?;
+    // SAFETY: dup2 onto fd 0, which `std::io::stdin` refers to by number and no Rust
+    // object owns; the socket lives on in `sock`.
+    if unsafe { libc::dup2(null.as_raw_fd(), libc::STDIN_FILENO) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sock)
 }

@@ -1,13 +1,15 @@
 //! Warm workers: worker processes that already hold a template and a prepared VM shell,
-//! kept per template so a fork request only sends `go`.
+//! kept per template so a fork request only sends `go`. They are forked from the
+//! template's [zygote](crate::fork::zygote), started on first use and again if it dies.
 
 use crate::sync::lock;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::fork::jail::Jail;
 use crate::fork::sandbox::WarmWorker;
 use crate::fork::worker::{Encoded, WorkerError};
+use crate::fork::zygote::Zygote;
 
 use super::journal::Journal;
 
@@ -17,6 +19,7 @@ pub struct WarmPool {
     jail: Option<Jail>,
     target: usize,
     ready: Mutex<Vec<WarmWorker>>,
+    zygote: Mutex<Option<Arc<Zygote>>>,
 }
 
 impl WarmPool {
@@ -27,6 +30,7 @@ impl WarmPool {
             jail,
             target,
             ready: Mutex::new(Vec::new()),
+            zygote: Mutex::new(None),
         }
     }
 
@@ -39,14 +43,31 @@ impl WarmPool {
     }
 
     fn start_one(&self, journal: Option<&Journal>) -> Result<WarmWorker, WorkerError> {
-        let w = WarmWorker::new(&self.exe, &self.encoded, self.jail.as_ref())?;
-        if let Some(j) = journal {
-            if let Err(e) = j.record(w.pid()) {
-                // Not fatal: the worker still ends when this process does.
-                tracing::warn!(error = %e, "journaling a worker");
+        let zygote = self.zygote(journal)?;
+        let w = WarmWorker::forked(&zygote, self.jail.as_ref())?;
+        record(journal, w.pid());
+        Ok(w)
+    }
+
+    /// The template's zygote, started now when there is none or the last one ended.
+    fn zygote(&self, journal: Option<&Journal>) -> Result<Arc<Zygote>, WorkerError> {
+        let mut slot = lock(&self.zygote);
+        if let Some(z) = slot.as_ref() {
+            if z.is_alive() {
+                return Ok(z.clone());
+            }
+            tracing::warn!(
+                pid = z.pid(),
+                "the template's zygote ended; starting another"
+            );
+            if let Some(j) = journal {
+                j.forget(z.pid());
             }
         }
-        Ok(w)
+        let z = Arc::new(Zygote::start(&self.exe, &self.encoded)?);
+        record(journal, z.pid());
+        *slot = Some(z.clone());
+        Ok(z)
     }
 
     /// Starts workers until the pool holds its target; returns how many were started.
@@ -64,8 +85,16 @@ impl WarmPool {
         lock(&self.ready).len()
     }
 
-    /// Ends every pooled worker (they have run nothing; closing their socket is enough).
+    /// Ends every pooled worker (they have run nothing; closing their socket is enough)
+    /// and the zygote (the next worker starts another).
     pub fn drain(&self, journal: Option<&Journal>) {
+        if let Some(z) = lock(&self.zygote).take() {
+            let pid = z.pid();
+            drop(z);
+            if let Some(j) = journal {
+                j.forget(pid);
+            }
+        }
         let workers = std::mem::take(&mut *lock(&self.ready));
         for w in workers {
             let pid = w.pid();
@@ -73,6 +102,16 @@ impl WarmPool {
             if let Some(j) = journal {
                 j.forget(pid);
             }
+        }
+    }
+}
+
+/// Journals a process we started (not fatal when it fails: the process still ends when
+/// this one does).
+fn record(journal: Option<&Journal>, pid: u32) {
+    if let Some(j) = journal {
+        if let Err(e) = j.record(pid) {
+            tracing::warn!(error = %e, "journaling a worker");
         }
     }
 }

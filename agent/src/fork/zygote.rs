@@ -1,0 +1,326 @@
+//! A zygote: a `cleave-fork-worker --zygote` that receives one template, decodes and
+//! checks it and builds the seccomp filters once, and then forks a worker per request.
+//! Each child starts where an exec'd worker would be after reading its template, so a
+//! new worker costs a `clone3` — no exec, no dynamic loader, no decode, no filter build
+//! (a quarter of the CPU of sustained fork churn).
+//!
+//! The child is born the node's child, not the zygote's (`CLONE_PARENT`): the node
+//! reaps it and gets its `SIGCHLD` exactly as for an exec'd worker ([`Worker`]), and a
+//! zygote that dies takes no worker with it. Jailed, it is born in its own PID namespace
+//! and its cgroup leaf, as an exec'd worker is; the first thing it does is close the
+//! zygote's socket, so nothing it runs can ask the zygote for anything. Then it serves
+//! its fork exactly as an exec'd worker does ([`super::worker::serve_fork`]).
+//!
+//! What siblings share: the zygote's address-space layout (ASLR offsets) and its heap
+//! and stack canary, as Android's app zygote does. `docs/SECURITY.md` says what that
+//! means for an escape.
+//!
+//! The zygote must stay single-threaded: a child of a threaded process may only make
+//! async-signal-safe calls until it execs, and this child never execs. It checks before
+//! every clone.
+//!
+//! Protocol (one packet each, as [`super::worker`]): node → zygote `template` (state,
+//! memfd), answered by `loaded`; then `spawn` (body: [`SpawnRequest`]; fds: the child's
+//! end of its socket pair, then its cgroup directory when it has one), answered by
+//! `spawned` (body: [`Spawned`]) or `failed`. Closing the socket ends the zygote.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use serde::{Deserialize, Serialize};
+
+use super::jail::{Jail, JailIds};
+use super::process::{self, Birth, Cloned, Process};
+use super::worker::{
+    self, claim, expect, recv, send, Encoded, Kind, Worker, WorkerError, MAX_FDS, MAX_SMALL_MESSAGE,
+};
+use super::Template;
+use crate::sync::lock;
+use crate::vmm::seccomp;
+
+/// The worker binary's flag that makes it a zygote.
+pub const ZYGOTE_FLAG: &str = "--zygote";
+
+/// The body of `spawn`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SpawnRequest {
+    /// `UID:GID` the child jails itself as.
+    jail: Option<String>,
+    /// Whether a cgroup directory fd follows the socket.
+    cgroup: bool,
+}
+
+/// The body of `spawned`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Spawned {
+    pid: u32,
+}
+
+/// The node's handle on a zygote process. Dropping it ends the zygote (its children,
+/// the node's own, live on).
+pub struct Zygote {
+    /// The zygote as a process with a socket: ended (closed, waited for, killed after a
+    /// grace) as a worker is.
+    process: Mutex<Worker>,
+    guest_bytes: u64,
+}
+
+impl Zygote {
+    /// Starts `exe` (the `cleave-fork-worker` binary) as a zygote for `template` and
+    /// waits until it holds it.
+    pub fn start(exe: &Path, template: &Encoded) -> Result<Zygote, WorkerError> {
+        let (ours, theirs) = pair()?;
+        let plain = Birth {
+            new_pid_namespace: false,
+            cgroup: None,
+        };
+        let child = Process::spawn(exe, &[ZYGOTE_FLAG], theirs, &plain).map_err(|source| {
+            WorkerError::Spawn {
+                exe: exe.display().to_string(),
+                source,
+            }
+        })?;
+        // From here, dropping `process` ends it.
+        let process = Worker::forked(ours, child, None, None);
+        let sock = process.sock()?;
+        template.send_to(sock)?;
+        expect(sock, Kind::Loaded, "the zygote's loaded template")?;
+        Ok(Zygote {
+            process: Mutex::new(process),
+            guest_bytes: template.guest_bytes(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        lock(&self.process).pid()
+    }
+
+    /// Whether the zygote is still running (a dead one only answers errors).
+    pub fn is_alive(&self) -> bool {
+        lock(&self.process).ended().is_none()
+    }
+
+    /// A new worker forked from the zygote, with its shell prepared: what
+    /// [`Worker::spawn_for`] and [`Worker::load`] make, without exec or decode. With
+    /// `jail`, it runs as a uid of its range (in its own cgroup leaf, when the jail has
+    /// cgroups), jailed before it builds anything.
+    pub fn spawn(&self, jail: Option<&Jail>) -> Result<Worker, WorkerError> {
+        let claimed = claim(jail, self.guest_bytes)?;
+        let (ours, theirs) = pair()?;
+        let (lease, leaf) = match claimed {
+            Some((lease, leaf)) => (Some(lease), leaf),
+            None => (None, None),
+        };
+        let cgroup = leaf
+            .as_ref()
+            .map(|l| process::open_cgroup(l.path()))
+            .transpose()
+            .map_err(|e| {
+                WorkerError::Jail(std::io::Error::other(format!("opening its cgroup: {e}")))
+            })?;
+        let request = SpawnRequest {
+            jail: lease.as_ref().map(|l| l.ids().arg()),
+            cgroup: cgroup.is_some(),
+        };
+        let body = serde_json::to_vec(&request).map_err(WorkerError::Encode)?;
+        let pid = {
+            let mut fds = vec![theirs.as_fd()];
+            fds.extend(cgroup.as_ref().map(AsFd::as_fd));
+            let zygote = lock(&self.process);
+            let sock = zygote.sock()?;
+            send(sock, Kind::Spawn, &body, &fds, "a spawn request")?;
+            let msg = expect(sock, Kind::Spawned, "the spawned worker's pid")?;
+            serde_json::from_slice::<Spawned>(&msg.body)
+                .map_err(|e| WorkerError::Protocol {
+                    what: "spawned",
+                    why: e.to_string(),
+                })?
+                .pid
+        };
+        // Only the child holds its end now: its exit closes the socket.
+        drop((theirs, cgroup));
+        let child = Process::adopt(pid).map_err(|e| WorkerError::Protocol {
+            what: "spawned",
+            why: format!("pid {pid} is not a child of ours: {e}"),
+        })?;
+        let mut worker = Worker::forked(ours, child, lease, leaf);
+        // On failure, dropping it reaps the child and frees its uid and cgroup.
+        worker.await_shell()?;
+        Ok(worker)
+    }
+}
+
+fn pair() -> Result<(OwnedFd, OwnedFd), WorkerError> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(WorkerError::Socket)
+}
+
+/// The zygote's side, run by `cleave-fork-worker --zygote` with the node's socket as
+/// `sock`. Returns when the node closes the socket, or on the first error in the zygote
+/// itself (after telling the node why). In each child it never returns: the child serves
+/// its fork and exits.
+pub fn serve(sock: OwnedFd) -> Result<(), WorkerError> {
+    let ended = serve_spawns(&sock);
+    match ended {
+        Ok(Ended::Closed) => Ok(()),
+        Ok(Ended::InChild(child)) => {
+            // Nothing the child runs may reach the zygote.
+            drop(sock);
+            child.run()
+        }
+        Err(e) => {
+            let result = Err(e);
+            worker::tell_failure(&sock, &result);
+            result
+        }
+    }
+}
+
+/// How [`serve_spawns`] returned.
+enum Ended {
+    /// The node closed the socket.
+    Closed,
+    /// In a new child, with what it needs.
+    InChild(Box<Child>),
+}
+
+/// A child's work: the fork it serves.
+struct Child {
+    sock: OwnedFd,
+    jail: Option<JailIds>,
+    template: Template,
+    filters: Arc<seccomp::Filters>,
+}
+
+impl Child {
+    fn run(self) -> ! {
+        // `template` is borrowed, never dropped: its pages stay shared with the zygote.
+        let result = worker::serve_fork(&self.sock, &self.template, self.jail, self.filters);
+        worker::tell_failure(&self.sock, &result);
+        let code = match result {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("cleave-fork-worker: {e}");
+                1
+            }
+        };
+        // SAFETY: _exit ends the child without running the zygote's destructors or
+        // atexit handlers, which are the zygote's, not its copy's.
+        unsafe { libc::_exit(code) }
+    }
+}
+
+fn serve_spawns(sock: &OwnedFd) -> Result<Ended, WorkerError> {
+    let template = worker::receive_template(sock)?;
+    let filters = Arc::new(seccomp::Filters::build()?);
+    // Inherited by every child, as the filters are.
+    seccomp::install_violation_handler().map_err(WorkerError::Seccomp)?;
+    send(sock, Kind::Loaded, &[], &[], "loaded")?;
+    while let Some(msg) = recv(sock, MAX_SMALL_MESSAGE, MAX_FDS, "a spawn request")? {
+        let (child_sock, jail, cgroup) = parse(msg)?;
+        single_threaded().map_err(WorkerError::Jail)?;
+        // SAFETY: this process has one thread (checked just above, and nothing in this
+        // loop starts one), so the child may run any code: no lock can be held by a
+        // thread that does not exist in it.
+        let cloned =
+            unsafe { process::clone_child(jail.is_some(), cgroup.as_ref().map(AsFd::as_fd), true) };
+        drop(cgroup);
+        match cloned {
+            Ok(Cloned::Child) => {
+                return Ok(Ended::InChild(Box::new(Child {
+                    sock: child_sock,
+                    jail,
+                    template,
+                    filters,
+                })))
+            }
+            Ok(Cloned::Parent(pid)) => {
+                drop(child_sock);
+                let body = serde_json::to_vec(&Spawned { pid }).map_err(WorkerError::Encode)?;
+                send(sock, Kind::Spawned, &body, &[], "spawned")?;
+            }
+            // The node hears why; the zygote itself is fine and serves the next request.
+            Err(e) => {
+                drop(child_sock);
+                let failed = Err(WorkerError::Spawn {
+                    exe: "a worker from the zygote".into(),
+                    source: e,
+                });
+                worker::tell_failure(sock, &failed);
+            }
+        }
+    }
+    Ok(Ended::Closed)
+}
+
+/// A `spawn` request's parts: the child's socket, its jail, its cgroup directory.
+fn parse(msg: worker::Message) -> Result<(OwnedFd, Option<JailIds>, Option<OwnedFd>), WorkerError> {
+    let protocol = |why: String| WorkerError::Protocol {
+        what: "a spawn request",
+        why,
+    };
+    if msg.kind != Kind::Spawn {
+        return Err(protocol(format!("got {:?}", msg.kind)));
+    }
+    let request: SpawnRequest =
+        serde_json::from_slice(&msg.body).map_err(|e| protocol(e.to_string()))?;
+    let jail = match &request.jail {
+        Some(ids) => Some(
+            JailIds::parse(ids).ok_or_else(|| protocol(format!("jail {ids:?} is not UID:GID")))?,
+        ),
+        None => None,
+    };
+    let mut fds = msg.fds.into_iter();
+    let (Some(sock), cgroup, None) = (fds.next(), fds.next(), fds.next()) else {
+        return Err(protocol("no socket attached".into()));
+    };
+    if request.cgroup != cgroup.is_some() {
+        return Err(protocol(format!(
+            "cgroup {} but {} fds attached",
+            request.cgroup,
+            1 + usize::from(cgroup.is_some())
+        )));
+    }
+    Ok((sock, jail, cgroup))
+}
+
+/// Fails unless this process has exactly one thread.
+fn single_threaded() -> std::io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads == 1 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "the zygote has {threads} threads; it forks without exec, so it must have one"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_test_thread_is_not_alone() {
+        // The test harness runs tests on threads of their own: the check sees them.
+        let e = single_threaded().unwrap_err().to_string();
+        assert!(e.contains("threads"), "{e}");
+    }
+
+    #[test]
+    fn a_spawn_request_round_trips() {
+        let r = SpawnRequest {
+            jail: Some("70000:70000".into()),
+            cgroup: true,
+        };
+        let back: SpawnRequest = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+}
