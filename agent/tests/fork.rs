@@ -563,6 +563,9 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
     let zpid = zygote.pid();
     let mut a = zygote.spawn(None).unwrap();
     let b = zygote.spawn(None).unwrap();
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm(zpid), "cleave-zygote\n");
+    assert_eq!(comm(a.pid()), "cleave-fork-wor\n");
     // A worker holds none of the zygote's sockets (its own: the one to us, its vsock
     // listener).
     let zygote_sockets = sockets_of(zpid);

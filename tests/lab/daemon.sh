@@ -22,6 +22,12 @@ RUN="$D/cleave"
 
 pid() { cat "$D/daemon.pid" 2>/dev/null; }
 
+# The daemon's workers: its children named cleave-fork-worker (a template's zygote,
+# `cleave-zygote`, forks them as the daemon's children: CLONE_PARENT).
+workers_of() {
+  ps -eo pid,ppid,comm | awk -v d="$1" '$2==d && $3=="cleave-fork-wor" {print $1}'
+}
+
 # busybox nc closes the connection when its stdin ends: keep it open until the reply
 # (HTTP/1.0: the server closes when it has answered).
 get() {
@@ -60,12 +66,18 @@ leftovers)
   me=$(pid)
   alive=0; kill -0 "$me" 2>/dev/null && alive=1
   # Workers not started by the running daemon (all of them when it is not running).
-  orphans=0; ours=0
-  for p in $(ps -eo pid,ppid,comm | awk '$3=="cleave-fork-wor" {print $1":"$2}'); do
-    if [ "$alive" = 1 ] && [ "${p#*:}" = "$me" ]; then ours=$((ours + 1)); else orphans=$((orphans + 1)); fi
+  orphans=0; ours=0; zygotes=0
+  for p in $(ps -eo pid,ppid,comm | awk '$3=="cleave-fork-wor" || $3=="cleave-zygote" {print $1":"$2":"$3}'); do
+    ppid=${p#*:}; ppid=${ppid%%:*}
+    if [ "$alive" = 1 ] && [ "$ppid" = "$me" ]; then
+      case "$p" in *:cleave-zygote) zygotes=$((zygotes + 1)) ;; *) ours=$((ours + 1)) ;; esac
+    else
+      orphans=$((orphans + 1))
+    fi
   done
   echo "orphan_workers=$orphans"
   echo "workers=$ours"
+  echo "zygotes=$zygotes"
   dead_dirs=0
   for d in "$RUN"/vm-*; do
     [ -e "$d" ] || continue
@@ -104,8 +116,7 @@ container)
   ;;
 running)
   # The pids of the daemon's workers whose fork runs (they have vCPU threads).
-  me=$(pid)
-  for p in $(ps -eo pid,ppid,comm | awk -v d="$me" '$2==d && $3=="cleave-fork-wor" {print $1}'); do
+  for p in $(workers_of "$(pid)"); do
     grep -qx 'vcpu0' /proc/$p/task/*/comm 2>/dev/null && echo "$p"
   done
   ;;
@@ -115,7 +126,7 @@ jail)
   # directory (its whole filesystem) that only its uid can enter, its own cgroup leaf;
   # a running fork's threads are all under seccomp.
   me=$(pid); n=0; bad=0; uids=""; running=0; socks=""; foreign=0
-  for p in $(ps -eo pid,ppid,comm | awk -v d="$me" '$2==d && $3=="cleave-fork-wor" {print $1}'); do
+  for p in $(workers_of "$me"); do
     n=$((n + 1))
     uid=$(awk '/^Uid:/ {print $2}' /proc/$p/status)
     [ "$uid" != 0 ] || { echo "worker $p runs as root"; bad=$((bad + 1)); }

@@ -155,7 +155,7 @@ fn forks_end_to_end() {
             "no-leftovers",
             format!(
                 "{env} ls -A1 {RUNTIME}/cleave; echo jail_leases=$(ls -A {RUNTIME}/cleave/jail | wc -l); \
-                 ps -eo comm | grep -c '^cleave-fork-wor'; rm -rf {RUNTIME}"
+                 ps -eo comm | grep -cE '^cleave-(fork-wor|zygote)'; rm -rf {RUNTIME}"
             ),
         ),
         // The README's path: no template yet, `run --forks` makes the default one.

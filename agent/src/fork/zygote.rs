@@ -43,6 +43,20 @@ use crate::vmm::seccomp;
 /// The worker binary's flag that makes it a zygote.
 pub const ZYGOTE_FLAG: &str = "--zygote";
 
+/// A zygote's process name (`comm`), so it is told from its workers at a glance (`ps`):
+/// forked without exec, they would otherwise share its name and command line.
+pub const ZYGOTE_COMM: &str = "cleave-zygote";
+
+/// A worker's process name, as the kernel cuts `cleave-fork-worker` (15 bytes).
+const WORKER_COMM: &str = "cleave-fork-wor";
+
+/// Names this process (its main thread, and every thread it creates afterwards).
+fn set_comm(name: &str) -> Result<(), WorkerError> {
+    let c = std::ffi::CString::new(name).expect("a constant name has no NUL");
+    nix::sys::prctl::set_name(&c)
+        .map_err(|e| WorkerError::Jail(std::io::Error::other(format!("naming {name}: {e}"))))
+}
+
 /// The body of `spawn`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct SpawnRequest {
@@ -202,7 +216,8 @@ struct Child {
 impl Child {
     fn run(self) -> ! {
         // `template` is borrowed, never dropped: its pages stay shared with the zygote.
-        let result = worker::serve_fork(&self.sock, &self.template, self.jail, self.filters);
+        let result = set_comm(WORKER_COMM)
+            .and_then(|()| worker::serve_fork(&self.sock, &self.template, self.jail, self.filters));
         worker::tell_failure(&self.sock, &result);
         let code = match result {
             Ok(()) => 0,
@@ -218,6 +233,7 @@ impl Child {
 }
 
 fn serve_spawns(sock: &OwnedFd) -> Result<Ended, WorkerError> {
+    set_comm(ZYGOTE_COMM)?;
     let template = worker::receive_template(sock)?;
     let filters = Arc::new(seccomp::Filters::build()?);
     // Inherited by every child, as the filters are.
@@ -277,9 +293,13 @@ fn parse(msg: worker::Message) -> Result<(OwnedFd, Option<JailIds>, Option<Owned
         ),
         None => None,
     };
+    let msg_fds = msg.fds.len();
     let mut fds = msg.fds.into_iter();
     let (Some(sock), cgroup, None) = (fds.next(), fds.next(), fds.next()) else {
-        return Err(protocol("no socket attached".into()));
+        return Err(protocol(format!(
+            "{} fds attached: the socket, then at most its cgroup",
+            msg_fds
+        )));
     };
     if request.cgroup != cgroup.is_some() {
         return Err(protocol(format!(
@@ -312,6 +332,45 @@ mod tests {
         // The test harness runs tests on threads of their own: the check sees them.
         let e = single_threaded().unwrap_err().to_string();
         assert!(e.contains("threads"), "{e}");
+    }
+
+    fn message(body: &[u8], fds: usize) -> worker::Message {
+        let fds = (0..fds)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect();
+        worker::Message {
+            kind: Kind::Spawn,
+            body: body.to_vec(),
+            fds,
+        }
+    }
+
+    #[test]
+    fn a_malformed_spawn_request_is_refused_with_why() {
+        let refused = |body: &[u8], fds| match parse(message(body, fds)) {
+            Ok(_) => panic!(
+                "{:?} with {fds} fds was accepted",
+                String::from_utf8_lossy(body)
+            ),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            refused(br#"{"jail":null,"cgroup":false}"#, 0).contains("0 fds attached: the socket")
+        );
+        assert!(refused(br#"{"jail":null,"cgroup":true}"#, 1).contains("cgroup true but 1 fds"));
+        assert!(refused(br#"{"jail":null,"cgroup":false}"#, 2).contains("cgroup false but 2 fds"));
+        assert!(refused(br#"{"jail":"0:0","cgroup":false}"#, 1).contains("is not UID:GID"));
+        assert!(refused(b"not json", 1).contains("a spawn request"));
+        let (_, jail, cgroup) =
+            parse(message(br#"{"jail":"70000:70001","cgroup":true}"#, 2)).unwrap();
+        assert_eq!(
+            jail,
+            Some(JailIds {
+                uid: 70000,
+                gid: 70001
+            })
+        );
+        assert!(cgroup.is_some());
     }
 
     #[test]

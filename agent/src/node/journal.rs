@@ -46,8 +46,9 @@ pub struct Journal {
     dir: PathBuf,
 }
 
-/// The name every worker process has (`comm` is cut at 15 bytes).
-const WORKER_COMM: &str = "cleave-fork-wor";
+/// The names a process we journal has: a worker's (`comm` is cut at 15 bytes), and a
+/// template's zygote's.
+const OUR_COMMS: [&str; 2] = ["cleave-fork-wor", crate::fork::zygote::ZYGOTE_COMM];
 
 impl Journal {
     /// The journal under `state_dir` (created 0700).
@@ -166,7 +167,9 @@ fn is_our_worker(w: &WorkerEntry) -> bool {
         .ok()
         .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
         .is_some_and(|zombie| !zombie);
-    alive && start_time(w.pid) == Some(w.start_time) && comm(w.pid).as_deref() == Some(WORKER_COMM)
+    alive
+        && start_time(w.pid) == Some(w.start_time)
+        && comm(w.pid).is_some_and(|c| OUR_COMMS.contains(&c.as_str()))
 }
 
 /// Removes `vm-<pid>-<random>` directories under `base` whose process is gone; returns
