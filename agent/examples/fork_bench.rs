@@ -376,6 +376,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     let zygote = Zygote::start(&exe, &encoded)?;
     let mut z_spawn = Column::new("zygote: spawn → prepared (clone, jail-free, prepare)", n);
     let mut z_go = Column::new("zygote: go → ready (finish, start)", n);
+    let mut z_inside = Column::new("(zygote: finish + start inside the worker)", n);
     let mut z_fresh = Column::new("**zygote: request → ready**", n);
     let mut z_jailed = Column::new("zygote, jailed: spawn → prepared (+ uid, cgroup, jail)", n);
     let mut released: VecDeque<Process> = VecDeque::new();
@@ -400,13 +401,16 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         let t0 = Instant::now();
         let mut w = zygote.spawn(None)?;
         let t1 = Instant::now();
-        w.go(None)?;
+        let ready = w.go(None)?;
         let t2 = Instant::now();
         released.push_back(w.release());
         reap(&mut released, 64)?;
         if record {
             z_spawn.samples.push(t1 - t0);
             z_go.samples.push(t2 - t1);
+            z_inside
+                .samples
+                .push(Duration::from_micros(ready.finish_us));
             z_fresh.samples.push(t2 - t0);
         }
         if let Some(jail) = &jail {
@@ -471,7 +475,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
             writeln!(out, "{}", col.row())?;
         }
     }
-    for col in [&mut z_spawn, &mut z_go, &mut z_fresh] {
+    for col in [&mut z_spawn, &mut z_go, &mut z_inside, &mut z_fresh] {
         writeln!(out, "{}", col.row())?;
     }
     if jail.is_some() {

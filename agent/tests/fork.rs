@@ -563,6 +563,20 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
     let zpid = zygote.pid();
     let mut a = zygote.spawn(None).unwrap();
     let b = zygote.spawn(None).unwrap();
+    // The zygote is under the process filter (one filter), and so is each worker it forks.
+    let status = |pid: u32, key: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{key}:"))
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(status(zpid, "Seccomp"), "2");
+    assert_eq!(status(zpid, "Seccomp_filters"), "1");
+    assert_eq!(status(a.pid(), "Seccomp_filters"), "1");
     let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
     assert_eq!(comm(zpid), "cleave-zygote\n");
     assert_eq!(comm(a.pid()), "cleave-fork-wor\n");
@@ -590,6 +604,8 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
         std::thread::sleep(Duration::from_millis(5));
     }
     a.go(None).unwrap();
+    // Running, its main thread is under its control filter on top of the process one.
+    assert_eq!(status(a.pid(), "Seccomp_filters"), "2");
     let before = a.probe().unwrap().io_out;
     while a.probe().unwrap().io_out <= before {
         assert!(Instant::now() < deadline, "the orphaned fork does not run");

@@ -20,6 +20,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    // One malloc arena for all threads: a vCPU thread's first allocation would otherwise
+    // make an arena of its own (a 64 MiB reservation whose first pages become private
+    // memory, and page faults on the fork path) for the few allocations it ever makes.
+    // SAFETY: mallopt takes two integers; it runs before this process has other threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let filter = cleave_agent::host::log_filter("warn");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -15,6 +15,10 @@
 //! and stack canary, as Android's app zygote does. `docs/SECURITY.md` says what that
 //! means for an escape.
 //!
+//! The zygote confines itself with the worker process filter
+//! ([`seccomp::ProcessFilter`]) before it forks anything, so each worker starts under it
+//! and its thread filters install cheaply on top.
+//!
 //! The zygote must stay single-threaded: a child of a threaded process may only make
 //! async-signal-safe calls until it execs, and this child never execs. It checks before
 //! every clone.
@@ -238,6 +242,8 @@ fn serve_spawns(sock: &OwnedFd) -> Result<Ended, WorkerError> {
     let filters = Arc::new(seccomp::Filters::build()?);
     // Inherited by every child, as the filters are.
     seccomp::install_violation_handler().map_err(WorkerError::Seccomp)?;
+    // From here the zygote, and every worker it forks, calls only what a worker needs.
+    seccomp::ProcessFilter::build()?.apply()?;
     send(sock, Kind::Loaded, &[], &[], "loaded")?;
     while let Some(msg) = recv(sock, MAX_SMALL_MESSAGE, MAX_FDS, "a spawn request")? {
         let (child_sock, jail, cgroup) = parse(msg)?;
