@@ -18,6 +18,8 @@ use cleave_agent::devices::virtio::net::NetBackend;
 use cleave_agent::devices::GuestEnd;
 use cleave_agent::fork::worker::{Encoded, Worker};
 use cleave_agent::fork::zygote::Zygote;
+
+mod proc_status;
 use cleave_agent::fork::{self, SealedMemory, Template};
 use cleave_agent::host::kvm::KvmFlavour;
 use cleave_agent::vmm::config::MachineConfig;
@@ -564,16 +566,7 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
     let mut a = zygote.spawn(None).unwrap();
     let b = zygote.spawn(None).unwrap();
     // The zygote is under the process filter (one filter), and so is each worker it forks.
-    let status = |pid: u32, key: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(&format!("{key}:"))
-                    .map(|v| v.trim().to_string())
-            })
-            .unwrap_or_default()
-    };
+    let status = proc_status::status_field;
     assert_eq!(status(zpid, "Seccomp"), "2");
     assert_eq!(status(zpid, "Seccomp_filters"), "1");
     assert_eq!(status(a.pid(), "Seccomp_filters"), "1");

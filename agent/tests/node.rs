@@ -14,6 +14,9 @@ use cleave_agent::host::fingerprint::HostFingerprint;
 use cleave_agent::net::EgressPolicy;
 use cleave_agent::node::{Node, NodeError, NodeLimits, NodeOptions, SandboxRequest};
 
+mod proc_status;
+use proc_status::status_field;
+
 /// A 32 MiB template of the tiny guest, saved as `name` in `store`.
 fn tiny_template(store: &TemplateStore, name: &str) {
     let template = tiny_template::capture();
@@ -160,17 +163,6 @@ fn an_unknown_or_malformed_sandbox_is_never_authorised() {
     assert!(node.authorize(&id, "").is_none());
     assert!(matches!(node.destroy(&id), Err(NodeError::NotFound(_))));
     assert!(node.reap_expired().is_empty());
-}
-
-fn status_field(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{key}:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default()
 }
 
 #[test]
