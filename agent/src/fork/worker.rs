@@ -417,8 +417,10 @@ impl Worker {
             .ok_or(WorkerError::Closed("a live worker"))
     }
 
-    /// A worker a [zygote](super::zygote) started for us: its process (our child, by
-    /// `CLONE_PARENT`) already holds the template.
+    /// A handle on a process and its socket that we did not start with
+    /// [`spawn_in`](Self::spawn_in): a worker a [zygote](super::zygote) forked for us
+    /// (our child, by `CLONE_PARENT`, already holding the template), or the zygote
+    /// itself, which is ended the same way.
     pub(super) fn forked(
         sock: OwnedFd,
         child: Process,
