@@ -172,6 +172,7 @@ fn a_jailed_worker_has_its_own_uid_no_privileges_and_its_own_namespaces() {
     use cleave_agent::fork::worker::Encoded;
     use cleave_agent::fork::zygote::Zygote;
 
+    let _one = one_zygote_test_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let store = TemplateStore::at(dir.path().join("templates"));
     tiny_template(&store, "tiny");
@@ -250,4 +251,67 @@ fn jailed_alike(start: impl Fn() -> cleave_agent::fork::sandbox::WarmWorker) {
         "910000\t910000\t910000\t910000"
     );
     drop((b, c));
+}
+
+/// Tests that start zygotes run one at a time: they count this process's zygotes.
+static ZYGOTES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_zygote_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ZYGOTES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Our children named `comm`.
+fn children_named(comm: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let Some(close) = stat.rfind(')') else {
+                return false;
+            };
+            let name = stat.find('(').map(|open| &stat[open + 1..close]);
+            let ppid = stat[close + 2..].split(' ').nth(1);
+            name == Some(comm) && ppid == Some(&me.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_warm_pool_starts_a_new_zygote_when_its_zygote_dies_and_drain_ends_it() {
+    use cleave_agent::fork::worker::Encoded;
+    use cleave_agent::node::warm::WarmPool;
+
+    let _one = one_zygote_test_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let store = TemplateStore::at(dir.path().join("templates"));
+    tiny_template(&store, "tiny");
+    let (template, _) = store.load(&"tiny".parse().unwrap()).unwrap();
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_cleave-fork-worker"));
+    let pool = WarmPool::new(exe, Encoded::new(&template).unwrap(), None, 2);
+    assert_eq!(pool.refill(None).unwrap(), 2);
+    let first = children_named("cleave-zygote");
+    assert_eq!(first.len(), 1, "one zygote per pool: {first:?}");
+    // SAFETY: kill(2) on our own child, no memory involved.
+    assert_eq!(
+        unsafe { libc::kill(first[0] as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    // Its workers are ours and stay; the next one comes from a new zygote.
+    let kept: Vec<_> = (0..2).map(|_| pool.take(None).unwrap()).collect();
+    let next = pool.take(None).unwrap();
+    let second = children_named("cleave-zygote");
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(second, first, "the dead zygote was not replaced");
+    for w in kept.iter().chain([&next]) {
+        assert!(std::path::Path::new(&format!("/proc/{}", w.pid())).exists());
+    }
+    drop((kept, next));
+    pool.drain(None);
+    assert!(
+        children_named("cleave-zygote").is_empty(),
+        "drain left the zygote"
+    );
 }

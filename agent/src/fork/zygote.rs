@@ -30,6 +30,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -83,6 +84,8 @@ pub struct Zygote {
     /// grace) as a worker is.
     process: Mutex<Worker>,
     guest_bytes: u64,
+    /// Its socket failed (it died, or broke the protocol): it is never asked again.
+    broken: AtomicBool,
 }
 
 impl Zygote {
@@ -108,6 +111,7 @@ impl Zygote {
         Ok(Zygote {
             process: Mutex::new(process),
             guest_bytes: template.guest_bytes(),
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -115,9 +119,11 @@ impl Zygote {
         lock(&self.process).pid()
     }
 
-    /// Whether the zygote is still running (a dead one only answers errors).
+    /// Whether the zygote can still serve: running, and its socket has not failed (a
+    /// zygote killed a moment ago may not have exited yet, but its socket already says
+    /// so).
     pub fn is_alive(&self) -> bool {
-        lock(&self.process).ended().is_none()
+        !self.broken.load(Ordering::Relaxed) && lock(&self.process).ended().is_none()
     }
 
     /// A new worker forked from the zygote, with its shell prepared: what
@@ -148,14 +154,26 @@ impl Zygote {
             fds.extend(cgroup.as_ref().map(AsFd::as_fd));
             let zygote = lock(&self.process);
             let sock = zygote.sock()?;
-            send(sock, Kind::Spawn, &body, &fds, "a spawn request")?;
-            let msg = expect(sock, Kind::Spawned, "the spawned worker's pid")?;
-            serde_json::from_slice::<Spawned>(&msg.body)
-                .map_err(|e| WorkerError::Protocol {
-                    what: "spawned",
-                    why: e.to_string(),
-                })?
-                .pid
+            let answer = send(sock, Kind::Spawn, &body, &fds, "a spawn request")
+                .and_then(|()| expect(sock, Kind::Spawned, "the spawned worker's pid"))
+                .and_then(|msg| {
+                    serde_json::from_slice::<Spawned>(&msg.body).map_err(|e| {
+                        WorkerError::Protocol {
+                            what: "spawned",
+                            why: e.to_string(),
+                        }
+                    })
+                });
+            match answer {
+                Ok(spawned) => spawned.pid,
+                Err(e) => {
+                    // `failed` is this spawn's error; anything else is the zygote's.
+                    if !matches!(e, WorkerError::Remote(_)) {
+                        self.broken.store(true, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+            }
         };
         // Only the child holds its end now: its exit closes the socket.
         drop((theirs, cgroup));

@@ -44,7 +44,14 @@ impl WarmPool {
 
     fn start_one(&self, journal: Option<&Journal>) -> Result<WarmWorker, WorkerError> {
         let zygote = self.zygote(journal)?;
-        let w = WarmWorker::forked(&zygote, self.jail.as_ref())?;
+        let w = match WarmWorker::forked(&zygote, self.jail.as_ref()) {
+            Ok(w) => w,
+            // The zygote died under this request: once more, from a new one.
+            Err(_) if !zygote.is_alive() => {
+                WarmWorker::forked(&*self.zygote(journal)?, self.jail.as_ref())?
+            }
+            Err(e) => return Err(e),
+        };
         record(journal, w.pid());
         Ok(w)
     }
