@@ -295,10 +295,8 @@ fn the_warm_pool_starts_a_new_zygote_when_its_zygote_dies_and_drain_ends_it() {
     let first = children_named("cleave-zygote");
     assert_eq!(first.len(), 1, "one zygote per pool: {first:?}");
     // SAFETY: kill(2) on our own child, no memory involved.
-    assert_eq!(
-        unsafe { libc::kill(first[0] as libc::pid_t, libc::SIGKILL) },
-        0
-    );
+    let killed = unsafe { libc::kill(first[0] as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     // Its workers are ours and stay; the next one comes from a new zygote.
     let kept: Vec<_> = (0..2).map(|_| pool.take(None).unwrap()).collect();
     let next = pool.take(None).unwrap();
