@@ -538,9 +538,7 @@ fn forks_in_their_own_processes(c: &Captured, start: Start) {
 
 /// `pid`'s parent, from /proc/<pid>/stat (the field after the parenthesised name).
 fn parent_of(pid: u32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    after_name.split(' ').nth(1).unwrap().parse().unwrap()
+    proc_status::name_and_parent(pid).unwrap().1
 }
 
 /// The socket inodes `pid` holds.

@@ -267,15 +267,7 @@ fn children_named(comm: &str) -> Vec<u32> {
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let Some(close) = stat.rfind(')') else {
-                return false;
-            };
-            let name = stat.find('(').map(|open| &stat[open + 1..close]);
-            let ppid = stat[close + 2..].split(' ').nth(1);
-            name == Some(comm) && ppid == Some(&me.to_string())
-        })
+        .filter(|&pid| proc_status::name_and_parent(pid) == Some((comm.to_string(), me)))
         .collect()
 }
 
