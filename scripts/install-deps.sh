@@ -19,6 +19,8 @@ PKGS=(
   dnsmasq-base
   # tooling used by scripts; scripts/validate-manifests.sh keeps its validator in a venv
   jq python3-venv
+  # the rig harness's watchdog (ps, pkill) and the lab scripts
+  procps
   # tests/lab/python-rootfs.sh: builds the Python test image's OCI layout
   umoci
 )

@@ -89,18 +89,93 @@ pub fn sh_quote(s: &str) -> String {
 const BEGIN: &str = "@@scenario-begin:";
 const END: &str = "@@scenario-end:";
 
+/// A scenario still running after this long gets one dump of what every process waits
+/// on (see [`watchdog`]).
+const STALL_SECS: u32 = 150;
+
+/// Lines the watchdog prints start with this; they are kept out of scenario outputs.
+const STALL: &str = "@@stall ";
+
+/// A background loop for the batch script: when the scenario named in `$__wd/cur` has
+/// run [`STALL_SECS`], it prints once (each line prefixed [`STALL`]) every process with
+/// its state and wait channel, the kernel stack and system call of each cleave task, and
+/// the kernel log's tail, then a line a minute while the scenario goes on. A rig attempt
+/// that times out so leaves a record of where it hung; silence means the machine itself
+/// stopped.
+fn watchdog() -> String {
+    format!(
+        r#"__wd=$(mktemp -d /tmp/cleave-watchdog.XXXXXX)
+(
+  __last=0
+  while [ -d "$__wd" ]; do
+    sleep 5
+    read __name __t0 < "$__wd/cur" 2>/dev/null || continue
+    read __now __ </proc/uptime
+    __el=$(( ${{__now%.*}} - ${{__t0%.*}} ))
+    [ "$__el" -ge {STALL_SECS} ] || continue
+    if [ ! -e "$__wd/dumped-$__name" ]; then
+      : > "$__wd/dumped-$__name"
+      __last=$__el
+      {{
+        echo "scenario $__name still running after $__el s; processes:"
+        ps --ppid 2 -p 2 -N -o pid,ppid,stat,etimes,wchan:32,args | cut -c1-200
+        for __p in /proc/[0-9]*; do
+          case "$(cat $__p/comm 2>/dev/null)" in cleave*) ;; *) continue ;; esac
+          for __t in $__p/task/[0-9]*; do
+            echo "== $__t $(cat $__t/comm) wchan=$(cat $__t/wchan) syscall=$(cut -d' ' -f1 $__t/syscall)"
+            cat $__t/stack
+          done
+        done
+        echo "kernel log tail:"
+        dmesg | tail -n 30
+      }} 2>&1 | sed 's/^/{STALL}/'
+    elif [ $(( __el - __last )) -ge 60 ]; then
+      __last=$__el
+      echo "{STALL}scenario $__name still running after $__el s"
+    fi
+  done
+) &
+__wdpid=$!
+"#
+    )
+}
+
 fn batch_script(scenarios: &[Scenario]) -> String {
     let mut s = String::from("exec 2>&1\n");
+    s.push_str(&watchdog());
     for sc in scenarios {
         let _ = writeln!(
             s,
-            "read __t0 __ </proc/uptime\necho '{BEGIN}{name}@@'\n( {body}\n) </dev/null 2>&1\n\
-             __rc=$?; read __t1 __ </proc/uptime\necho \"\n{END}{name}:$__rc:$__t0:$__t1@@\"",
+            "read __t0 __ </proc/uptime\necho '{name}' \"$__t0\" > \"$__wd/cur\"\n\
+             echo '{BEGIN}{name}@@'\n( {body}\n) </dev/null 2>&1\n\
+             __rc=$?; rm -f \"$__wd/cur\"; read __t1 __ </proc/uptime\n\
+             echo \"\n{END}{name}:$__rc:$__t0:$__t1@@\"",
             name = sc.name,
             body = sc.script
         );
     }
+    // The loop's `sleep` would otherwise hold the output open for up to 5 s more.
+    s.push_str("rm -rf \"$__wd\"; pkill -P $__wdpid 2>/dev/null; kill $__wdpid 2>/dev/null\n");
     s
+}
+
+/// The watchdog's lines in `output`, without their prefix.
+fn stall_lines(output: &str) -> impl Iterator<Item = &str> {
+    output.lines().filter_map(|l| l.strip_prefix(STALL))
+}
+
+/// Prints what the watchdog saw (shown with a failing test's output).
+fn report_stalls(output: &str) {
+    for line in stall_lines(output) {
+        eprintln!("watchdog: {line}");
+    }
+}
+
+/// `text` without the watchdog's lines.
+fn without_stall_lines(text: &str) -> String {
+    text.split_inclusive('\n')
+        .filter(|l| !l.starts_with(STALL))
+        .collect()
 }
 
 fn parse(output: &str, scenarios: &[Scenario]) -> Vec<Outcome> {
@@ -142,10 +217,9 @@ fn parse(output: &str, scenarios: &[Scenario]) -> Vec<Outcome> {
                 secs,
                 // The end marker starts on a line of its own; the newline that ended the
                 // scenario's last line is not part of its output.
-                output: output[b..e]
-                    .strip_suffix('\n')
-                    .unwrap_or(&output[b..e])
-                    .to_owned(),
+                output: without_stall_lines(
+                    output[b..e].strip_suffix('\n').unwrap_or(&output[b..e]),
+                ),
             }
         })
         .collect()
@@ -185,6 +259,7 @@ pub fn run_batch(scenarios: &[Scenario], timeout: Duration) -> (Place, Vec<Outco
             .output()
             .expect("running sh");
         let output = String::from_utf8_lossy(&out.stdout).into_owned();
+        report_stalls(&output);
         return (Place::Host, timed(parse(&output, scenarios)));
     }
     let argv = ["sh", "-c", script.as_str()].map(OsString::from).to_vec();
@@ -195,7 +270,10 @@ pub fn run_batch(scenarios: &[Scenario], timeout: Duration) -> (Place, Vec<Outco
         let result = rig::run(&cmd, &mut buf);
         let text = String::from_utf8_lossy(&buf).into_owned();
         match result {
-            Ok(_) => return (Place::Rig, timed(parse(&text, scenarios))),
+            Ok(_) => {
+                report_stalls(&text);
+                return (Place::Rig, timed(parse(&text, scenarios)));
+            }
             Err(e) if attempt < RIG_ATTEMPTS => {
                 // cargo shows a passing test's stderr to no one: keep the output on disk.
                 let kept = keep_rig_failure(&text);
@@ -283,6 +361,23 @@ mod tests {
         assert_eq!((r[0].exit_code, r[0].output.as_str()), (3, "one"));
         assert_eq!((r[1].exit_code, r[1].output.as_str()), (0, "two"));
         assert!(r.iter().all(|o| o.secs.is_some_and(|s| s >= 0.0)), "{r:?}");
+    }
+
+    #[test]
+    fn the_watchdogs_lines_stay_out_of_scenario_outputs() {
+        let sc = [Scenario::new(
+            "a",
+            "echo one; echo '@@stall seen'; echo two",
+        )];
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(batch_script(&sc))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let r = parse(&text, &sc);
+        assert_eq!((r[0].exit_code, r[0].output.as_str()), (0, "one\ntwo"));
+        assert_eq!(stall_lines(&text).collect::<Vec<_>>(), ["seen"]);
     }
 
     #[test]
