@@ -21,11 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use super::net_args::NetArgs;
 use super::run::next_signal;
 use super::run::ExecFlags;
+use crate::fork::sandbox::worker_exe;
 use crate::fork::store::{TemplateName, TemplateStore};
 use crate::image::store::ImageName;
 use crate::net::EgressPolicy;
 use crate::node::boot::resolve_image;
-use crate::node::templates::{self, TemplateSpec};
+use crate::node::templates::{self, TemplateSpec, TemplateWorkers};
 use crate::node::{ForkOutcome, Node, NodeLimits, NodeOptions, SandboxRequest};
 
 /// What `run --forks` needs.
@@ -64,11 +65,17 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
     if !store.exists(&spec.name) {
         eprintln!("cleave: no template {}; creating it", spec.name);
     }
+    let exe = worker_exe()?;
+    let jail = crate::fork::jail::Jail::best_effort();
     let (template, meta, _) = templates::ensure(
         &store,
         &spec,
         (req.mem.is_some(), req.vcpus.is_some()),
         resolve_image,
+        TemplateWorkers {
+            exe: &exe,
+            jail: jail.as_ref(),
+        },
     )?;
     let defaults = meta.defaults.clone();
     // After the template exists (and so after this host's KVM proved it runs guests):
@@ -80,8 +87,8 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
         gate_timeout: req.gate_timeout,
         warm_workers: 0,
         state_dir: None,
-        worker_exe: None,
-        jail: crate::fork::jail::Jail::best_effort(),
+        worker_exe: Some(exe),
+        jail,
     })?;
     node.load_template(template, meta)?;
     let outcomes = node.create_sandboxes(&SandboxRequest {

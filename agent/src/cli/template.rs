@@ -8,10 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 
+use crate::fork::jail::Jail;
+use crate::fork::sandbox::worker_exe;
 use crate::fork::store::{TemplateName, TemplateStore};
 use crate::image::store::ImageName;
 use crate::node::boot::resolve_image;
-use crate::node::templates::{self, TemplateSpec, TestReseed};
+use crate::node::templates::{self, TemplateSpec, TemplateWorkers, TestReseed};
 
 #[derive(Subcommand, Debug)]
 pub enum TemplateCommand {
@@ -75,10 +77,16 @@ pub fn run(cmd: TemplateCommand) -> anyhow::Result<ExitCode> {
     let store = TemplateStore::default_location();
     match cmd {
         TemplateCommand::Create(args) => {
-            let created = templates::create(&store, &args.spec(), resolve_image)?;
-            if let Some((_, out, err)) = &created.warmup {
-                std::io::stdout().write_all(out)?;
-                std::io::stderr().write_all(err)?;
+            let exe = worker_exe()?;
+            let jail = Jail::best_effort();
+            let workers = TemplateWorkers {
+                exe: &exe,
+                jail: jail.as_ref(),
+            };
+            let created = templates::create(&store, &args.spec(), resolve_image, workers)?;
+            if let Some(w) = &created.warmup {
+                std::io::stdout().write_all(&w.stdout)?;
+                std::io::stderr().write_all(&w.stderr)?;
             }
             let meta = &created.meta;
             eprintln!(

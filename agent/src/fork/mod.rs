@@ -19,6 +19,7 @@ pub mod sandbox;
 pub mod sealed;
 pub mod state;
 pub mod store;
+pub mod template_worker;
 pub mod worker;
 pub mod zygote;
 

@@ -6,6 +6,7 @@
 //! we have not reaped keeps its pid (as a zombie once it exits), and only [`Process`] reaps
 //! it, so its pid cannot name anyone else until then.
 
+use super::worker::WorkerError;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -304,6 +305,14 @@ unsafe fn child_fail(report_fd: libc::c_int) -> ! {
         libc::write(report_fd, bytes.as_ptr().cast(), bytes.len());
         libc::_exit(127)
     }
+}
+
+/// Names this process (its main thread, and every thread it creates afterwards), so `ps`
+/// tells a zygote and a template worker from fork workers of the same binary.
+pub(super) fn set_comm(name: &str) -> Result<(), WorkerError> {
+    let c = std::ffi::CString::new(name).expect("a constant name has no NUL");
+    nix::sys::prctl::set_name(&c)
+        .map_err(|e| WorkerError::Jail(std::io::Error::other(format!("naming {name}: {e}"))))
 }
 
 #[cfg(test)]

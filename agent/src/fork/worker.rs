@@ -54,6 +54,8 @@ pub(super) enum Kind {
     Spawn = 8,
     Spawned = 9,
     Loaded = 10,
+    Boot = 11,
+    Frozen = 12,
 }
 
 impl Kind {
@@ -69,6 +71,8 @@ impl Kind {
             Kind::Spawn,
             Kind::Spawned,
             Kind::Loaded,
+            Kind::Boot,
+            Kind::Frozen,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -122,6 +126,12 @@ pub enum WorkerError {
     Cgroup(#[from] crate::host::cgroup::CgroupError),
     #[error("fork worker: installing the seccomp violation handler: {0}")]
     Seccomp(std::io::Error),
+    #[error("template worker: {0}")]
+    Image(String),
+    #[error(transparent)]
+    Freeze(#[from] super::freeze::FreezeError),
+    #[error("worker: no answer with {what} within {after:?}; it was stopped")]
+    Deadline { what: &'static str, after: Duration },
 }
 
 /// What a worker reports when its fork is ready to run.
@@ -263,8 +273,8 @@ pub(super) fn expect(
     what: &'static str,
 ) -> Result<Message, WorkerError> {
     let (max, max_fds) = match kind {
-        Kind::Template => (MAX_MESSAGE, 1),
-        Kind::Spawn => (MAX_SMALL_MESSAGE, MAX_FDS),
+        Kind::Template | Kind::Frozen => (MAX_MESSAGE, 1),
+        Kind::Spawn | Kind::Boot => (MAX_SMALL_MESSAGE, MAX_FDS),
         _ => (MAX_SMALL_MESSAGE, 0),
     };
     let msg = recv(sock, max, max_fds, what)?.ok_or(WorkerError::Closed(what))?;
@@ -655,10 +665,53 @@ pub(super) fn tell_failure(sock: &OwnedFd, result: &Result<(), WorkerError>) {
         let _ = send(
             sock,
             Kind::Failed,
-            e.to_string().as_bytes(),
+            failure_text(e).as_bytes(),
             &[],
             "the error",
         );
+    }
+}
+
+/// An error's text cut to what a `failed` packet carries (an error may quote guest
+/// output).
+fn failure_text(e: &WorkerError) -> String {
+    let mut text = e.to_string();
+    let max = MAX_SMALL_MESSAGE - 64;
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" [cut]");
+    }
+    text
+}
+
+/// Waits until `sock` has something to read (a packet, or the peer's close), up to
+/// `within`; `false` when it has not by then.
+pub(super) fn readable_within(sock: &OwnedFd, within: Duration) -> Result<bool, WorkerError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // poll takes at most i32::MAX ms; a longer wait goes round again.
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) if Instant::now() >= deadline => return Ok(false),
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => return Ok(true),
+            Err(source) => {
+                return Err(WorkerError::Recv {
+                    what: "the worker's answer",
+                    source,
+                })
+            }
+        }
     }
 }
 

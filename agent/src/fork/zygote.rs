@@ -37,7 +37,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use serde::{Deserialize, Serialize};
 
 use super::jail::{Jail, JailIds};
-use super::process::{self, Birth, Cloned, Process};
+use super::process::{self, set_comm, Birth, Cloned, Process};
 use super::worker::{
     self, claim, expect, recv, send, Encoded, Kind, Worker, WorkerError, MAX_FDS, MAX_SMALL_MESSAGE,
 };
@@ -54,13 +54,6 @@ pub const ZYGOTE_COMM: &str = "cleave-zygote";
 
 /// A worker's process name, as the kernel cuts `cleave-fork-worker` (15 bytes).
 const WORKER_COMM: &str = "cleave-fork-wor";
-
-/// Names this process (its main thread, and every thread it creates afterwards).
-fn set_comm(name: &str) -> Result<(), WorkerError> {
-    let c = std::ffi::CString::new(name).expect("a constant name has no NUL");
-    nix::sys::prctl::set_name(&c)
-        .map_err(|e| WorkerError::Jail(std::io::Error::other(format!("naming {name}: {e}"))))
-}
 
 /// The body of `spawn`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

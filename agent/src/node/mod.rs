@@ -28,7 +28,7 @@ use cleave_guest::protocol::Client;
 
 use self::credential::{Credential, SandboxId, Token};
 use self::journal::{Journal, JournalError, Reconciled};
-use self::templates::{unix_now, CreatedTemplate, ImageResolver, TemplateSpec};
+use self::templates::{unix_now, CreatedTemplate, ImageResolver, TemplateSpec, TemplateWorkers};
 use self::warm::WarmPool;
 use crate::fork::jail::Jail;
 use crate::fork::sandbox::{worker_exe, ForkError, Sandbox};
@@ -344,13 +344,21 @@ impl Node {
         &self.reconciled
     }
 
+    /// Where this node's templates boot: its worker binary, under its jail.
+    fn template_workers(&self) -> TemplateWorkers<'_> {
+        TemplateWorkers {
+            exe: &self.exe,
+            jail: self.options.jail.as_ref(),
+        }
+    }
+
     /// Creates and saves a template (refused when the name is taken).
     pub fn create_template(
         &self,
         spec: &TemplateSpec,
         image: impl ImageResolver,
     ) -> Result<CreatedTemplate, NodeError> {
-        let created = templates::create(&self.options.store, spec, image)?;
+        let created = templates::create(&self.options.store, spec, image, self.template_workers())?;
         self.wake_refill();
         Ok(created)
     }
@@ -366,8 +374,13 @@ impl Node {
         if let Some(f) = lock(&self.templates).get(&spec.name) {
             return Ok((f.clone(), false));
         }
-        let (template, meta, created) =
-            templates::ensure(&self.options.store, spec, shape_given, image)?;
+        let (template, meta, created) = templates::ensure(
+            &self.options.store,
+            spec,
+            shape_given,
+            image,
+            self.template_workers(),
+        )?;
         Ok((self.load_template(template, meta)?, created))
     }
 

@@ -4,10 +4,10 @@ use std::ffi::OsString;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use cleave_guest::protocol::ExitReport;
 
 use super::boot::{BootKit, ResolvedImage, BASE_CMDLINE};
-use crate::fork::freeze::{freeze, FreezeOptions};
+use crate::fork::freeze::{FreezeOptions, WarmupOutput};
+use crate::fork::jail::Jail;
 use crate::fork::state::STATE_FORMAT;
 use crate::fork::store::{TemplateMeta, TemplateName, TemplateStore};
 use crate::fork::Template;
@@ -62,8 +62,8 @@ impl TemplateSpec {
 pub struct CreatedTemplate {
     pub template: Template,
     pub meta: TemplateMeta,
-    /// The warm-up's exit and output, if there was one.
-    pub warmup: Option<(ExitReport, Vec<u8>, Vec<u8>)>,
+    /// The warm-up's output, if there was one (it exited 0).
+    pub warmup: Option<WarmupOutput>,
     /// Start → agent ready.
     pub boot: Duration,
     /// Quiesce, stop, capture and seal.
@@ -74,12 +74,21 @@ pub struct CreatedTemplate {
 pub trait ImageResolver: FnOnce(Option<&ImageName>) -> anyhow::Result<ResolvedImage> {}
 impl<F: FnOnce(Option<&ImageName>) -> anyhow::Result<ResolvedImage>> ImageResolver for F {}
 
-/// Boots `spec.image` (found by `resolve`), runs the warm-up, captures and saves the
-/// template as `spec.name` (which must not exist).
+/// Where templates boot: in a `cleave-fork-worker --template` (`exe`), jailed as forks
+/// are when there is a `jail` ([`crate::fork::template_worker`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TemplateWorkers<'a> {
+    pub exe: &'a std::path::Path,
+    pub jail: Option<&'a Jail>,
+}
+
+/// Boots `spec.image` (found by `resolve`) in a template worker, runs the warm-up,
+/// captures and saves the template as `spec.name` (which must not exist).
 pub fn create(
     store: &TemplateStore,
     spec: &TemplateSpec,
     resolve: impl ImageResolver,
+    workers: TemplateWorkers<'_>,
 ) -> anyhow::Result<CreatedTemplate> {
     // Checked before anything is resolved or booted.
     if let Some(arg) = spec
@@ -105,11 +114,8 @@ pub fn create(
     let host = HostFingerprint::current()
         .map_err(|e| anyhow::anyhow!("reading this host's fingerprint: {e}"))?
         .clone();
-    let BootKit {
-        machine,
-        image,
-        kvm,
-    } = BootKit::check(spec.mem_mib, spec.vcpus, || Ok(image_spec))?;
+    let BootKit { machine, image, .. } =
+        BootKit::check(spec.mem_mib, spec.vcpus, || Ok(image_spec))?;
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(mode) = spec.test_reseed {
         let v = match mode {
@@ -129,8 +135,8 @@ pub fn create(
         warmup: (!spec.warmup.is_empty()).then(|| spec.warmup.clone()),
         boot_timeout: spec.boot_timeout,
     };
-    let frozen =
-        freeze(&kvm, &image, &opts).with_context(|| format!("creating template {}", spec.name))?;
+    let frozen = crate::fork::template_worker::create(workers.exe, workers.jail, &image, &opts)
+        .with_context(|| format!("creating template {}", spec.name))?;
     let meta = TemplateMeta {
         name: spec.name.clone(),
         created: unix_now(),
@@ -167,6 +173,7 @@ pub fn ensure(
     spec: &TemplateSpec,
     shape_given: (bool, bool),
     resolve: impl ImageResolver,
+    workers: TemplateWorkers<'_>,
 ) -> anyhow::Result<(Template, TemplateMeta, bool)> {
     if store.exists(&spec.name) {
         let (t, meta) = store.load(&spec.name)?;
@@ -196,7 +203,7 @@ pub fn ensure(
         }
         return Ok((t, meta, false));
     }
-    let created = create(store, spec, resolve)?;
+    let created = create(store, spec, resolve, workers)?;
     Ok((created.template, created.meta, true))
 }
 

@@ -11,6 +11,7 @@ use cleave_guest::protocol::{Client, ClientError, HelloReply};
 use kvm_ioctls::Kvm;
 
 use super::config::MachineConfig;
+use super::memory::GuestRam;
 use super::runtime_dir::{RuntimeDir, RuntimeDirError};
 use super::{boot_linux, BootDevices, RunningVm, VmmError};
 use crate::devices::serial::console::Console;
@@ -44,8 +45,34 @@ pub struct AgentVm {
     vm: Option<RunningVm>,
     console: Console,
     dir: RuntimeDir,
+    /// The vsock socket as this process reaches it.
+    vsock_path: PathBuf,
     hello: HelloReply,
     ready_after: Duration,
+}
+
+/// What a process prepares for a boot before it jails itself.
+pub struct Prepared {
+    /// The guest memory (`None`: a fresh memfd).
+    pub ram: Option<GuestRam>,
+    /// The runtime directory for the vsock socket.
+    pub dir: RuntimeDir,
+    /// The vsock socket's path as this process sees it (inside the jail, the directory is
+    /// `/`).
+    pub vsock_path: PathBuf,
+    /// The vCPU and event-loop threads' seccomp filters, if they are to have them.
+    pub filters: Option<std::sync::Arc<super::seccomp::Filters>>,
+}
+
+/// What to boot: the machine, the verified kernel and initramfs, the command line, and
+/// how long the agent has to answer.
+#[derive(Debug, Clone, Copy)]
+pub struct BootSpec<'a> {
+    pub machine: MachineConfig,
+    pub kernel: &'a [u8],
+    pub initrd: &'a [u8],
+    pub cmdline: &'a str,
+    pub timeout: Duration,
 }
 
 impl AgentVm {
@@ -60,25 +87,62 @@ impl AgentVm {
         net: NetBackend,
     ) -> Result<AgentVm, AgentVmError> {
         let dir = RuntimeDir::create()?;
+        let spec = BootSpec {
+            machine,
+            kernel: &image.kernel,
+            initrd: &image.initrd,
+            cmdline,
+            timeout,
+        };
+        let vsock = dir.vsock_path();
+        Self::boot_on(
+            kvm,
+            &spec,
+            Prepared {
+                ram: None,
+                dir,
+                vsock_path: vsock,
+                filters: None,
+            },
+            net,
+        )
+    }
+
+    /// [`boot`](Self::boot) with what a jailed process prepares before it jails itself
+    /// ([`Prepared`]).
+    pub fn boot_on(
+        kvm: &Kvm,
+        spec: &BootSpec<'_>,
+        prepared: Prepared,
+        net: NetBackend,
+    ) -> Result<AgentVm, AgentVmError> {
+        let Prepared {
+            ram,
+            dir,
+            vsock_path,
+            filters,
+        } = prepared;
         let vsock = VsockConfig {
             guest_cid: DEFAULT_GUEST_CID,
-            uds_path: dir.vsock_path(),
+            uds_path: vsock_path,
             // This process is the only client.
             peer_uid: Some(nix::unistd::geteuid().as_raw()),
         };
         let (console, writer) = Console::new(None, Some(READY_PREFIX));
         let start = Instant::now();
-        let deadline = start + timeout;
+        let deadline = start + spec.timeout;
         let vm = boot_linux(
             kvm,
-            machine,
-            &image.kernel,
-            &image.initrd,
-            cmdline,
+            spec.machine,
+            spec.kernel,
+            spec.initrd,
+            spec.cmdline,
             Box::new(writer),
             BootDevices {
                 vsock: Some(&vsock),
                 net: Some(net),
+                ram,
+                filters,
             },
         )?;
         // The readiness line comes after the agent listens; watch for an early end.
@@ -87,7 +151,7 @@ impl AgentVm {
                 return Err(AgentVmError::Ended { end });
             }
             if Instant::now() >= deadline {
-                return Err(AgentVmError::NotReady(timeout));
+                return Err(AgentVmError::NotReady(spec.timeout));
             }
         }
         let stream = hybrid::connect(&vsock.uds_path, AGENT_VSOCK_PORT, deadline)
@@ -102,6 +166,7 @@ impl AgentVm {
             vm: Some(vm),
             console,
             dir,
+            vsock_path: vsock.uds_path,
             hello,
             ready_after: start.elapsed(),
         })
@@ -124,7 +189,7 @@ impl AgentVm {
 
     /// The VM's hybrid-vsock socket.
     pub fn vsock_path(&self) -> PathBuf {
-        self.dir.vsock_path()
+        self.vsock_path.clone()
     }
 
     /// The VM's private runtime directory (an id for the run).

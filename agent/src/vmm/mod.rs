@@ -71,6 +71,8 @@ pub enum VmmError {
     Rng(#[from] RngError),
     #[error(transparent)]
     Mmio(#[from] MmioError),
+    #[error("the guest memory given has {ram} bytes; the machine has {machine}")]
+    RamSize { ram: u64, machine: u64 },
     #[error("wiring a virtio interrupt to IRQ {irq}: {source}")]
     VirtioIrq { irq: u32, source: std::io::Error },
     #[error("no room for another virtio device (IRQs 5..=23 are all in use)")]
@@ -198,8 +200,31 @@ impl Vm {
         irqchip: Irqchip,
         console: ConsoleOut,
     ) -> Result<Vm, VmmError> {
+        Self::create_on(
+            kvm,
+            machine,
+            GuestRam::create(machine.mem)?,
+            irqchip,
+            console,
+        )
+    }
+
+    /// [`create`](Self::create) with guest memory the caller made (e.g. before jailing
+    /// itself, where a file can no longer be sized); it must be `machine`'s size.
+    pub fn create_on(
+        kvm: &Kvm,
+        machine: MachineConfig,
+        ram: GuestRam,
+        irqchip: Irqchip,
+        console: ConsoleOut,
+    ) -> Result<Vm, VmmError> {
+        if ram.size() != machine.mem.bytes() {
+            return Err(VmmError::RamSize {
+                ram: ram.size(),
+                machine: machine.mem.bytes(),
+            });
+        }
         let fd = create_vm_fd(kvm)?;
-        let ram = GuestRam::create(machine.mem)?;
         ram.register(&fd)?;
         if irqchip == Irqchip::InKernel {
             create_irqchip(&fd)?;
@@ -551,6 +576,12 @@ pub struct BootDevices<'a> {
     pub vsock: Option<&'a VsockConfig>,
     /// A NIC on this backend.
     pub net: Option<NetBackend>,
+    /// The guest memory, when the caller made it ([`Vm::create_on`]); `None`: a fresh
+    /// memfd.
+    pub ram: Option<GuestRam>,
+    /// Each vCPU and the event loop confine themselves to their kind's filter as they
+    /// start ([`Vm::start_confined`]).
+    pub filters: Option<Arc<seccomp::Filters>>,
 }
 
 /// Loads and starts a Linux guest: the whole boot, top to bottom.
@@ -563,10 +594,19 @@ pub fn boot_linux(
     console: ConsoleOut,
     devices: BootDevices<'_>,
 ) -> Result<RunningVm, VmmError> {
-    let BootDevices { vsock, net } = devices;
+    let BootDevices {
+        vsock,
+        net,
+        ram,
+        filters,
+    } = devices;
     tracing::info!(mem = %machine.mem, vcpus = machine.vcpus.get(), "creating VM");
     let t = Instant::now();
-    let mut vm = Vm::create(kvm, machine, Irqchip::InKernel, console)?;
+    let ram = match ram {
+        Some(ram) => ram,
+        None => GuestRam::create(machine.mem)?,
+    };
+    let mut vm = Vm::create_on(kvm, machine, ram, Irqchip::InKernel, console)?;
     // The order is the guest's view (MMIO windows and IRQs): vsock, the NIC, entropy.
     if let Some(config) = vsock {
         vm.add_vsock(config)?;
@@ -582,7 +622,7 @@ pub fn boot_linux(
         load_ms = (t.elapsed() - created).as_secs_f64() * 1e3,
         "starting guest"
     );
-    vm.start()
+    vm.start_confined(filters)
 }
 
 /// A VM whose vCPUs are running.
