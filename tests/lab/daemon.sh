@@ -67,7 +67,7 @@ leftovers)
   alive=0; kill -0 "$me" 2>/dev/null && alive=1
   # Workers not started by the running daemon (all of them when it is not running).
   orphans=0; ours=0; zygotes=0
-  for p in $(ps -eo pid,ppid,comm | awk '$3=="cleave-fork-wor" || $3=="cleave-zygote" {print $1":"$2":"$3}'); do
+  for p in $(ps -eo pid,ppid,comm | awk '$3=="cleave-fork-wor" || $3=="cleave-zygote" || $3=="cleave-template" {print $1":"$2":"$3}'); do
     ppid=${p#*:}; ppid=${ppid%%:*}
     if [ "$alive" = 1 ] && [ "$ppid" = "$me" ]; then
       case "$p" in *:cleave-zygote) zygotes=$((zygotes + 1)) ;; *) ours=$((ours + 1)) ;; esac

@@ -26,6 +26,14 @@ const TIMERS: &str = "cat /sys/devices/system/clockevents/clockevent0/current_de
     a=$(cut -d' ' -f1 /proc/uptime); sleep 1; b=$(cut -d' ' -f1 /proc/uptime); \
     echo slept $a $b";
 
+/// Waits (up to 60 s) for the template worker `pgrep -x cleave-template` finds once it
+/// has confined itself (`Seccomp: 2`) and its vCPU thread runs; `$w` is its pid.
+const FIND_TEMPLATE_WORKER: &str = "w=; for i in $(seq 1 600); do     for p in $(pgrep -x cleave-template); do       grep -q '^Seccomp:.2' /proc/$p/status 2>/dev/null &&       grep -qx vcpu0 /proc/$p/task/*/comm 2>/dev/null && w=$p;     done; [ -n \"$w\" ] && break; sleep 0.1; done; echo found=${w:-none}";
+
+/// What a template worker is, from outside: credentials, filters, namespaces, cgroup,
+/// root, and each thread's filter count.
+const SHOW_TEMPLATE_WORKER: &str = "grep -E '^(Uid|CapEff|NoNewPrivs|Seccomp):' /proc/$w/status;     for ns in mnt pid net; do       [ \"$(readlink /proc/$w/ns/$ns)\" != \"$(readlink /proc/self/ns/$ns)\" ] && echo own-$ns;     done; sed 's/^/cgroup=/' /proc/$w/cgroup; ls -A /proc/$w/root | sed 's/^/root=/';     for t in /proc/$w/task/*; do       echo task=$(cat $t/comm):$(awk '/^Seccomp_filters/ {print $2}' $t/status);     done";
+
 /// How long `sleep 1` took by the guest's clock, from a [`TIMERS`] run.
 fn slept(r: &cleave_tests::Outcome) -> Option<f64> {
     r.output
@@ -117,6 +125,24 @@ fn forks_end_to_end() {
                  test -e $f && echo SEEN $f || echo CLEAN $f; done'"
             ),
         ),
+        // The template guest runs its warm-up in a worker jailed as a fork's is.
+        Scenario::new(
+            "template-jail",
+            format!(
+                "{cleave} template create --name jailed --mem 128 -- sleep 8 >/dev/null 2>&1 & \
+                 c=$!; {FIND_TEMPLATE_WORKER}; {SHOW_TEMPLATE_WORKER}; wait $c; echo create_rc=$?"
+            ),
+        ),
+        // A template worker killed mid-warm-up: the create fails saying so, nothing is
+        // saved, nothing is left (checked by no-leftovers).
+        Scenario::new(
+            "template-worker-killed",
+            format!(
+                "{cleave} template create --name killed --mem 128 -- sleep 60 & c=$!; \
+                 {FIND_TEMPLATE_WORKER}; kill -9 $w; wait $c; echo create_rc=$?; \
+                 {cleave} template ls | grep -c killed | sed 's/^/listed=/'"
+            ),
+        ),
     ];
     for mode in ["fail", "hang", "wrong-nonce"] {
         scenarios.push(Scenario::new(
@@ -155,7 +181,8 @@ fn forks_end_to_end() {
             "no-leftovers",
             format!(
                 "{env} ls -A1 {RUNTIME}/cleave; echo jail_leases=$(ls -A {RUNTIME}/cleave/jail | wc -l); \
-                 ps -eo comm | grep -cE '^cleave-(fork-wor|zygote)'; rm -rf {RUNTIME}"
+                 echo leaves=$(ls /sys/fs/cgroup/cleave 2>/dev/null | grep -c '^worker-'); \
+                 ps -eo comm | grep -cE '^cleave-(fork-wor|zygote|template)'; rm -rf {RUNTIME}"
             ),
         ),
         // The README's path: no template yet, `run --forks` makes the default one.
@@ -359,9 +386,73 @@ fn forks_end_to_end() {
     let lines: Vec<&str> = r.output.lines().map(str::trim).collect();
     f.check(
         r,
-        lines == ["jail", "templates", "jail_leases=0", "0"],
+        lines == ["jail", "templates", "jail_leases=0", "leaves=0", "0"],
         "only the template store (and the empty directory of worker uid leases) remains; no \
-         worker process is left",
+         worker process or cgroup leaf is left",
+    );
+
+    let r = by("template-jail");
+    let lines: Vec<&str> = r.output.lines().map(str::trim).collect();
+    let has = |l: &str| lines.contains(&l);
+    let field = |k: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    f.check(
+        r,
+        r.value("create_rc") == Some("0"),
+        "the template is created",
+    );
+    let uid = field("Uid:");
+    f.check(
+        r,
+        uid.len() == 4 && uid.iter().all(|u| *u == uid[0] && *u != "0"),
+        "the template worker runs as a uid of its own, not root",
+    );
+    f.check(
+        r,
+        field("CapEff:") == ["0000000000000000"]
+            && field("NoNewPrivs:") == ["1"]
+            && field("Seccomp:") == ["2"],
+        "no capabilities, no_new_privs, seccomp",
+    );
+    f.check(
+        r,
+        has("own-mnt") && has("own-pid") && has("own-net"),
+        "its own mount, PID and network namespaces",
+    );
+    f.check(
+        r,
+        lines
+            .iter()
+            .any(|l| l.starts_with("cgroup=0::/cleave/worker-")),
+        "its own cgroup leaf",
+    );
+    f.check(
+        r,
+        lines.iter().filter(|l| l.starts_with("root=")).count() == 1 && has("root=vsock.sock"),
+        "its root holds its vsock socket and nothing else",
+    );
+    f.check(
+        r,
+        has("task=vcpu0:2") && has("task=vm-events:2") && has("task=cleave-template:1"),
+        "the vCPU and event threads run under their own filters on top of the process filter",
+    );
+
+    let r = by("template-worker-killed");
+    f.check(
+        r,
+        r.value("create_rc") != Some("0") && r.value("listed") == Some("0"),
+        "a killed template worker fails the create and saves nothing",
+    );
+    f.check(
+        r,
+        r.output
+            .contains("the template worker ended before it answered: killed by signal 9"),
+        "and says how the worker ended",
     );
 
     let r = by("auto-default");

@@ -162,7 +162,7 @@ fn images_end_to_end() {
                 "for t in t-py t-pytar t-pydir; do {cleave} template rm $t; done; \
                  for i in py pytar pydir pyarch; do {cleave} image rm $i; done; \
                  {cleave} image ls; ls -A {RUNTIME}/images; \
-                 ps -eo comm | grep -cE '^cleave-(fork-wor|zygote)'; rm -rf {RUNTIME}"
+                 ps -eo comm | grep -cE '^cleave-(fork-wor|zygote|template)'; rm -rf {RUNTIME}"
             ),
         ),
     ]);

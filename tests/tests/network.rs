@@ -55,7 +55,7 @@ fn sandboxes_on_the_network() {
         "echo taps=$({node} ip -o link show type tun | wc -l); \
          echo sandbox_chains=$({node} nft list table inet cleave 2>/dev/null | grep -cE 'chain (fwd|in|to|nat)-'); \
          echo sandbox_sets=$({node} nft list table inet cleave 2>/dev/null | grep -c 'set pin'); \
-         echo workers=$(ps -eo comm | grep -cE '^cleave-(fork-wor|zygote)'); \
+         echo workers=$(ps -eo comm | grep -cE '^cleave-(fork-wor|zygote|template)'); \
          echo flows=$({node} conntrack -L 2>/dev/null | grep -c 'src=10[.]231[.]')"
     );
     let scenarios = vec![

@@ -35,7 +35,7 @@ use super::process::{set_comm, Birth, Process};
 use super::sealed::{template_seals, SealedMemory};
 use super::state::MachineState;
 use super::worker::{
-    claim, expect, readable_within, send, tell_failure, Kind, Worker, WorkerError,
+    claim, describe_end, expect, readable_within, send, tell_failure, Kind, Worker, WorkerError,
 };
 use super::Template;
 use crate::image::VerifiedImage;
@@ -140,10 +140,22 @@ pub fn create(
             after: within,
         });
     }
-    let frozen = receive_frozen(sock, opts.machine)?;
-    // It has answered and exits on its own; this reaps it and frees what it held.
-    worker.destroy()?;
-    Ok(frozen)
+    match receive_frozen(sock, opts.machine) {
+        Ok(frozen) => {
+            // It has answered and exits on its own; this reaps it and frees what it held.
+            worker.destroy()?;
+            Ok(frozen)
+        }
+        // Gone without a word (killed, or a crash): say how it ended.
+        Err(WorkerError::Closed(_)) => {
+            let status = worker.destroy()?;
+            Err(WorkerError::Ended {
+                what: "the template worker",
+                how: describe_end(&status).unwrap_or_else(|| "exited 0".into()),
+            })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// How long the node waits for the worker's answer: booting, the reseed before a warm-up

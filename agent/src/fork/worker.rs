@@ -130,6 +130,8 @@ pub enum WorkerError {
     Image(String),
     #[error(transparent)]
     Freeze(#[from] super::freeze::FreezeError),
+    #[error("{what} ended before it answered: {how}")]
+    Ended { what: &'static str, how: String },
     #[error("worker: no answer with {what} within {after:?}; it was stopped")]
     Deadline { what: &'static str, after: Duration },
 }
