@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use serde::{Deserialize, Serialize};
 
 use super::freeze::{freeze, FreezeOptions, Frozen, WarmupOutput, WARMUP_TIMEOUT};
@@ -35,7 +34,8 @@ use super::process::{set_comm, Birth, Process};
 use super::sealed::{template_seals, SealedMemory};
 use super::state::MachineState;
 use super::worker::{
-    claim, describe_end, expect, readable_within, send, tell_failure, Kind, Worker, WorkerError,
+    claim, describe_end, expect, readable_within, send, seqpacket_pair, tell_failure, Kind, Worker,
+    WorkerError,
 };
 use super::Template;
 use crate::image::VerifiedImage;
@@ -93,13 +93,7 @@ pub fn create(
         Some((lease, leaf)) => (Some(lease), leaf),
         None => (None, None),
     };
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(WorkerError::Socket)?;
+    let (ours, theirs) = seqpacket_pair()?;
     let ids = lease.as_ref().map(|l| l.ids().arg());
     let mut args = vec![TEMPLATE_FLAG];
     if let Some(ids) = &ids {
@@ -358,28 +352,17 @@ fn micros(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::{tiny, Irqchip, Vm};
+    use crate::vmm::tiny;
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap()
+        seqpacket_pair().unwrap()
     }
 
     /// A real captured machine: the tiny guest, run for a moment.
     fn tiny_template() -> Template {
         let kvm = vmm::open_kvm().expect("this test needs /dev/kvm");
         let machine = MachineConfig::new(32, 1).unwrap();
-        let vm = Vm::create(&kvm, machine, Irqchip::InKernel, Box::new(std::io::sink())).unwrap();
-        tiny::load(vm.ram().memory(), tiny::Ending::Count).unwrap();
-        vm.vcpus()[0]
-            .configure_cpu(vm.supported_cpuid(), 1)
-            .unwrap();
-        tiny::setup_vcpu(&vm.vcpus()[0]).unwrap();
+        let vm = tiny::vm(&kvm, machine, tiny::Ending::Count).unwrap();
         let running = vm.start().unwrap();
         std::thread::sleep(Duration::from_millis(10));
         let (_, vm) = running.stop_and_keep();

@@ -192,6 +192,18 @@ pub(super) fn send(
     Ok(())
 }
 
+/// A connected `SOCK_SEQPACKET` pair (close-on-exec): the parent's end and the one a
+/// worker gets.
+pub(super) fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), WorkerError> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(WorkerError::Socket)
+}
+
 /// Largest packet other than a template (requests, reports, errors).
 pub(super) const MAX_SMALL_MESSAGE: usize = 64 << 10;
 
@@ -388,13 +400,7 @@ impl Worker {
         jail: Option<JailLease>,
         cgroup: Option<CgroupLeaf>,
     ) -> Result<Worker, WorkerError> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(WorkerError::Socket)?;
+        let (ours, theirs) = seqpacket_pair()?;
         // Jailed, it is born in its own PID namespace (PID 1 there, alone) and its cgroup.
         let ids = jail.as_ref().map(|j| j.ids().arg());
         let args: Vec<&str> = match &ids {
@@ -903,13 +909,7 @@ mod tests {
     use super::*;
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap()
+        seqpacket_pair().unwrap()
     }
 
     #[test]

@@ -33,13 +33,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use serde::{Deserialize, Serialize};
 
 use super::jail::{Jail, JailIds};
 use super::process::{self, set_comm, Birth, Cloned, Process};
 use super::worker::{
-    self, claim, expect, recv, send, Encoded, Kind, Worker, WorkerError, MAX_FDS, MAX_SMALL_MESSAGE,
+    self, claim, expect, recv, send, seqpacket_pair, Encoded, Kind, Worker, WorkerError, MAX_FDS,
+    MAX_SMALL_MESSAGE,
 };
 use super::Template;
 use crate::sync::lock;
@@ -85,7 +85,7 @@ impl Zygote {
     /// Starts `exe` (the `cleave-fork-worker` binary) as a zygote for `template` and
     /// waits until it holds it.
     pub fn start(exe: &Path, template: &Encoded) -> Result<Zygote, WorkerError> {
-        let (ours, theirs) = pair()?;
+        let (ours, theirs) = seqpacket_pair()?;
         let plain = Birth {
             new_pid_namespace: false,
             cgroup: None,
@@ -125,7 +125,7 @@ impl Zygote {
     /// cgroups), jailed before it builds anything.
     pub fn spawn(&self, jail: Option<&Jail>) -> Result<Worker, WorkerError> {
         let claimed = claim(jail, self.guest_bytes)?;
-        let (ours, theirs) = pair()?;
+        let (ours, theirs) = seqpacket_pair()?;
         let (lease, leaf) = match claimed {
             Some((lease, leaf)) => (Some(lease), leaf),
             None => (None, None),
@@ -179,16 +179,6 @@ impl Zygote {
         worker.await_shell()?;
         Ok(worker)
     }
-}
-
-fn pair() -> Result<(OwnedFd, OwnedFd), WorkerError> {
-    socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(WorkerError::Socket)
 }
 
 /// The zygote's side, run by `cleave-fork-worker --zygote` with the node's socket as

@@ -71,6 +71,14 @@ fn is_executable(path: &Path) -> bool {
 /// the script to run and the nonce its markers carry. `mitigations=off`: the
 /// rig is a throwaway test machine, and under emulation the speculation
 /// mitigations cost a measurable share of its boot (≈15%).
+///
+/// `nohz=off highres=off`: the rig's kernel ticks on a periodic LAPIC timer,
+/// which QEMU re-arms by itself, instead of one-shot timers it re-arms from
+/// each interrupt. Under nested-guest load the rig has been seen to lose one
+/// such interrupt and never wake again (QEMU idle, its main loop's next
+/// deadline hours away, while the rig had 5 s timers pending: docs/TESTING.md).
+/// Nested guests' timers are unaffected in kind (KVM's hrtimers just expire
+/// at tick granularity).
 pub fn kernel_cmdline(script: &Path, nonce: &str, keep: &[PathBuf]) -> Result<String, RigError> {
     let script = script.to_str().filter(|s| {
         // The kernel splits its command line at whitespace and treats quotes.
@@ -84,7 +92,8 @@ pub fn kernel_cmdline(script: &Path, nonce: &str, keep: &[PathBuf]) -> Result<St
         ));
     };
     let mut line = format!(
-        "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off cleave.rig_nonce={nonce} cleave.rig_cmd={script}"
+        "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off nohz=off highres=off \
+         cleave.rig_nonce={nonce} cleave.rig_cmd={script}"
     );
     if !keep.is_empty() {
         let mut list = Vec::new();

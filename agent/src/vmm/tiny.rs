@@ -101,6 +101,25 @@ pub fn program(ending: Ending) -> Vec<u8> {
     code
 }
 
+/// A one-vCPU VM of `machine`'s shape (in-kernel irqchip, console discarded) with the
+/// tiny guest loaded, ending as `ending`, and its first vCPU set up to run it.
+pub fn vm(
+    kvm: &kvm_ioctls::Kvm,
+    machine: super::config::MachineConfig,
+    ending: Ending,
+) -> Result<super::Vm, super::VmmError> {
+    let vm = super::Vm::create(
+        kvm,
+        machine,
+        super::Irqchip::InKernel,
+        Box::new(std::io::sink()),
+    )?;
+    load(vm.ram().memory(), ending)?;
+    vm.vcpus()[0].configure_cpu(vm.supported_cpuid(), 1)?;
+    setup_vcpu(&vm.vcpus()[0])?;
+    Ok(vm)
+}
+
 /// Writes the page tables, GDT and code into guest memory.
 pub fn load(mem: &GuestMemoryMmap, ending: Ending) -> Result<(), VcpuError> {
     let err = |e: vm_memory::GuestMemoryError| VcpuError::GuestMemory(e.to_string());

@@ -6,7 +6,7 @@ use std::time::Duration;
 use cleave_agent::devices::GuestEnd;
 use cleave_agent::fork::{self, Template};
 use cleave_agent::vmm::config::MachineConfig;
-use cleave_agent::vmm::{self, tiny, Irqchip, Vm};
+use cleave_agent::vmm::{self, tiny};
 
 /// Guest memory of [`capture`]'s template.
 pub const MEM_MIB: u64 = 32;
@@ -14,18 +14,12 @@ pub const MEM_MIB: u64 = 32;
 /// A 32 MiB, one-vCPU template of the tiny guest counting.
 pub fn capture() -> Template {
     let kvm = vmm::open_kvm().expect("these tests need /dev/kvm");
-    let vm = Vm::create(
+    let vm = tiny::vm(
         &kvm,
         MachineConfig::new(MEM_MIB, 1).unwrap(),
-        Irqchip::InKernel,
-        Box::new(std::io::sink()),
+        tiny::Ending::Count,
     )
     .unwrap();
-    tiny::load(vm.ram().memory(), tiny::Ending::Count).unwrap();
-    vm.vcpus()[0]
-        .configure_cpu(vm.supported_cpuid(), 1)
-        .unwrap();
-    tiny::setup_vcpu(&vm.vcpus()[0]).unwrap();
     let running = vm.start().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     let (end, vm) = running.stop_and_keep();
