@@ -63,7 +63,7 @@ pub struct VcpuState {
 }
 
 /// The LAPIC's LVT timer register (offset in the register page) and its timer-mode field.
-const APIC_LVTT: usize = 0x320;
+pub(crate) const APIC_LVTT: usize = 0x320;
 const LVTT_MODE: u32 = 0b11 << 17;
 const LVTT_MODE_TSC_DEADLINE: u32 = 0b10 << 17;
 

@@ -187,6 +187,12 @@ fn receive_frozen(sock: &OwnedFd, asked: MachineConfig) -> Result<Frozen, Worker
     let report: FrozenReport =
         serde_json::from_slice(&msg.body).map_err(|e| protocol(e.to_string()))?;
     report.state.validate().map_err(WorkerError::BadState)?;
+    // The worker refuses such a template itself; a worker a guest escaped into may not.
+    if let Some(why) = report.state.pit_clock_reason() {
+        return Err(WorkerError::Freeze(super::freeze::FreezeError::PitClock(
+            why,
+        )));
+    }
     if report.state.machine != asked {
         return Err(protocol(format!(
             "a {:?} machine, not the {asked:?} asked for",
@@ -369,6 +375,17 @@ mod tests {
         super::super::capture(&kvm, vm).unwrap()
     }
 
+    /// `t`'s state as a Linux template's would be: its vCPUs' LAPIC timers in
+    /// TSC-deadline mode (the tiny guest never arms its own).
+    fn ticking_on_tsc_deadline(t: &Template) -> MachineState {
+        let mut state = t.state().clone();
+        for v in &mut state.vcpus {
+            let lvtt = 0x0005_00ecu32.to_le_bytes().map(|b| b as _);
+            v.lapic.regs[crate::fork::state::APIC_LVTT..][..4].copy_from_slice(&lvtt);
+        }
+        state
+    }
+
     /// Sends `state` with `fds` as a worker's `frozen` answer and checks it as the node.
     fn answer(
         state: &MachineState,
@@ -393,34 +410,38 @@ mod tests {
         let t = tiny_template();
         let asked = t.state().machine;
         let sealed = t.memory().file().as_fd();
+        // A guest that would tick on the PIT in its forks (the worker should have refused).
+        let e = answer(t.state(), None, &[sealed], asked).unwrap_err();
+        assert!(e.to_string().contains("TSC-deadline"), "{e}");
+        let state = ticking_on_tsc_deadline(&t);
         let out = Some((hex::encode("warm"), hex::encode("")));
-        let got = answer(t.state(), out, &[sealed], asked).unwrap();
+        let got = answer(&state, out, &[sealed], asked).unwrap();
         assert_eq!(got.template.state().machine, asked);
         assert_eq!(got.warmup.unwrap().stdout, b"warm");
         assert_eq!(got.capture, Duration::from_micros(2));
 
         // A worker that kept its memory writable (or never sealed it) is refused.
         let unsealed = GuestRam::create(asked.mem).unwrap();
-        let e = answer(t.state(), None, &[unsealed.file().as_fd()], asked).unwrap_err();
+        let e = answer(&state, None, &[unsealed.file().as_fd()], asked).unwrap_err();
         assert!(e.to_string().contains("not sealed"), "{e}");
         // Memory of another size than its state says.
         let small = sealed_copy(c"small", b"tiny").unwrap();
-        let e = answer(t.state(), None, &[small.as_fd()], asked).unwrap_err();
+        let e = answer(&state, None, &[small.as_fd()], asked).unwrap_err();
         assert!(e.to_string().contains("bytes, expected"), "{e}");
         // Another machine than the one asked for.
         let other = MachineConfig::new(64, 1).unwrap();
-        let e = answer(t.state(), None, &[sealed], other).unwrap_err();
+        let e = answer(&state, None, &[sealed], other).unwrap_err();
         assert!(e.to_string().contains("not the"), "{e}");
         // A state that does not hold together (a vCPU missing).
-        let mut broken = t.state().clone();
+        let mut broken = state.clone();
         broken.vcpus.clear();
         let e = answer(&broken, None, &[sealed], asked).unwrap_err();
         assert!(matches!(e, WorkerError::BadState(_)), "{e}");
         // No memory at all; output that is not hex.
-        let e = answer(t.state(), None, &[], asked).unwrap_err();
+        let e = answer(&state, None, &[], asked).unwrap_err();
         assert!(e.to_string().contains("0 fds, expected the memfd"), "{e}");
         let bad = Some(("zz".to_string(), String::new()));
-        let e = answer(t.state(), bad, &[sealed], asked).unwrap_err();
+        let e = answer(&state, bad, &[sealed], asked).unwrap_err();
         assert!(e.to_string().contains("warm-up stdout"), "{e}");
     }
 

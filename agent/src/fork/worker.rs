@@ -293,9 +293,7 @@ pub(super) fn expect(
     };
     let msg = recv(sock, max, max_fds, what)?.ok_or(WorkerError::Closed(what))?;
     if msg.kind == Kind::Failed {
-        return Err(WorkerError::Remote(
-            String::from_utf8_lossy(&msg.body).into_owned(),
-        ));
+        return Err(WorkerError::Remote(remote_text(&msg.body)));
     }
     if msg.kind != kind {
         return Err(WorkerError::Protocol {
@@ -680,20 +678,35 @@ pub(super) fn tell_failure(sock: &OwnedFd, result: &Result<(), WorkerError>) {
     }
 }
 
-/// An error's text cut to what a `failed` packet carries (an error may quote guest
-/// output).
+/// Longest error text a worker sends or the node takes from one (an error may quote
+/// guest output, and a worker a guest escaped into may say anything).
+const MAX_ERROR_TEXT: usize = 8 << 10;
+
+/// An error's text as a `failed` packet carries it.
 fn failure_text(e: &WorkerError) -> String {
-    let mut text = e.to_string();
-    let max = MAX_SMALL_MESSAGE - 64;
-    if text.len() > max {
-        let mut cut = max;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str(" [cut]");
+    bounded_text(&e.to_string())
+}
+
+/// A worker's `failed` text as the node keeps and logs it: bounded, control characters
+/// (but newlines) shown as `?`.
+fn remote_text(body: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(body)
+        .chars()
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .collect();
+    bounded_text(&text)
+}
+
+/// `text` cut at [`MAX_ERROR_TEXT`] bytes (on a character boundary), marked when cut.
+fn bounded_text(text: &str) -> String {
+    if text.len() <= MAX_ERROR_TEXT {
+        return text.to_owned();
     }
-    text
+    let mut cut = MAX_ERROR_TEXT;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{} [cut]", &text[..cut])
 }
 
 /// Waits until `sock` has something to read (a packet, or the peer's close), up to
@@ -923,6 +936,23 @@ mod tests {
         assert_eq!(msg.fds.len(), 1);
         drop(a);
         assert!(recv(&b, MAX_SMALL_MESSAGE, 1, "go").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_workers_error_text_is_bounded_and_shows_no_control_characters() {
+        let (node, worker) = pair();
+        let mut body = b"bad\x1b[31m\r\nline two ".to_vec();
+        body.extend(std::iter::repeat_n(b'x', 3 * MAX_ERROR_TEXT));
+        send(&worker, Kind::Failed, &body, &[], "test").unwrap();
+        let Err(WorkerError::Remote(text)) = expect(&node, Kind::Ready, "test") else {
+            panic!("a failed packet is a remote error");
+        };
+        assert!(text.starts_with("bad?[31m?\nline two xxx"), "{text:?}");
+        assert!(text.ends_with("x [cut]") && text.len() <= MAX_ERROR_TEXT + 6);
+        assert_eq!(
+            bounded_text("é".repeat(MAX_ERROR_TEXT).as_str()).len(),
+            MAX_ERROR_TEXT + 6
+        );
     }
 
     #[test]
