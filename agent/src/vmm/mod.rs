@@ -12,6 +12,7 @@ pub mod mmio;
 pub mod mptable;
 pub mod runtime_dir;
 pub mod seccomp;
+#[cfg(any(test, feature = "testutil"))]
 pub mod tiny;
 pub mod vcpu;
 
@@ -151,6 +152,8 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Irqchip {
     InKernel,
+    /// For those tests only (`testutil`).
+    #[cfg(any(test, feature = "testutil"))]
     None,
 }
 

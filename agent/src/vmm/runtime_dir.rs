@@ -47,8 +47,7 @@ impl RuntimeDir {
         };
         // Sockets go here: a base someone else can write is refused.
         crate::host::paths::private_dir(base)?;
-        let mut random = [0u8; 8];
-        getrandom(&mut random);
+        let random = unique_suffix();
         let path = base.join(format!(
             "vm-{}-{}",
             crate::host::node_pid(),
@@ -98,16 +97,15 @@ impl Drop for RuntimeDir {
     }
 }
 
-fn getrandom(buf: &mut [u8]) {
-    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`, which we own.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n != buf.len() as isize {
+/// 8 bytes to tell this VM's directory from others of the same process.
+fn unique_suffix() -> [u8; 8] {
+    crate::host::entropy::array().unwrap_or_else(|_| {
         // Uniqueness, not secrecy: the pid and the time still tell VMs apart.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        buf.copy_from_slice(&t.to_le_bytes()[..buf.len().min(8)]);
-    }
+        t.to_le_bytes()
+    })
 }
 
 #[cfg(test)]
