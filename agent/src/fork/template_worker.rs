@@ -291,6 +291,7 @@ fn boot_and_capture(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerE
         &kvm,
         &spec,
         prepared,
+        // Templates always carry the NIC, unplugged: each fork gets its own tap.
         crate::devices::virtio::net::NetBackend::Disconnected,
     )
     .map_err(|e| WorkerError::Freeze(e.into()))?;
