@@ -210,6 +210,7 @@ fn main() -> anyhow::Result<()> {
         state_dir: None,
         worker_exe: Some(target_dir.join("cleave-fork-worker")),
         jail: cleave_agent::fork::jail::Jail::best_effort(),
+        worker_start: Default::default(),
     })?;
     // The template first (the daemon then loads the same one).
     let spec = TemplateSpec::new(TemplateName::default_name());

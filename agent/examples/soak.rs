@@ -174,6 +174,7 @@ fn main() -> Result<()> {
         } else {
             Jail::best_effort()
         },
+        worker_start: Default::default(),
     })?;
     let spec = TemplateSpec::new(TemplateName::default_name());
     node.ensure_template(&spec, (false, false), resolve_image)?;

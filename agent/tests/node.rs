@@ -12,7 +12,7 @@ use cleave_agent::fork::state::STATE_FORMAT;
 use cleave_agent::fork::store::{TemplateMeta, TemplateName, TemplateStore};
 use cleave_agent::host::fingerprint::HostFingerprint;
 use cleave_agent::net::EgressPolicy;
-use cleave_agent::node::{Node, NodeError, NodeLimits, NodeOptions, SandboxRequest};
+use cleave_agent::node::{Node, NodeError, NodeLimits, NodeOptions, SandboxRequest, WorkerStart};
 
 mod proc_status;
 use proc_status::status_field;
@@ -47,6 +47,7 @@ fn node(store: TemplateStore, limits: NodeLimits) -> std::sync::Arc<Node> {
         state_dir: None,
         worker_exe: Some(env!("CARGO_BIN_EXE_cleave-fork-worker").into()),
         jail: None,
+        worker_start: Default::default(),
     })
     .unwrap()
 }
@@ -282,7 +283,13 @@ fn the_warm_pool_starts_a_new_zygote_when_its_zygote_dies_and_drain_ends_it() {
     tiny_template(&store, "tiny");
     let (template, _) = store.load(&"tiny".parse().unwrap()).unwrap();
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_cleave-fork-worker"));
-    let pool = WarmPool::new(exe, Encoded::new(&template).unwrap(), None, 2);
+    let pool = WarmPool::new(
+        exe,
+        Encoded::new(&template).unwrap(),
+        None,
+        2,
+        WorkerStart::Zygote,
+    );
     assert_eq!(pool.refill(None).unwrap(), 2);
     let first = children_named("cleave-zygote");
     assert_eq!(first.len(), 1, "one zygote per pool: {first:?}");
@@ -304,4 +311,41 @@ fn the_warm_pool_starts_a_new_zygote_when_its_zygote_dies_and_drain_ends_it() {
         children_named("cleave-zygote").is_empty(),
         "drain left the zygote"
     );
+}
+
+#[test]
+fn a_pool_set_to_exec_starts_every_worker_afresh_and_no_zygote() {
+    use cleave_agent::fork::worker::Encoded;
+    use cleave_agent::node::warm::WarmPool;
+
+    let _one = one_zygote_test_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let store = TemplateStore::at(dir.path().join("templates"));
+    tiny_template(&store, "tiny");
+    let (template, _) = store.load(&"tiny".parse().unwrap()).unwrap();
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_cleave-fork-worker"));
+    let pool = WarmPool::new(
+        exe,
+        Encoded::new(&template).unwrap(),
+        None,
+        2,
+        WorkerStart::Exec,
+    );
+    assert_eq!(pool.refill(None).unwrap(), 2);
+    let extra = pool.take(None).unwrap();
+    let extra2 = pool.take(None).unwrap();
+    let extra3 = pool.take(None).unwrap();
+    assert!(
+        children_named("cleave-zygote").is_empty(),
+        "a zygote was started"
+    );
+    let workers = children_named("cleave-fork-wor");
+    for w in [&extra, &extra2, &extra3] {
+        assert!(workers.contains(&w.pid()), "{} is not our worker", w.pid());
+        // Exec'd: its command line is the worker binary's own, not a zygote's.
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", w.pid())).unwrap();
+        assert!(!String::from_utf8_lossy(&cmdline).contains("--zygote"));
+    }
+    drop((extra, extra2, extra3));
+    pool.drain(None);
 }

@@ -27,7 +27,7 @@ use crate::image::store::ImageName;
 use crate::net::EgressPolicy;
 use crate::node::boot::resolve_image;
 use crate::node::templates::{self, TemplateSpec, TemplateWorkers};
-use crate::node::{ForkOutcome, Node, NodeLimits, NodeOptions, SandboxRequest};
+use crate::node::{ForkOutcome, Node, NodeLimits, NodeOptions, SandboxRequest, WorkerStart};
 
 /// What `run --forks` needs.
 pub struct ForksRequest {
@@ -89,6 +89,7 @@ pub fn run(req: ForksRequest) -> anyhow::Result<ExitCode> {
         state_dir: None,
         worker_exe: Some(exe),
         jail,
+        worker_start: WorkerStart::default(),
     })?;
     node.load_template(template, meta)?;
     let outcomes = node.create_sandboxes(&SandboxRequest {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::fork::jail::CgroupSettings;
-use crate::node::NodeLimits;
+use crate::node::{NodeLimits, WorkerStart};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -48,6 +48,10 @@ pub struct DaemonConfig {
     pub worker_pids_max: u32,
     /// `cpu.max` of each worker's leaf: "max", or "QUOTA PERIOD" in microseconds.
     pub worker_cpu_max: String,
+    /// How fork workers start: "zygote" (forked from the template's zygote, the fast
+    /// path; siblings share its address-space layout) or "exec" (each exec'd afresh:
+    /// ~1.5× the CPU per fork, every worker's layout randomised on its own).
+    pub worker_start: WorkerStart,
     pub network: Option<NetworkConfig>,
     pub tls: Option<TlsConfig>,
 }
@@ -101,6 +105,7 @@ impl Default for DaemonConfig {
             worker_cgroup_parent: crate::host::cgroup::DEFAULT_PARENT.into(),
             worker_pids_max: crate::fork::jail::DEFAULT_PIDS_MAX,
             worker_cpu_max: "max".into(),
+            worker_start: WorkerStart::Zygote,
             network: None,
             tls: None,
         }
@@ -271,6 +276,13 @@ mod tests {
     }
 
     #[test]
+    fn workers_start_from_the_zygote_unless_exec_is_asked_for() {
+        assert_eq!(DaemonConfig::default().worker_start, WorkerStart::Zygote);
+        let c = DaemonConfig::parse("worker_start = \"exec\"").unwrap();
+        assert_eq!(c.worker_start, WorkerStart::Exec);
+    }
+
+    #[test]
     fn cpu_max_is_read_as_the_kernel_takes_it() {
         assert_eq!(parse_cpu_max("max"), Ok(None));
         assert_eq!(parse_cpu_max("50000 100000"), Ok(Some((50_000, 100_000))));
@@ -307,6 +319,10 @@ mod tests {
             ("worker_cpu_max = \"10 100000\"", "worker_cpu_max"),
             ("worker_pids_max = 2", "worker_pids_max"),
             ("worker_cgroup_parent = \"/tmp/x\"", "under /sys/fs/cgroup/"),
+            (
+                "worker_start = \"fork\"",
+                "unknown variant `fork`, expected `zygote` or `exec`",
+            ),
         ];
         for (text, want) in cases {
             let e = DaemonConfig::parse(text).unwrap_err();

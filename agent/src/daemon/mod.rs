@@ -85,6 +85,7 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             config.cgroup_settings().as_ref(),
         )
         .context("preparing the worker cgroups")?,
+        worker_start: config.worker_start,
     })?;
     let r = node.reconciled();
     tracing::info!(

@@ -30,6 +30,7 @@ use self::credential::{Credential, SandboxId, Token};
 use self::journal::{Journal, JournalError, Reconciled};
 use self::templates::{unix_now, CreatedTemplate, ImageResolver, TemplateSpec, TemplateWorkers};
 use self::warm::WarmPool;
+pub use self::warm::WorkerStart;
 use crate::fork::jail::Jail;
 use crate::fork::sandbox::{worker_exe, ForkError, Sandbox};
 use crate::fork::store::{StoreError, TemplateMeta, TemplateName, TemplateStore};
@@ -83,6 +84,8 @@ pub struct NodeOptions {
     /// unjailed, as this process's uid (tests and benchmarks of the unjailed path, or a
     /// node not running as root). Seccomp and the parent's fd hygiene apply either way.
     pub jail: Option<Jail>,
+    /// How workers start: from the template's zygote (the default) or each exec'd.
+    pub worker_start: WorkerStart,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -407,6 +410,7 @@ impl Node {
                 encoded,
                 self.options.jail.clone(),
                 self.options.warm_workers,
+                self.options.worker_start,
             ),
             meta,
         });
