@@ -176,16 +176,38 @@ fn sealed_copy(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd, WorkerErr
 /// Reads the worker's `frozen` answer and checks it as untrusted input.
 fn receive_frozen(sock: &OwnedFd, asked: MachineConfig) -> Result<Frozen, WorkerError> {
     let msg = expect(sock, Kind::Frozen, "the captured template")?;
-    let protocol = |why: String| WorkerError::Protocol {
-        what: "the captured template",
-        why,
-    };
-    let [memfd]: [OwnedFd; 1] = msg
-        .fds
-        .try_into()
-        .map_err(|fds: Vec<OwnedFd>| protocol(format!("{} fds, expected the memfd", fds.len())))?;
+    let [memfd]: [OwnedFd; 1] = msg.fds.try_into().map_err(|fds: Vec<OwnedFd>| {
+        answer_error(format!("{} fds, expected the memfd", fds.len()))
+    })?;
+    let answer = decode_answer(&msg.body, asked)?;
+    let memory = SealedMemory::from_sealed(
+        Arc::new(File::from(memfd)),
+        answer.state.machine.mem.bytes(),
+    )?;
+    Ok(Frozen {
+        template: Template::new(memory, answer.state),
+        warmup: answer.warmup,
+        boot: answer.boot,
+        capture: answer.capture,
+    })
+}
+
+/// The body of a template worker's `frozen` answer, checked.
+#[derive(Debug)]
+pub struct Answer {
+    pub state: MachineState,
+    pub warmup: Option<WarmupOutput>,
+    pub boot: Duration,
+    pub capture: Duration,
+}
+
+/// Decodes and checks the body of a `frozen` answer for a machine of shape `asked`: the
+/// state validated as a stored template's is, its vCPUs' timers on TSC-deadline, the
+/// machine the one asked for, the warm-up output hex. A worker a guest escaped into can
+/// send anything here (fuzzed: `tests/fuzz` target `template_state`).
+pub fn decode_answer(body: &[u8], asked: MachineConfig) -> Result<Answer, WorkerError> {
     let report: FrozenReport =
-        serde_json::from_slice(&msg.body).map_err(|e| protocol(e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| answer_error(e.to_string()))?;
     report.state.validate().map_err(WorkerError::BadState)?;
     // The worker refuses such a template itself; a worker a guest escaped into may not.
     if let Some(why) = report.state.pit_clock_reason() {
@@ -194,30 +216,34 @@ fn receive_frozen(sock: &OwnedFd, asked: MachineConfig) -> Result<Frozen, Worker
         )));
     }
     if report.state.machine != asked {
-        return Err(protocol(format!(
+        return Err(answer_error(format!(
             "a {:?} machine, not the {asked:?} asked for",
             report.state.machine
         )));
     }
-    let memory = SealedMemory::from_sealed(
-        Arc::new(File::from(memfd)),
-        report.state.machine.mem.bytes(),
-    )?;
-    let warmup = report
-        .warmup
-        .map(|(out, err)| {
-            Ok::<_, WorkerError>(WarmupOutput {
-                stdout: hex::decode(out).map_err(|e| protocol(format!("warm-up stdout: {e}")))?,
-                stderr: hex::decode(err).map_err(|e| protocol(format!("warm-up stderr: {e}")))?,
-            })
-        })
-        .transpose()?;
-    Ok(Frozen {
-        template: Template::new(memory, report.state),
+    let unhex = |text: String, stream: &str| {
+        hex::decode(text).map_err(|e| answer_error(format!("warm-up {stream}: {e}")))
+    };
+    let warmup = match report.warmup {
+        Some((out, err)) => Some(WarmupOutput {
+            stdout: unhex(out, "stdout")?,
+            stderr: unhex(err, "stderr")?,
+        }),
+        None => None,
+    };
+    Ok(Answer {
+        state: report.state,
         warmup,
         boot: Duration::from_micros(report.boot_us),
         capture: Duration::from_micros(report.capture_us),
     })
+}
+
+fn answer_error(why: String) -> WorkerError {
+    WorkerError::Protocol {
+        what: "the captured template",
+        why,
+    }
 }
 
 /// The worker's side, run by `cleave-fork-worker --template [--jail UID:GID]` with the
@@ -481,6 +507,17 @@ mod tests {
         );
         let text = worker_answer(b"{", &fds);
         assert!(text.contains("malformed message"), "{text}");
+    }
+
+    #[test]
+    fn the_fuzz_seed_answer_is_one_the_node_takes() {
+        let seed =
+            include_bytes!("../../../tests/fuzz/seeds/template_state/answer-tiny-2vcpu.json");
+        let asked = MachineConfig::new(32, 2).unwrap();
+        let answer = decode_answer(seed, asked).unwrap();
+        assert_eq!(answer.warmup.unwrap().stdout, b"warm\n");
+        let other = MachineConfig::new(32, 1).unwrap();
+        assert!(decode_answer(seed, other).is_err());
     }
 
     #[test]
