@@ -55,6 +55,8 @@ struct Sample {
     rss_kib: u64,
     avail_mib: u64,
     workers: usize,
+    /// Zygotes and template workers (one zygote per loaded template while the pool runs).
+    others: usize,
     runtime_dirs: usize,
     cgroups: usize,
     taps: usize,
@@ -67,21 +69,23 @@ fn sample() -> Sample {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    let workers = std::fs::read_dir("/proc")
+    let comms: Vec<String> = std::fs::read_dir("/proc")
         .map(|d| {
             d.flatten()
-                .filter(|e| {
-                    std::fs::read_to_string(e.path().join("comm"))
-                        .is_ok_and(|c| c.trim() == "cleave-fork-wor")
-                })
-                .count()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect()
         })
-        .unwrap_or(0);
+        .unwrap_or_default();
+    let named = |names: &[&str]| comms.iter().filter(|c| names.contains(&c.as_str())).count();
+    let workers = named(&["cleave-fork-wor"]);
+    let others = named(&["cleave-zygote", "cleave-template"]);
     Sample {
         fds: count_dir(Path::new("/proc/self/fd"), |_| true),
         rss_kib,
         avail_mib: memory::available_kib().unwrap_or(0) >> 10,
         workers,
+        others,
         runtime_dirs: count_dir(&RuntimeDir::base(), |n| n.starts_with("vm-")),
         cgroups: count_dir(Path::new("/sys/fs/cgroup/cleave"), |n| {
             n.starts_with("worker-")
@@ -97,8 +101,8 @@ fn sample() -> Sample {
 
 fn row(cycles: u64, s: &Sample) {
     println!(
-        "| {cycles} | {} | {} | {} | {} | {} | {} | {} |",
-        s.fds, s.rss_kib, s.avail_mib, s.workers, s.runtime_dirs, s.cgroups, s.taps
+        "| {cycles} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        s.fds, s.rss_kib, s.avail_mib, s.workers, s.others, s.runtime_dirs, s.cgroups, s.taps
     );
 }
 
@@ -183,9 +187,10 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "| cycles | fds | RSS KiB | MemAvailable MiB | workers | runtime dirs | cgroups | taps |"
+        "| cycles | fds | RSS KiB | MemAvailable MiB | workers | zygotes + template workers | \
+         runtime dirs | cgroups | taps |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     row(0, &sample());
     let done = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
@@ -335,9 +340,10 @@ fn main() -> Result<()> {
     println!("After every sandbox and the warm pools are gone:");
     println!();
     println!(
-        "| cycles | fds | RSS KiB | MemAvailable MiB | workers | runtime dirs | cgroups | taps |"
+        "| cycles | fds | RSS KiB | MemAvailable MiB | workers | zygotes + template workers | \
+         runtime dirs | cgroups | taps |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     row(cycles, &sample());
     Ok(())
 }
