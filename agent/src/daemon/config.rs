@@ -273,6 +273,7 @@ mod tests {
             .collect();
         let c = DaemonConfig::parse(&body).unwrap();
         assert_eq!(c.allowed_uids, [0]);
+        assert_eq!(c.worker_start, WorkerStart::Zygote);
     }
 
     #[test]
