@@ -292,6 +292,13 @@ fn boot_and_capture(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerE
     // any earlier setting).
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| WorkerError::Jail(e.into()))?;
+    // A node gone before that would not have signalled us; the node sends nothing after
+    // the request, so anything to read now is its end of the socket closing.
+    if readable_within(sock, Duration::ZERO)? {
+        return Err(WorkerError::Closed(
+            "the node, which went away before the boot",
+        ));
+    }
     seccomp::install_violation_handler().map_err(WorkerError::Seccomp)?;
     // Still single-threaded: every thread the boot starts runs under it, and the vCPUs
     // and the event loop, which handle the guest's bytes, under their own on top. This
