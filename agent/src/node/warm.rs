@@ -115,6 +115,11 @@ impl WarmPool {
         Ok(started)
     }
 
+    /// The pid of the pool's zygote, while it has one.
+    pub fn zygote_pid(&self) -> Option<u32> {
+        lock(&self.zygote).as_ref().map(|z| z.pid())
+    }
+
     pub fn depth(&self) -> usize {
         lock(&self.ready).len()
     }
