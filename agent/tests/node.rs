@@ -272,24 +272,23 @@ fn children_named(comm: &str) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn the_warm_pool_starts_a_new_zygote_when_its_zygote_dies_and_drain_ends_it() {
-    use cleave_agent::fork::worker::Encoded;
-    use cleave_agent::node::warm::WarmPool;
-
-    let _one = one_zygote_test_at_a_time();
+/// A warm pool of 2 for a tiny template (in a store under the returned directory), its
+/// workers started as `start` says.
+fn tiny_pool(start: WorkerStart) -> (cleave_agent::node::warm::WarmPool, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = TemplateStore::at(dir.path().join("templates"));
     tiny_template(&store, "tiny");
     let (template, _) = store.load(&"tiny".parse().unwrap()).unwrap();
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_cleave-fork-worker"));
-    let pool = WarmPool::new(
-        exe,
-        Encoded::new(&template).unwrap(),
-        None,
-        2,
-        WorkerStart::Zygote,
-    );
+    let encoded = cleave_agent::fork::worker::Encoded::new(&template).unwrap();
+    let pool = cleave_agent::node::warm::WarmPool::new(exe, encoded, None, 2, start);
+    (pool, dir)
+}
+
+#[test]
+fn the_warm_pool_starts_a_new_zygote_when_its_zygote_dies_and_drain_ends_it() {
+    let _one = one_zygote_test_at_a_time();
+    let (pool, _dir) = tiny_pool(WorkerStart::Zygote);
     assert_eq!(pool.refill(None).unwrap(), 2);
     // Other tests of this binary run nodes, with zygotes of their own, at the same time:
     // the pool says which zygote is its own.
@@ -321,22 +320,8 @@ fn the_warm_pool_starts_a_new_zygote_when_its_zygote_dies_and_drain_ends_it() {
 
 #[test]
 fn a_pool_set_to_exec_starts_every_worker_afresh_and_no_zygote() {
-    use cleave_agent::fork::worker::Encoded;
-    use cleave_agent::node::warm::WarmPool;
-
     let _one = one_zygote_test_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let store = TemplateStore::at(dir.path().join("templates"));
-    tiny_template(&store, "tiny");
-    let (template, _) = store.load(&"tiny".parse().unwrap()).unwrap();
-    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_cleave-fork-worker"));
-    let pool = WarmPool::new(
-        exe,
-        Encoded::new(&template).unwrap(),
-        None,
-        2,
-        WorkerStart::Exec,
-    );
+    let (pool, _dir) = tiny_pool(WorkerStart::Exec);
     assert_eq!(pool.refill(None).unwrap(), 2);
     let extra = pool.take(None).unwrap();
     let extra2 = pool.take(None).unwrap();
