@@ -30,12 +30,11 @@ use serde::{Deserialize, Serialize};
 
 use super::freeze::{freeze, FreezeOptions, Frozen, WarmupOutput, WARMUP_TIMEOUT};
 use super::jail::{self, Jail, JailIds};
-use super::process::{set_comm, Birth, Process};
+use super::process::set_comm;
 use super::sealed::{template_seals, SealedMemory};
 use super::state::MachineState;
 use super::worker::{
-    claim, describe_end, expect, readable_within, send, seqpacket_pair, tell_failure, Kind, Worker,
-    WorkerError,
+    claim, describe_end, expect, readable_within, send, tell_failure, Kind, Worker, WorkerError,
 };
 use super::Template;
 use crate::image::VerifiedImage;
@@ -93,23 +92,8 @@ pub fn create(
         Some((lease, leaf)) => (Some(lease), leaf),
         None => (None, None),
     };
-    let (ours, theirs) = seqpacket_pair()?;
-    let ids = lease.as_ref().map(|l| l.ids().arg());
-    let mut args = vec![TEMPLATE_FLAG];
-    if let Some(ids) = &ids {
-        args.extend(["--jail", ids.as_str()]);
-    }
-    let birth = Birth {
-        new_pid_namespace: lease.is_some(),
-        cgroup: leaf.as_ref().map(|l| l.path()),
-    };
-    let child =
-        Process::spawn(exe, &args, theirs, &birth).map_err(|source| WorkerError::Spawn {
-            exe: exe.display().to_string(),
-            source,
-        })?;
     // From here, dropping `worker` ends the process and frees its directory, leaf and uid.
-    let worker = Worker::forked(ours, child, lease, leaf);
+    let worker = Worker::spawn_in(exe, &[TEMPLATE_FLAG], lease, leaf)?;
     let req = BootRequest {
         mem_mib: opts.machine.mem.mib(),
         vcpus: opts.machine.vcpus.get(),
@@ -395,7 +379,7 @@ mod tests {
     use crate::vmm::tiny;
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        seqpacket_pair().unwrap()
+        crate::fork::worker::seqpacket_pair().unwrap()
     }
 
     /// A real captured machine: the tiny guest, run for a moment.

@@ -365,7 +365,7 @@ pub struct Worker {
 impl Worker {
     /// Starts `exe` (the `cleave-fork-worker` binary) with its end of the socket as stdin.
     pub fn spawn(exe: &Path) -> Result<Worker, WorkerError> {
-        Self::spawn_in(exe, None, None)
+        Self::spawn_in(exe, &[], None, None)
     }
 
     /// [`spawn`](Self::spawn), and the worker jails itself as `jail`'s uid/gid before it
@@ -376,7 +376,7 @@ impl Worker {
         jail: JailLease,
         cgroup: Option<CgroupLeaf>,
     ) -> Result<Worker, WorkerError> {
-        Self::spawn_in(exe, Some(jail), cgroup)
+        Self::spawn_in(exe, &[], Some(jail), cgroup)
     }
 
     /// A worker as the node starts one: with `jail`, [`spawn_jailed`](Self::spawn_jailed)
@@ -393,18 +393,21 @@ impl Worker {
         }
     }
 
-    fn spawn_in(
+    /// Starts `exe` with `role` flags (none: a fork's worker), jailed as `jail` in
+    /// `cgroup` when given.
+    pub(super) fn spawn_in(
         exe: &Path,
+        role: &[&str],
         jail: Option<JailLease>,
         cgroup: Option<CgroupLeaf>,
     ) -> Result<Worker, WorkerError> {
         let (ours, theirs) = seqpacket_pair()?;
         // Jailed, it is born in its own PID namespace (PID 1 there, alone) and its cgroup.
         let ids = jail.as_ref().map(|j| j.ids().arg());
-        let args: Vec<&str> = match &ids {
-            Some(ids) => vec!["--jail", ids],
-            None => vec![],
-        };
+        let mut args = role.to_vec();
+        if let Some(ids) = &ids {
+            args.extend(["--jail", ids.as_str()]);
+        }
         let birth = Birth {
             new_pid_namespace: jail.is_some(),
             cgroup: cgroup.as_ref().map(CgroupLeaf::path),
@@ -435,8 +438,7 @@ impl Worker {
 
     /// A handle on a process and its socket that we did not start with
     /// [`spawn_in`](Self::spawn_in): a worker a [zygote](super::zygote) forked for us
-    /// (our child, by `CLONE_PARENT`, already holding the template), or the zygote
-    /// itself, which is ended the same way.
+    /// (our child, by `CLONE_PARENT`, already holding the template).
     pub(super) fn forked(
         sock: OwnedFd,
         child: Process,

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::jail::{Jail, JailIds};
-use super::process::{self, set_comm, Birth, Cloned, Process};
+use super::process::{self, set_comm, Cloned, Process};
 use super::worker::{
     self, claim, expect, recv, send, seqpacket_pair, Encoded, Kind, Worker, WorkerError, MAX_FDS,
     MAX_SMALL_MESSAGE,
@@ -85,19 +85,8 @@ impl Zygote {
     /// Starts `exe` (the `cleave-fork-worker` binary) as a zygote for `template` and
     /// waits until it holds it.
     pub fn start(exe: &Path, template: &Encoded) -> Result<Zygote, WorkerError> {
-        let (ours, theirs) = seqpacket_pair()?;
-        let plain = Birth {
-            new_pid_namespace: false,
-            cgroup: None,
-        };
-        let child = Process::spawn(exe, &[ZYGOTE_FLAG], theirs, &plain).map_err(|source| {
-            WorkerError::Spawn {
-                exe: exe.display().to_string(),
-                source,
-            }
-        })?;
         // From here, dropping `process` ends it.
-        let process = Worker::forked(ours, child, None, None);
+        let process = Worker::spawn_in(exe, &[ZYGOTE_FLAG], None, None)?;
         let sock = process.sock()?;
         template.send_to(sock)?;
         expect(sock, Kind::Loaded, "the zygote's loaded template")?;
