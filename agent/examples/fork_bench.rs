@@ -49,11 +49,13 @@ struct Args {
     churn: Option<u64>,
     /// Threads refilling the pool during `--churn`.
     refillers: usize,
+    /// What the guest of every process-per-fork fork does once it runs.
+    guest: tiny::Ending,
 }
 
 const USAGE: &str = "\
 usage: fork_bench [--forks N] [--warmup N] [--mem-mib M] [--alive K] [--workers N] [--pool P]
-                  [--rate R]
+                  [--rate R] [--guest count|halt]
        fork_bench --idle N[,N...] [--jailed] [--mem-mib M]
        fork_bench --churn SECS [--alive K] [--pool P] [--refillers R] [--mem-mib M]
 
@@ -63,11 +65,15 @@ jailed and not, and a pool of pre-started workers refilled either way). Build th
 first:
   cargo build --release -p cleave-agent --bins --examples
 
-  --forks N     forks per path (1000)          --warmup N   untimed forks first (20)
+  --forks N     forks per path; 0 skips the in-process paths (1000)
+  --warmup N    untimed forks first (20)
   --mem-mib M   guest memory (256)             --alive K    in-process forks kept alive (1)
   --workers N   forks per process path; 0 skips them (1000)
   --pool P      pre-started workers in the pool (32)
   --rate R      requests per second on the pooled path (250)
+  --guest G     what each process-per-fork guest does once it runs: count (a busy loop
+                that prints, so every fork served and not yet torn down takes a CPU) or
+                halt (it waits, as an idle sandbox does) (count)
   --idle LIST   only: keep N idle forks alive at once (one worker each), for each N, and
                 report memory per fork (process and kernel) and the creation rate
   --jailed      with --idle: each worker jailed as the node jails it (uid, namespaces,
@@ -92,6 +98,7 @@ fn parse_args() -> Result<Option<Args>> {
         rate: 250,
         churn: None,
         refillers: 2,
+        guest: tiny::Ending::Count,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -116,6 +123,14 @@ fn parse_args() -> Result<Option<Args>> {
             "--pool" => args.pool = value()?.max(1),
             "--churn" => args.churn = Some(value()?.max(1) as u64),
             "--refillers" => args.refillers = value()?.max(1),
+            "--guest" => {
+                args.guest = match it.next().as_deref() {
+                    Some("count") => tiny::Ending::Count,
+                    Some("halt") => tiny::Ending::Halt,
+                    Some(other) => bail!("--guest: {other:?} is neither count nor halt"),
+                    None => bail!("--guest needs count or halt"),
+                }
+            }
             "--idle" => {
                 let list = it
                     .next()
@@ -222,7 +237,23 @@ fn run() -> Result<()> {
         // Idle forks halt: the counting guest would keep writing and printing.
         return idle(&template(&kvm, args.mem_mib, tiny::Ending::Halt)?, &args);
     }
-    let template = template(&kvm, args.mem_mib, tiny::Ending::Count)?;
+    if args.forks > 0 {
+        // In-process forks count: each path times its fork's first exit.
+        in_process(
+            &kvm,
+            &template(&kvm, args.mem_mib, tiny::Ending::Count)?,
+            &args,
+        )?;
+    }
+    let template = template(&kvm, args.mem_mib, args.guest)?;
+    if args.workers > 0 {
+        workers(&template, &args)?;
+    }
+    Ok(())
+}
+
+/// The in-process paths: cold forks and forks from a warm shell, alternating.
+fn in_process(kvm: &Kvm, template: &Template, args: &Args) -> Result<()> {
     let n = args.forks;
 
     let mut steps: Vec<Column> = RestoreTimings::STEP_NAMES
@@ -253,8 +284,8 @@ fn run() -> Result<()> {
 
         let t = Instant::now();
         let restored = fork::restore(
-            &kvm,
-            &template,
+            kvm,
+            template,
             Box::new(std::io::sink()),
             None,
             NetBackend::Disconnected,
@@ -264,10 +295,10 @@ fn run() -> Result<()> {
         let ran = first_run(&mut vm)?;
         keep(vm, &mut teardown, record);
 
-        let shell = fork::Shell::build(&kvm, &template)?;
+        let shell = fork::Shell::build(kvm, template)?;
         let t = Instant::now();
         let warm_fork = shell.finish(
-            &template,
+            template,
             Box::new(std::io::sink()),
             None,
             NetBackend::Disconnected,
@@ -317,9 +348,6 @@ fn run() -> Result<()> {
         writeln!(out, "{}", col.row())?;
     }
     drop(out);
-    if args.workers > 0 {
-        workers(&template, &args)?;
-    }
     Ok(())
 }
 
@@ -376,7 +404,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     let zygote = Zygote::start(&exe, &encoded)?;
     let mut z_spawn = Column::new("zygote: spawn → prepared (clone, jail-free, prepare)", n);
     let mut z_go = Column::new("zygote: go → ready (finish, start)", n);
-    let mut z_inside = Column::new("(zygote: finish + start inside the worker)", n);
+    let mut z_inside = Column::new("(zygote: go → ready inside the worker)", n);
     let mut z_fresh = Column::new("**zygote: request → ready**", n);
     let mut z_jailed = Column::new("zygote, jailed: spawn → prepared (+ uid, cgroup, jail)", n);
     let mut released: VecDeque<Process> = VecDeque::new();
@@ -453,7 +481,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
             },
             n,
         );
-        let mut in_worker = Column::new("(pool: finish + start inside the worker)", n);
+        let mut in_worker = Column::new("(pool: go → ready inside the worker)", n);
         pooled.samples = request;
         in_worker.samples = inside;
         pools.push((pooled, in_worker, waited));
@@ -462,9 +490,14 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "\none process per fork: {n} fresh workers, {n} from a pool of {} (state {} bytes JSON)",
+        "\none process per fork: {n} fresh workers, {n} from a pool of {} (state {} bytes JSON), \
+         guests that {}",
         args.pool,
-        encoded.len()
+        encoded.len(),
+        match args.guest {
+            tiny::Ending::Halt => "halt",
+            _ => "count",
+        }
     )?;
     writeln!(out, "{STEP_HEADER}")?;
     for col in [&mut spawn, &mut load, &mut go, &mut fresh] {

@@ -595,13 +595,14 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
         std::thread::sleep(Duration::from_millis(5));
     }
     a.go(None).unwrap();
-    // Running, its main thread is under its control filter on top of the process one.
-    assert_eq!(status(a.pid(), "Seccomp_filters"), "2");
     let before = a.probe().unwrap().io_out;
     while a.probe().unwrap().io_out <= before {
         assert!(Instant::now() < deadline, "the orphaned fork does not run");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // Running (it has answered a probe since `go`), its main thread is under its control
+    // filter on top of the process one.
+    assert_eq!(status(a.pid(), "Seccomp_filters"), "2");
     // A dead zygote says so; it does not hang.
     let Err(e) = zygote.spawn(None) else {
         panic!("a dead zygote spawned a worker")

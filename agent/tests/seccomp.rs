@@ -111,9 +111,12 @@ fn a_forbidden_call_ends_only_the_worker_that_made_it() {
         let spawned = Worker::spawn(exe);
         std::env::remove_var("CLEAVE_TEST_FORBIDDEN_SYSCALL");
         let mut faulty = spawned.unwrap();
-        faulty.load(&encoded).unwrap();
-        // It may die before or after it reports ready; either way it stops running.
-        let _ = faulty.go(None);
+        // Its vCPU thread confines itself while the worker prepares (parked for `go`), its
+        // control thread once it has answered `go`: it dies during one or the other, or
+        // just after; either way it stops running.
+        let _ = faulty
+            .load(&encoded)
+            .and_then(|()| faulty.go(None).map(drop));
         assert!(
             !running(&mut faulty),
             "{kind:?}: the faulty fork still runs"

@@ -28,6 +28,13 @@ workers_of() {
   ps -eo pid,ppid,comm | awk -v d="$1" '$2==d && $3=="cleave-fork-wor" {print $1}'
 }
 
+# Whether worker $1's fork runs: its vsock socket exists from `go` on. (Its vCPU thread
+# is no sign: a pooled worker parks it, confined, before it is used.)
+runs() {
+  d=$(ls -d "$RUN"/vm-$1-* 2>/dev/null | head -1)
+  [ -n "$d" ] && [ -S "$d/vsock.sock" ]
+}
+
 # busybox nc closes the connection when its stdin ends: keep it open until the reply
 # (HTTP/1.0: the server closes when it has answered).
 get() {
@@ -115,9 +122,9 @@ container)
   echo "leaves_after_stop=$(ls -d /sys/fs/cgroup/pod/cleave/worker-* 2>/dev/null | wc -l)"
   ;;
 running)
-  # The pids of the daemon's workers whose fork runs (they have vCPU threads).
+  # The pids of the daemon's workers whose fork runs.
   for p in $(workers_of "$(pid)"); do
-    grep -qx 'vcpu0' /proc/$p/task/*/comm 2>/dev/null && echo "$p"
+    runs "$p" && echo "$p"
   done
   ;;
 jail)
@@ -143,8 +150,8 @@ jail)
     [ "$cg" = "/cleave/worker-$uid" ] || { echo "worker $p: cgroup $cg"; bad=$((bad + 1)); }
     [ "$(cat /sys/fs/cgroup$cg/memory.max 2>/dev/null)" != max ] && [ "$(cat /sys/fs/cgroup$cg/pids.max 2>/dev/null)" = 64 ] ||
       { echo "worker $p: no memory/pids limit in $cg"; bad=$((bad + 1)); }
-    # A running fork (it has vCPU threads): every thread under a seccomp filter.
-    if grep -qx 'vcpu0' /proc/$p/task/*/comm 2>/dev/null; then
+    # A running fork: every thread under a seccomp filter.
+    if runs "$p"; then
       running=$((running + 1))
       for t in /proc/$p/task/*; do
         grep -q '^Seccomp:[[:space:]]*2' $t/status || { echo "worker $p thread $(cat $t/comm): no seccomp filter"; bad=$((bad + 1)); }

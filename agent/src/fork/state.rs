@@ -115,6 +115,13 @@ pub struct DeviceState {
     pub rng: Option<SavedRng>,
 }
 
+impl DeviceState {
+    /// Whether a fork has virtio devices, and so a device event loop to run.
+    pub fn has_virtio(&self) -> bool {
+        self.vsock.is_some() || self.net.is_some() || self.rng.is_some()
+    }
+}
+
 /// The layout of [`MachineState`] this build reads and writes. Bumped whenever a saved
 /// field changes meaning (2: queue state saved once, by the transport; the NIC).
 pub const STATE_FORMAT: u32 = 2;

@@ -13,6 +13,8 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::threads::ParkedThread;
+
 /// A device that the event loop drives.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -34,15 +36,15 @@ impl MutEventSubscriber for Wake {
 pub struct EventLoop {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<()>>>,
 }
 
 impl EventLoop {
-    /// Starts the loop with `subscribers` registered. `confine`, if given, runs first on
-    /// the loop's thread; when it returns false the loop does not run.
-    pub fn start(
+    /// Runs the loop, with `subscribers` registered, on `thread` (parked and confined
+    /// ahead: [`ParkedThread`]).
+    pub fn start_on(
+        thread: ParkedThread<()>,
         subscribers: Vec<Subscriber>,
-        confine: Option<impl FnOnce() -> bool + Send + 'static>,
     ) -> std::io::Result<EventLoop> {
         let mut manager = EventManager::<Subscriber>::new()
             .map_err(|e| std::io::Error::other(format!("creating the event loop: {e:?}")))?;
@@ -53,21 +55,14 @@ impl EventLoop {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("vm-events".into())
-            .spawn(move || {
-                if let Some(confine) = confine {
-                    if !confine() {
-                        return;
-                    }
+        let thread = thread.run(move || {
+            while !flag.load(Ordering::Acquire) {
+                if let Err(e) = manager.run() {
+                    tracing::error!(error = ?e, "event loop failed; devices stop");
+                    return;
                 }
-                while !flag.load(Ordering::Acquire) {
-                    if let Err(e) = manager.run() {
-                        tracing::error!(error = ?e, "event loop failed; devices stop");
-                        return;
-                    }
-                }
-            })?;
+            }
+        });
         Ok(EventLoop {
             stop,
             wake,
@@ -101,7 +96,8 @@ mod tests {
 
     #[test]
     fn an_idle_loop_is_woken_to_stop() {
-        let mut l = EventLoop::start(Vec::new(), None::<fn() -> bool>).unwrap();
+        let thread = ParkedThread::spawn("events-test".into(), || Ok(())).unwrap();
+        let mut l = EventLoop::start_on(thread, Vec::new()).unwrap();
         // Let it block in epoll_wait, which has no timeout: only the stop eventfd can end
         // that wait, so returning from `stop` at all is the proof.
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -12,6 +12,7 @@ pub mod mmio;
 pub mod mptable;
 pub mod runtime_dir;
 pub mod seccomp;
+pub mod threads;
 #[cfg(any(test, feature = "testutil"))]
 pub mod tiny;
 pub mod vcpu;
@@ -40,6 +41,7 @@ use control::{ExitCounts, RunControl};
 use event_loop::{EventLoop, Subscriber};
 use memory::{GuestRam, MemoryError};
 use mmio::{MmioBus, MmioSlot};
+use threads::{ParkedThread, ThreadError, VmThreads};
 use vcpu::{Vcpu, VcpuError};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +61,6 @@ pub enum VmmError {
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     Serial(#[from] SerialError),
-    #[error(
-        "starting the thread for vCPU {index}: {source}{}",
-        crate::host::tasks_hint(source)
-    )]
-    Thread { index: u8, source: std::io::Error },
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]
@@ -89,8 +86,10 @@ pub enum VmmError {
         base: u64,
         irq: u32,
     },
-    #[error("starting the device event loop: {}{}", .0, crate::host::tasks_hint(.0))]
+    #[error("starting the device event loop: {0}")]
     EventLoop(std::io::Error),
+    #[error("starting the VM's threads: {0}")]
+    Threads(#[from] ThreadError),
 }
 
 /// One KVM call that failed, by name.
@@ -505,12 +504,37 @@ impl Vm {
     }
 
     /// [`start`](Self::start), each thread confined to its kind's seccomp filter before
-    /// it does any work for the guest. A thread that cannot confine itself ends the VM
-    /// before the guest runs.
+    /// it does any work for the guest. A thread that cannot confine itself is an error,
+    /// and the guest does not run.
     pub fn start_confined(
-        mut self,
+        self,
         filters: Option<Arc<seccomp::Filters>>,
     ) -> Result<RunningVm, VmmError> {
+        let threads = VmThreads::park(
+            self.machine.vcpus.get(),
+            !self.subscribers.is_empty(),
+            filters.as_ref(),
+        )?;
+        Ok(self.arm(threads)?.start())
+    }
+
+    /// Readies the VM to run on `threads`, parked ahead ([`VmThreads::park`]) for this
+    /// VM's vCPU count: the device event loop runs on its thread (a VM without devices
+    /// leaves that one to end unused); each vCPU is handed to its thread by
+    /// [`ArmedVm::start`], which cannot fail. A fork worker answers `ready` in between, so
+    /// the vCPU it wakes cannot delay the answer by taking its CPU.
+    pub fn arm(mut self, threads: VmThreads) -> Result<ArmedVm, VmmError> {
+        let VmThreads {
+            vcpus: parked,
+            events,
+        } = threads;
+        if parked.len() != self.vcpus.len() {
+            return Err(ThreadError::Count {
+                vcpus: self.vcpus.len(),
+                parked: parked.len(),
+            }
+            .into());
+        }
         install_kick_handler();
         let control = Arc::new(RunControl::default());
         if let Some(vsock) = &self.vsock {
@@ -521,55 +545,63 @@ impl Vm {
                 Err(e) => return Err(VmmError::EventLoop(e)),
             }
         }
-        let event_loop = if self.subscribers.is_empty() {
-            None
-        } else {
-            let confine = filters.clone().map(|f| {
-                let ctl = control.clone();
-                move || confine_thread(&f, seccomp::ThreadKind::Events, &ctl)
-            });
-            Some(EventLoop::start(self.subscribers.clone(), confine).map_err(VmmError::EventLoop)?)
+        let event_loop = match (self.subscribers.is_empty(), events) {
+            (true, _) => None,
+            (false, Some(thread)) => Some(
+                EventLoop::start_on(thread, self.subscribers.clone())
+                    .map_err(VmmError::EventLoop)?,
+            ),
+            (false, None) => return Err(ThreadError::NoEvents.into()),
         };
         let mmio = Arc::new(std::mem::take(&mut self.mmio));
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for vcpu in std::mem::take(&mut self.vcpus) {
-            let index = vcpu.index();
-            let devices = self.devices.clone();
-            let mmio = mmio.clone();
-            let ctl = control.clone();
-            let filters = filters.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || {
-                    if let Some(f) = filters {
-                        if !confine_thread(&f, seccomp::ThreadKind::Vcpu, &ctl) {
-                            return vcpu;
-                        }
-                    }
-                    vcpu.run(devices, mmio, ctl)
-                });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(source) => {
-                    // Dropping the partly started VM stops the threads already running.
-                    drop(RunningVm {
-                        control,
-                        threads,
-                        vm: Some(self),
-                        event_loop,
-                        started: Instant::now(),
-                    });
-                    return Err(VmmError::Thread { index, source });
-                }
-            }
-        }
-        Ok(RunningVm {
+        let vcpus = std::mem::take(&mut self.vcpus)
+            .into_iter()
+            .zip(parked)
+            .map(|(vcpu, thread)| {
+                let devices = self.devices.clone();
+                let mmio = mmio.clone();
+                let ctl = control.clone();
+                let job: VcpuJob = Box::new(move || vcpu.run(devices, mmio, ctl));
+                (thread, job)
+            })
+            .collect();
+        Ok(ArmedVm {
+            vcpus,
             control,
-            threads,
-            vm: Some(self),
             event_loop,
-            started: Instant::now(),
+            vm: self,
         })
+    }
+}
+
+/// A vCPU's run, handed to its parked thread.
+type VcpuJob = Box<dyn FnOnce() -> Vcpu + Send>;
+
+/// A VM whose every thread waits and whose devices run: [`start`](Self::start) hands
+/// each vCPU to its thread. Dropped instead, its threads end and the guest never runs.
+pub struct ArmedVm {
+    // Drop order: the vCPUs (with their fds) and their threads before the VM.
+    vcpus: Vec<(ParkedThread<Vcpu>, VcpuJob)>,
+    control: Arc<RunControl>,
+    event_loop: Option<EventLoop>,
+    vm: Vm,
+}
+
+impl ArmedVm {
+    /// Runs every vCPU on its thread.
+    pub fn start(self) -> RunningVm {
+        let threads = self
+            .vcpus
+            .into_iter()
+            .map(|(thread, job)| thread.run(job))
+            .collect();
+        RunningVm {
+            control: self.control,
+            threads,
+            vm: Some(self.vm),
+            event_loop: self.event_loop,
+            started: Instant::now(),
+        }
     }
 }
 
@@ -631,7 +663,7 @@ pub fn boot_linux(
 /// A VM whose vCPUs are running.
 pub struct RunningVm {
     control: Arc<RunControl>,
-    threads: Vec<JoinHandle<Vcpu>>,
+    threads: Vec<JoinHandle<Option<Vcpu>>>,
     /// `None` only after [`RunningVm::stop_and_keep`] handed it out.
     vm: Option<Vm>,
     /// Device work; stopped after the vCPUs.
@@ -703,7 +735,7 @@ impl RunningVm {
                 std::mem::forget(self.vm.take());
                 continue;
             }
-            if let (Ok(vcpu), Some(vm)) = (t.join(), self.vm.as_mut()) {
+            if let (Ok(Some(vcpu)), Some(vm)) = (t.join(), self.vm.as_mut()) {
                 vm.vcpus.push(vcpu);
             }
         }
@@ -718,21 +750,6 @@ impl Drop for RunningVm {
         if !self.threads.is_empty() {
             self.control.end(GuestEnd::Stopped);
             self.join_all();
-        }
-    }
-}
-
-/// Confines the calling VM thread; on failure ends the VM (fail closed) and says so.
-fn confine_thread(
-    filters: &seccomp::Filters,
-    kind: seccomp::ThreadKind,
-    control: &RunControl,
-) -> bool {
-    match filters.apply(kind) {
-        Ok(()) => true,
-        Err(e) => {
-            control.end(GuestEnd::Failed(e.to_string()));
-            false
         }
     }
 }
