@@ -19,7 +19,7 @@ ROOT=$PWD
 REL=$ROOT/target/release
 EX=$REL/examples
 
-ALL=(fork churn density netfilter dns agent slots boot control fork-linux api net)
+ALL=(fork fork-halt churn density netfilter dns agent slots boot control fork-linux api net)
 case "${1:-}" in
   -h | --help)
     sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
@@ -101,6 +101,8 @@ guest() { CLEAVE_BIN=$REL/cleave scripts/kvm-or-rig bash scripts/bench-guest.sh 
 
 section fork "Fork path: in-process cold and warm, fresh process, pool (host, tiny guest)" -- \
   "$EX/fork_bench" --forks 500 --workers 500
+section fork-halt "Fork path, one process per fork, with served guests halted instead of counting (host, tiny guest)" -- \
+  "$EX/fork_bench" --forks 0 --workers 500 --guest halt
 section churn "Sustained churn: create → ready → destroy, one process per fork (host, tiny guest)" -- \
   "$EX/fork_bench" --churn 30
 section density "Idle forks alive at once: memory per fork and creation rate (host, tiny guest)" -- \
