@@ -39,8 +39,9 @@ for m in kvm_pvm kvm_amd kvm_intel; do
 done
 date_=$(date -u +%F)
 out=$ROOT/docs/bench/$date_-$kvm.md
-# A run of some sections only does not replace the day's full run.
+# A run of some sections only does not replace the day's full run, nor does a second one.
 [ "${SECTIONS[*]}" = "${ALL[*]}" ] || out=$ROOT/target/bench/$date_-$kvm-partial.md
+[ "${SECTIONS[*]}" = "${ALL[*]}" ] && [ -e "$out" ] && out=${out%.md}-$(date -u +%H%M).md
 logs=$ROOT/target/bench/$date_
 mkdir -p "$(dirname "$out")" "$logs"
 if [ "$kvm" = kvm_pvm ] || [ "$kvm" = none ]; then
