@@ -496,7 +496,7 @@ fn workers(template: &Template, args: &Args) -> Result<()> {
         encoded.len(),
         match args.guest {
             tiny::Ending::Halt => "halt",
-            _ => "count",
+            tiny::Ending::Count | tiny::Ending::Exit(_) => "count",
         }
     )?;
     writeln!(out, "{STEP_HEADER}")?;

@@ -568,6 +568,19 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
     assert_eq!(status(zpid, "Seccomp"), "2");
     assert_eq!(status(zpid, "Seccomp_filters"), "1");
     assert_eq!(status(a.pid(), "Seccomp_filters"), "1");
+    // Prepared, before any `go`: its vCPU thread is parked and already under its own
+    // filter on top of the process one, so no guest instruction runs unconfined.
+    let thread = |pid: u32, name: &str| -> u32 {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .and_then(|t| t.file_name().to_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("worker {pid} has no {name} thread"))
+    };
+    assert_eq!(status(thread(a.pid(), "vcpu0"), "Seccomp_filters"), "2");
     let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
     assert_eq!(comm(zpid), "cleave-zygote\n");
     assert_eq!(comm(a.pid()), "cleave-fork-wor\n");

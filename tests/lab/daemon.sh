@@ -31,8 +31,8 @@ workers_of() {
 # Whether worker $1's fork runs: its vsock socket exists from `go` on. (Its vCPU thread
 # is no sign: a pooled worker parks it, confined, before it is used.)
 runs() {
-  d=$(ls -d "$RUN"/vm-$1-* 2>/dev/null | head -1)
-  [ -n "$d" ] && [ -S "$d/vsock.sock" ]
+  rd=$(ls -d "$RUN"/vm-$1-* 2>/dev/null | head -1)
+  [ -n "$rd" ] && [ -S "$rd/vsock.sock" ]
 }
 
 # busybox nc closes the connection when its stdin ends: keep it open until the reply

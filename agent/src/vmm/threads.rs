@@ -149,11 +149,10 @@ mod tests {
 
     #[test]
     fn a_parked_thread_dropped_without_a_job_ends() {
-        let t = ParkedThread::<()>::spawn("parked-drop".into(), || Ok(())).unwrap();
-        let handle_thread = t.handle.thread().clone();
-        let ParkedThread { job, handle } = t;
+        let ParkedThread { job, handle } =
+            ParkedThread::<()>::spawn("parked-drop".into(), || Ok(())).unwrap();
         drop(job);
-        assert_eq!(handle.join().unwrap(), None, "{handle_thread:?}");
+        assert_eq!(handle.join().unwrap(), None);
     }
 
     #[test]
