@@ -60,12 +60,7 @@ pub struct ExecArgs {
     no_stdin: bool,
     /// The sandbox.
     id: String,
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
@@ -280,4 +275,28 @@ pub fn cp(args: CpArgs, socket: SocketArg) -> anyhow::Result<ExitCode> {
             _ => unreachable!("checked above: exactly one side is in a sandbox"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct T {
+        #[command(flatten)]
+        exec: ExecArgs,
+    }
+
+    #[test]
+    fn a_mistyped_flag_is_refused_and_the_commands_own_flags_are_kept() {
+        let e = T::try_parse_from(["exec", "sb-1", "--no-stdn", "--", "true"]).unwrap_err();
+        assert!(e.to_string().contains("--no-stdn"), "{e}");
+        let t = T::try_parse_from(["exec", "--no-stdin", "sb-1", "ls", "-l"]).unwrap();
+        assert!(t.exec.no_stdin);
+        assert_eq!(t.exec.id, "sb-1");
+        assert_eq!(t.exec.command, ["ls", "-l"]);
+        let t = T::try_parse_from(["exec", "sb-1", "--", "--help"]).unwrap();
+        assert_eq!(t.exec.command, ["--help"]);
+    }
 }

@@ -68,12 +68,7 @@ pub struct RunArgs {
     #[command(flatten)]
     net: NetArgs,
     /// The command and its arguments, run in the guest.
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
@@ -385,5 +380,13 @@ mod tests {
         assert_eq!(t.run.mem, Some(128));
         assert_eq!(t.run.command, ["sh", "-c", "exit 7"]);
         assert!(T::try_parse_from(["run"]).is_err(), "CMD is required");
+        // A mistyped flag is refused, not run in the guest as the command.
+        let e = T::try_parse_from(["run", "--forkz", "2", "--", "true"]).unwrap_err();
+        assert!(e.to_string().contains("--forkz"), "{e}");
+        // Once the command starts, its own flags are its own; after `--` anything goes.
+        let v = T::try_parse_from(["run", "uname", "-a"]).unwrap();
+        assert_eq!(v.run.command, ["uname", "-a"]);
+        let w = T::try_parse_from(["run", "--", "--version"]).unwrap();
+        assert_eq!(w.run.command, ["--version"]);
     }
 }
