@@ -552,6 +552,18 @@ fn sockets_of(pid: u32) -> HashSet<String> {
         .collect()
 }
 
+/// Thread `tid`'s scheduling policy: field 41 of its `stat`, the 39th after the name.
+fn policy(tid: u32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+    after_name
+        .split_whitespace()
+        .nth(38)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
     let _one = serial();
@@ -581,6 +593,12 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
             .unwrap_or_else(|| panic!("worker {pid} has no {name} thread"))
     };
     assert_eq!(status(thread(a.pid(), "vcpu0"), "Seccomp_filters"), "2");
+    // Preparing and the guest are background work (SCHED_IDLE, 5): the zygote, the
+    // prepared worker and its parked vCPU thread.
+    let vcpu = thread(a.pid(), "vcpu0");
+    for tid in [zpid, a.pid(), vcpu] {
+        assert_eq!(policy(tid), libc::SCHED_IDLE, "thread {tid}");
+    }
     let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
     assert_eq!(comm(zpid), "cleave-zygote\n");
     assert_eq!(comm(a.pid()), "cleave-fork-wor\n");
@@ -616,6 +634,11 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
     // Running (it has answered a probe since `go`), its main thread is under its control
     // filter on top of the process one.
     assert_eq!(status(a.pid(), "Seccomp_filters"), "2");
+    // The node moved the control thread out of the background class at `go` (SCHED_OTHER,
+    // 0); the guest stays in it. Destroyed below, the worker moves itself back under its
+    // control filter and exits cleanly: the filter allows that move.
+    assert_eq!(policy(a.pid()), libc::SCHED_OTHER);
+    assert_eq!(policy(vcpu), libc::SCHED_IDLE);
     // A dead zygote says so; it does not hang.
     let Err(e) = zygote.spawn(None) else {
         panic!("a dead zygote spawned a worker")

@@ -33,6 +33,7 @@ use super::{RestoreError, Shell, Template};
 use crate::devices::virtio::net::{NetBackend, Tap};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::host::cgroup::CgroupLeaf;
+use crate::host::sched::{self, Class};
 use crate::vmm::control::ExitCounts;
 use crate::vmm::runtime_dir::{RuntimeDir, VSOCK_SOCKET};
 use crate::vmm::seccomp::{self, SeccompError};
@@ -127,6 +128,12 @@ pub enum WorkerError {
     Cgroup(#[from] crate::host::cgroup::CgroupError),
     #[error("fork worker: installing the seccomp violation handler: {0}")]
     Seccomp(std::io::Error),
+    #[error("fork worker: moving its {thread} to the {class:?} scheduling class: {source}")]
+    Schedule {
+        thread: &'static str,
+        class: crate::host::sched::Class,
+        source: std::io::Error,
+    },
     #[error("template worker: {0}")]
     Image(String),
     #[error(transparent)]
@@ -492,6 +499,16 @@ impl Worker {
         let body = serde_json::to_vec(&req).map_err(WorkerError::Encode)?;
         let sock = self.sock()?;
         let fds: Vec<BorrowedFd> = tap.map(|t| t.as_fd()).into_iter().collect();
+        // The worker prepared in the background class; from `go` until it is let go, its
+        // control thread (its main thread, whose id is its pid) answers us. Only we can
+        // move it back: leaving the class takes CAP_SYS_NICE. The pid is still this
+        // worker's: we have not reaped it.
+        let class = Class::Interactive;
+        sched::set_thread(self.pid(), class).map_err(|source| WorkerError::Schedule {
+            thread: "control thread",
+            class,
+            source,
+        })?;
         send(sock, Kind::Go, &body, &fds, "go")?;
         let msg = expect(sock, Kind::Ready, "ready")?;
         serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {
@@ -817,6 +834,9 @@ pub(super) fn serve_fork<T: Borrow<Template>>(
         };
         (config, outside)
     });
+    // Preparing is off the request path, and the vCPU threads parked below inherit the
+    // class: the guest, too, yields to whatever answers a request (`host::sched`).
+    schedule("control thread", Class::Background)?;
     let t = Instant::now();
     let shell = Shell::build(&kvm, template.borrow())?;
     // The fork's threads wait, confined, for `go`: starting it is then a wake-up each.
@@ -878,6 +898,11 @@ pub(super) fn serve_fork<T: Borrow<Template>>(
             }
         }
     }
+    // Tearing the VM down (and this process's exit after it) is background work; the
+    // control filter allows exactly this move.
+    if let Err(e) = schedule("control thread", Class::Background) {
+        tracing::warn!("{e}");
+    }
     let end = running.stop();
     tracing::debug!(%end, "fork ended");
     Ok(())
@@ -911,6 +936,15 @@ fn go_backend(mut go: Message) -> Result<NetBackend, WorkerError> {
         (Some(_), None) => Err(protocol("a tap name without its fd".into())),
         (None, Some(_)) => Err(protocol("an fd without a tap name".into())),
     }
+}
+
+/// Moves the calling thread, `thread` in the error, to `class`.
+pub(super) fn schedule(thread: &'static str, class: Class) -> Result<(), WorkerError> {
+    sched::set_current(class).map_err(|source| WorkerError::Schedule {
+        thread,
+        class,
+        source,
+    })
 }
 
 fn micros(d: Duration) -> u64 {

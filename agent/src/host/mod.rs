@@ -7,6 +7,7 @@ pub mod kvm;
 pub mod lock;
 pub mod memory;
 pub mod paths;
+pub mod sched;
 
 /// The log filter every cleave process uses: `RUST_LOG`, else `default`; and never the
 /// rust-vmm queue crate's own lines, which a guest can trigger on every queue access

@@ -336,6 +336,10 @@ fn process_rules() -> Result<Rules, SeccompError> {
         source,
     })?;
     all.insert(libc::SYS_socket, vec![unix_only]);
+    all.insert(
+        libc::SYS_sched_setscheduler,
+        vec![into_background(PROCESS_NAME)?],
+    );
     Ok(all)
 }
 
@@ -371,10 +375,29 @@ fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
             // The host side of a guest-initiated vsock connection: a Unix socket only.
             rules.insert(libc::SYS_socket, vec![arg_is(0, libc::AF_UNIX as u64)?]);
         }
-        ThreadKind::Control => {}
+        ThreadKind::Control => {
+            // Into the background class for the teardown.
+            rules.insert(
+                libc::SYS_sched_setscheduler,
+                vec![into_background(kind.name())?],
+            );
+        }
     }
     rules.insert(libc::SYS_fcntl, fcntl);
     Ok(rules)
+}
+
+/// `sched_setscheduler(0, SCHED_IDLE, _)`: the calling thread into the background class
+/// (`host::sched`), never another task and never out of it (the node does that).
+fn into_background(kind: &'static str) -> Result<SeccompRule, SeccompError> {
+    [(0, 0), (1, libc::SCHED_IDLE as u64)]
+        .map(|(arg, value)| {
+            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(SeccompRule::new)
+        .map_err(|source| SeccompError::Build { kind, source })
 }
 
 /// Installs the SIGSYS handler that reports a violation and ends the worker. Call once,
@@ -558,6 +581,27 @@ mod tests {
         }
         // Sockets: Unix only (one argument-checked rule).
         assert_eq!(process[&libc::SYS_socket].len(), 1);
+    }
+
+    #[test]
+    fn only_the_control_thread_may_change_its_scheduling_class_and_only_to_idle() {
+        for k in ThreadKind::ALL {
+            let r = rules(k).unwrap();
+            let rule = r.get(&libc::SYS_sched_setscheduler);
+            match k {
+                // One rule: pid 0 (itself) and SCHED_IDLE, both checked.
+                ThreadKind::Control => assert_eq!(rule.map(Vec::len), Some(1)),
+                ThreadKind::Vcpu | ThreadKind::Events => assert!(rule.is_none(), "{k:?}"),
+            }
+        }
+        // Before the thread filters, the same one rule (the zygote, the worker preparing).
+        assert_eq!(
+            process_rules().unwrap()[&libc::SYS_sched_setscheduler].len(),
+            1
+        );
+        assert!(!process_rules()
+            .unwrap()
+            .contains_key(&libc::SYS_sched_setattr));
     }
 
     #[test]

@@ -1,0 +1,90 @@
+//! The scheduling class of the calling thread.
+//!
+//! A node's two CPUs (or two hundred) are shared by two kinds of work. What a request
+//! waits for (the node's threads, a fork worker's control thread from `go` on) must run
+//! the moment it wakes; everything else (guests, preparing pool workers, tearing forks
+//! down) can run whenever the first kind does not. Linux says exactly that with
+//! `SCHED_IDLE`: a woken `SCHED_OTHER` thread preempts an idle-class one at once, and a
+//! CPU running only idle-class threads counts as free when a waking thread is placed.
+//! Within the idle class, threads share fairly, so guests and refills still progress
+//! together. Measured in docs/PERFORMANCE.md ("The control path's scheduling class").
+
+use std::io;
+
+/// A thread's share of a busy CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// `SCHED_OTHER` at nice 0: answers requests.
+    Interactive,
+    /// `SCHED_IDLE`: runs guests and background work; yields to every interactive thread.
+    Background,
+}
+
+impl Class {
+    fn policy(self) -> libc::c_int {
+        match self {
+            Class::Interactive => libc::SCHED_OTHER,
+            Class::Background => libc::SCHED_IDLE,
+        }
+    }
+}
+
+/// Puts the calling thread (not its process) in `class`. Threads it starts afterwards
+/// inherit it.
+pub fn set_current(class: Class) -> io::Result<()> {
+    set(0, class)
+}
+
+/// Puts thread `tid` (a node pid) in `class`. Moving a thread out of
+/// [`Class::Background`] takes `CAP_SYS_NICE` (a worker, jailed or confined, cannot leave
+/// it on its own: the node moves it); moving one in takes nothing for one's own threads.
+pub fn set_thread(tid: u32, class: Class) -> io::Result<()> {
+    let tid = libc::pid_t::try_from(tid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    set(tid, class)
+}
+
+fn set(tid: libc::pid_t, class: Class) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call, and the kernel only
+    // reads it; `tid` 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(tid, class.policy(), &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's class; `None` for a policy cleave never sets (real-time, batch).
+pub fn current() -> io::Result<Option<Class>> {
+    // SAFETY: no pointers; pid 0 is the calling thread.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    match policy {
+        -1 => Err(io::Error::last_os_error()),
+        p if p == libc::SCHED_OTHER => Ok(Some(Class::Interactive)),
+        p if p == libc::SCHED_IDLE => Ok(Some(Class::Background)),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_moves_between_classes_and_its_new_threads_inherit() {
+        std::thread::spawn(|| {
+            assert_eq!(current().unwrap(), Some(Class::Interactive));
+            set_current(Class::Background).unwrap();
+            assert_eq!(current().unwrap(), Some(Class::Background));
+            let child = std::thread::spawn(|| current().unwrap()).join().unwrap();
+            assert_eq!(child, Some(Class::Background));
+            // Tests run as root (CAP_SYS_NICE): the way back is open, to a thread by its id
+            // as the node moves a worker's.
+            set_thread(nix::unistd::gettid().as_raw() as u32, Class::Interactive).unwrap();
+            assert_eq!(current().unwrap(), Some(Class::Interactive));
+        })
+        .join()
+        .unwrap();
+        // Only that thread moved.
+        assert_eq!(current().unwrap(), Some(Class::Interactive));
+    }
+}
