@@ -652,6 +652,44 @@ fn a_zygotes_workers_cannot_reach_it_and_outlive_it() {
 }
 
 #[test]
+fn a_node_without_cap_sys_nice_keeps_its_workers_out_of_the_idle_class() {
+    let _one = serial();
+    // Capabilities are per thread and a child starts with its parent thread's: with
+    // CAP_SYS_NICE out of this thread's bounding set, neither the zygote it starts nor
+    // that zygote's workers have it, as under a node not running as root. Such a node
+    // could not move a worker out of the idle class at `go`, so none may enter it.
+    std::thread::spawn(|| {
+        const CAP_SYS_NICE: libc::c_ulong = 23;
+        // SAFETY: prctl with integer arguments only; it changes this thread alone.
+        let dropped = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0) };
+        assert_eq!(dropped, 0);
+        let kvm = kvm();
+        let c = counting_template(&kvm, 1, 100);
+        let encoded = Encoded::new(&c.template).unwrap();
+        let exe = Path::new(env!("CARGO_BIN_EXE_cleave-fork-worker"));
+        let zygote = Zygote::start(exe, &encoded).unwrap();
+        let status = proc_status::status_field;
+        let eff = u64::from_str_radix(&status(zygote.pid(), "CapEff"), 16).unwrap();
+        assert_eq!(eff & (1 << CAP_SYS_NICE), 0, "the zygote has CAP_SYS_NICE");
+        let mut w = zygote.spawn(None).unwrap();
+        for tid in [zygote.pid(), w.pid()] {
+            assert_eq!(policy(tid), libc::SCHED_OTHER, "thread {tid}");
+        }
+        w.go(None).unwrap();
+        let before = w.probe().unwrap().io_out;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.probe().unwrap().io_out <= before {
+            assert!(Instant::now() < deadline, "the fork does not run");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let exit = w.destroy().unwrap();
+        assert!(exit.success(), "{exit}");
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
 fn template_state_survives_the_wire_and_bad_states_are_refused() {
     let _one = serial();
     let kvm = kvm();

@@ -501,8 +501,9 @@ impl Worker {
         let fds: Vec<BorrowedFd> = tap.map(|t| t.as_fd()).into_iter().collect();
         // The worker prepared in the background class; from `go` until it is let go, its
         // control thread (its main thread, whose id is its pid) answers us. Only we can
-        // move it back: leaving the class takes CAP_SYS_NICE. The pid is still this
-        // worker's: we have not reaped it.
+        // move it back: leaving the class takes CAP_SYS_NICE (a worker whose node lacks
+        // it stayed out of the class, and this is then no change, which takes nothing).
+        // The pid is still this worker's: we have not reaped it.
         let class = Class::Interactive;
         sched::set_thread(self.pid(), class).map_err(|source| WorkerError::Schedule {
             thread: "control thread",
@@ -800,6 +801,8 @@ pub(super) fn serve_fork<T: Borrow<Template>>(
     let parent_uid = nix::unistd::getuid().as_raw();
     // Read while the node's /proc is still in reach (we may be PID 1 of our own namespace).
     let pid = crate::host::node_pid();
+    // And while we have the node's credentials: can it move us back at `go`?
+    let background = sched::may_leave_background();
     // The fork's socket lives in a directory of this process's own. Jailed, that
     // directory becomes the whole filesystem: the socket is `/vsock.sock` inside, and the
     // parent (who sees the real path) removes the directory after reaping us.
@@ -836,7 +839,9 @@ pub(super) fn serve_fork<T: Borrow<Template>>(
     });
     // Preparing is off the request path, and the vCPU threads parked below inherit the
     // class: the guest, too, yields to whatever answers a request (`host::sched`).
-    schedule("control thread", Class::Background)?;
+    if background {
+        schedule("control thread", Class::Background)?;
+    }
     let t = Instant::now();
     let shell = Shell::build(&kvm, template.borrow())?;
     // The fork's threads wait, confined, for `go`: starting it is then a wake-up each.
@@ -898,8 +903,8 @@ pub(super) fn serve_fork<T: Borrow<Template>>(
             }
         }
     }
-    // Tearing the VM down (and this process's exit after it) is background work; the
-    // control filter allows exactly this move.
+    // Tearing the VM down (and this process's exit after it) is background work, whoever
+    // the node is: moving in takes no privilege, and the control filter allows exactly it.
     if let Err(e) = schedule("control thread", Class::Background) {
         tracing::warn!("{e}");
     }

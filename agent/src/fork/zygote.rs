@@ -42,7 +42,7 @@ use super::worker::{
     MAX_SMALL_MESSAGE,
 };
 use super::Template;
-use crate::host::sched::Class;
+use crate::host::sched::{self, Class};
 use crate::sync::lock;
 use crate::vmm::seccomp;
 
@@ -235,8 +235,11 @@ fn serve_spawns(sock: &OwnedFd) -> Result<Ended, WorkerError> {
     seccomp::install_violation_handler().map_err(WorkerError::Seccomp)?;
     // From here the zygote, and every worker it forks, calls only what a worker needs.
     seccomp::ProcessFilter::build()?.apply()?;
-    // Forking workers for the pool is background work; each worker starts in this class.
-    worker::schedule("zygote", Class::Background)?;
+    // Forking workers for the pool is background work; each worker starts in this class
+    // (unless the node could not move it back: `may_leave_background`).
+    if sched::may_leave_background() {
+        worker::schedule("zygote", Class::Background)?;
+    }
     send(sock, Kind::Loaded, &[], &[], "loaded")?;
     while let Some(msg) = recv(sock, MAX_SMALL_MESSAGE, MAX_FDS, "a spawn request")? {
         let (child_sock, jail, cgroup) = parse(msg)?;

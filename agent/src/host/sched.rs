@@ -53,6 +53,26 @@ fn set(tid: libc::pid_t, class: Class) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this process may move a thread out of [`Class::Background`]: `CAP_SYS_NICE`
+/// in its effective set, or an `RLIMIT_NICE` of 20 or more (the kernel's ceiling is
+/// `20 - limit`). A worker asks before its jail, while it has the node's credentials: a
+/// node without either (one not running as root) could not move the worker back at
+/// `go`, so its workers stay in the interactive class throughout.
+pub fn may_leave_background() -> bool {
+    let nice = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE)
+        .is_ok_and(|(soft, _)| soft >= 20);
+    nice || std::fs::read_to_string("/proc/self/status").is_ok_and(|s| has_cap_sys_nice(&s))
+}
+
+/// `CAP_SYS_NICE` (23) in the `CapEff` line of a `/proc/PID/status`.
+fn has_cap_sys_nice(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 23) != 0)
+}
+
 /// The calling thread's class; `None` for a policy cleave never sets (real-time, batch).
 pub fn current() -> io::Result<Option<Class>> {
     // SAFETY: no pointers; pid 0 is the calling thread.
@@ -68,6 +88,21 @@ pub fn current() -> io::Result<Option<Class>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cap_sys_nice_is_read_from_the_effective_set() {
+        let status = |eff: &str| format!("Name:\tx\nCapPrm:\t000001ffffffffff\nCapEff:\t{eff}\n");
+        assert!(has_cap_sys_nice(&status("000001ffffffffff")));
+        assert!(has_cap_sys_nice(&status("0000000000800000")));
+        // This workplace's root: everything but CAP_SYS_RESOURCE (24).
+        assert!(has_cap_sys_nice(&status("000001fffeffffff")));
+        assert!(!has_cap_sys_nice(&status("000001ffff7fffff")));
+        assert!(!has_cap_sys_nice(&status("0000000000000000")));
+        assert!(!has_cap_sys_nice(&status("zz")));
+        assert!(!has_cap_sys_nice("Name:\tx\n"));
+        // Tests run as root.
+        assert!(may_leave_background());
+    }
 
     #[test]
     fn a_thread_moves_between_classes_and_its_new_threads_inherit() {
