@@ -89,13 +89,7 @@ impl BootArgs {
 }
 
 pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
-    let BootKit {
-        machine,
-        image,
-        kvm,
-    } = BootKit::check(args.mem, args.vcpus, || args.image())?;
     let cmdline = args.cmdline();
-
     // The self-test keeps the console to itself (shown only on failure); a plain boot
     // streams it.
     let (console, writer) = if args.selftest {
@@ -103,17 +97,20 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     } else {
         Console::new(Some(Box::new(std::io::stdout())), None)
     };
+    // The VM is built while the image is hashed, and loaded only once both pins match.
+    let (kit, shell) = BootKit::check_building(
+        args.mem,
+        args.vcpus,
+        || args.image(),
+        |kvm, machine| {
+            vmm::build_linux(kvm, machine, Box::new(writer), vmm::BootDevices::default())
+                .context("building the VM")
+        },
+    )?;
     let start = Instant::now();
-    let vm = vmm::boot_linux(
-        &kvm,
-        machine,
-        &image.kernel,
-        &image.initrd,
-        &cmdline,
-        Box::new(writer),
-        vmm::BootDevices::default(),
-    )
-    .context("booting the guest")?;
+    let vm = shell
+        .boot(&kit.image.kernel, &kit.image.initrd, &cmdline)
+        .context("booting the guest")?;
     if args.selftest {
         return selftest(vm, console, start, Duration::from_secs(args.timeout));
     }

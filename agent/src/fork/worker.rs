@@ -503,13 +503,14 @@ impl Worker {
         // control thread (its main thread, whose id is its pid) answers us. Only we can
         // move it back: leaving the class takes CAP_SYS_NICE (a worker whose node lacks
         // it stayed out of the class, and this is then no change, which takes nothing).
-        // The pid is still this worker's: we have not reaped it.
-        let class = Class::Interactive;
-        sched::set_thread(self.pid(), class).map_err(|source| WorkerError::Schedule {
-            thread: "control thread",
-            class,
-            source,
-        })?;
+        // The pid is still this worker's: we have not reaped it. A failure costs speed,
+        // not correctness; a worker that died is reported by the exchange below.
+        if let Err(e) = sched::set_thread(self.pid(), Class::Interactive) {
+            tracing::warn!(
+                pid = self.pid(),
+                "the fork's control thread stays in the idle scheduling class: {e}"
+            );
+        }
         send(sock, Kind::Go, &body, &fds, "go")?;
         let msg = expect(sock, Kind::Ready, "ready")?;
         serde_json::from_slice(&msg.body).map_err(|e| WorkerError::Protocol {

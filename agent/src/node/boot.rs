@@ -1,6 +1,6 @@
 //! What every path that boots a guest checks first, in one order: the machine's shape, a
-//! KVM that can run Linux, the image's pins (on every start, cached files too); only then
-//! is KVM opened.
+//! KVM that can run Linux, the image's pins (on every start, cached files too). A VM may
+//! be built while the pins are checked; nothing is loaded into it before both match.
 
 use std::time::Instant;
 
@@ -103,23 +103,60 @@ impl BootKit {
         vcpus: u64,
         image: impl FnOnce() -> anyhow::Result<ImageSpec>,
     ) -> anyhow::Result<BootKit> {
+        Self::check_building(mem_mib, vcpus, image, |_, _| Ok(())).map(|(kit, ())| kit)
+    }
+
+    /// [`check`](Self::check), with `build` (the VM, empty) run while the pins are checked:
+    /// see [`verify_while`].
+    pub fn check_building<T>(
+        mem_mib: u64,
+        vcpus: u64,
+        image: impl FnOnce() -> anyhow::Result<ImageSpec>,
+        build: impl FnOnce(&kvm_ioctls::Kvm, MachineConfig) -> anyhow::Result<T>,
+    ) -> anyhow::Result<(BootKit, T)> {
         let machine = MachineConfig::new(mem_mib, vcpus)?;
         kvm::require_linux_capable()?;
         let spec = image()?;
-        let t = Instant::now();
-        let image = spec.load_verified()?;
-        tracing::info!(
-            ms = t.elapsed().as_secs_f64() * 1e3,
-            bytes = image.kernel.len() + image.initrd.len(),
-            "image read and verified"
-        );
         let kvm = vmm::open_kvm()?;
-        Ok(BootKit {
+        let (image, built) = verify_while(&spec, || build(&kvm, machine))?;
+        let kit = BootKit {
             machine,
             image,
             kvm,
-        })
+        };
+        Ok((kit, built))
     }
+}
+
+/// Reads and verifies `spec` on threads of their own while this thread runs `build`, and
+/// returns both. A VM may be *built* before its image's pins are checked, never loaded or
+/// started: if a pin does not match, what `build` made is dropped unused and the pin's
+/// error is the answer, whatever `build` returned.
+pub fn verify_while<T>(
+    spec: &ImageSpec,
+    build: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(VerifiedImage, T)> {
+    let t = Instant::now();
+    let (image, built) = std::thread::scope(|s| {
+        let image = s.spawn(|| {
+            let image = spec.load_verified();
+            (image, t.elapsed())
+        });
+        let built = build();
+        // A panic while hashing is a bug; re-raising it here keeps it one.
+        let image = image
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (image, built)
+    });
+    let (image, took) = image;
+    let image = image?;
+    tracing::info!(
+        ms = took.as_secs_f64() * 1e3,
+        bytes = image.kernel.len() + image.initrd.len(),
+        "image read and verified"
+    );
+    Ok((image, built?))
 }
 
 #[cfg(test)]
@@ -132,6 +169,54 @@ mod tests {
             "initrd": {"path": "/cache/initramfs.cpio", "sha256": initrd},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn what_is_built_while_the_pins_are_checked_is_dropped_when_a_pin_fails() {
+        use crate::image::{PinnedFile, Role};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, content: &[u8], pin: &[u8], role| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            PinnedFile {
+                path,
+                sha256: crate::image::Digest::of(pin),
+                role,
+            }
+        };
+        struct Built<'a>(&'a AtomicBool);
+        impl Drop for Built<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = AtomicBool::new(false);
+        let good = ImageSpec {
+            kernel: file("k", b"kernel", b"kernel", Role::Kernel),
+            initrd: file("i", b"initrd", b"initrd", Role::Initrd),
+        };
+        let (image, built) = verify_while(&good, || Ok(Built(&dropped))).unwrap();
+        assert_eq!(image.kernel, b"kernel");
+        assert!(!dropped.load(Ordering::SeqCst));
+        drop(built);
+        // The initramfs was swapped: the pin's error, and the built VM gone unused, even
+        // though building it went well.
+        dropped.store(false, Ordering::SeqCst);
+        let bad = ImageSpec {
+            kernel: good.kernel.clone(),
+            initrd: file("i2", b"evil", b"initrd", Role::Initrd),
+        };
+        let e = verify_while(&bad, || Ok(Built(&dropped))).err().unwrap();
+        assert!(e.to_string().contains("refusing to boot"), "{e}");
+        assert!(dropped.load(Ordering::SeqCst));
+        // A failed build with good pins is the build's error.
+        let e = verify_while(&good, || {
+            anyhow::Result::<()>::Err(anyhow::anyhow!("no VM"))
+        })
+        .err()
+        .unwrap();
+        assert_eq!(e.to_string(), "no VM");
     }
 
     #[test]

@@ -629,6 +629,18 @@ pub fn boot_linux(
     console: ConsoleOut,
     devices: BootDevices<'_>,
 ) -> Result<RunningVm, VmmError> {
+    build_linux(kvm, machine, console, devices)?.boot(kernel, initrd, cmdline)
+}
+
+/// Builds a Linux guest's VM (memory, irqchip, vCPUs, devices) with nothing in it: no
+/// kernel is loaded and nothing runs until [`LinuxShell::boot`]. So it may be built while
+/// the image's pins are still being checked (`cleave boot` does).
+pub fn build_linux(
+    kvm: &Kvm,
+    machine: MachineConfig,
+    console: ConsoleOut,
+    devices: BootDevices<'_>,
+) -> Result<LinuxShell, VmmError> {
     let BootDevices {
         vsock,
         net,
@@ -650,14 +662,29 @@ pub fn boot_linux(
         vm.add_net(crate::devices::virtio::net::GUEST_MAC, backend)?;
     }
     vm.add_rng()?;
-    let created = t.elapsed();
-    vm.load_linux(kernel, initrd, cmdline)?;
-    tracing::info!(
-        create_ms = created.as_secs_f64() * 1e3,
-        load_ms = (t.elapsed() - created).as_secs_f64() * 1e3,
-        "starting guest"
-    );
-    vm.start_confined(filters)
+    tracing::info!(create_ms = t.elapsed().as_secs_f64() * 1e3, "VM built");
+    Ok(LinuxShell { vm, filters })
+}
+
+/// A VM built for a Linux guest and not yet loaded ([`build_linux`]).
+pub struct LinuxShell {
+    vm: Vm,
+    filters: Option<Arc<seccomp::Filters>>,
+}
+
+impl LinuxShell {
+    /// Loads the kernel, initramfs and command line and starts the vCPUs.
+    pub fn boot(
+        mut self,
+        kernel: &[u8],
+        initrd: &[u8],
+        cmdline: &str,
+    ) -> Result<RunningVm, VmmError> {
+        let t = Instant::now();
+        self.vm.load_linux(kernel, initrd, cmdline)?;
+        tracing::info!(load_ms = t.elapsed().as_secs_f64() * 1e3, "starting guest");
+        self.vm.start_confined(self.filters)
+    }
 }
 
 /// A VM whose vCPUs are running.
