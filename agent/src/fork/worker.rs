@@ -763,7 +763,7 @@ fn serve_inner(sock: &OwnedFd, jail: Option<JailIds>) -> Result<(), WorkerError>
     // Built here, off the fork path; applied by each thread as the fork starts.
     let filters = Arc::new(seccomp::Filters::build()?);
     seccomp::install_violation_handler().map_err(WorkerError::Seccomp)?;
-    serve_fork(sock, template, jail, filters)
+    serve_fork(sock, template, jail, filters, sched::may_leave_background())
 }
 
 /// Receives the template (state and sealed memfd) and checks it.
@@ -791,19 +791,21 @@ pub(super) fn receive_template(sock: &OwnedFd) -> Result<Template, WorkerError> 
 /// `jail`), prepares the shell, and on `go` starts the fork and serves it until the
 /// socket closes. `template` is the worker's own (dropped once the fork runs) or, in a
 /// zygote's child, a borrow of the copy it was born with (left alone: those pages stay
-/// shared with the zygote).
+/// shared with the zygote). With `background`, it prepares in the idle scheduling class
+/// and the fork's guest stays there: pass it only when the node can move the control
+/// thread back out at `go` ([`sched::may_leave_background`], asked with the node's
+/// credentials, before any jail).
 pub(super) fn serve_fork<T: Borrow<Template>>(
     sock: &OwnedFd,
     template: T,
     jail: Option<JailIds>,
     filters: Arc<seccomp::Filters>,
+    background: bool,
 ) -> Result<(), WorkerError> {
     // The parent is the only peer the fork's socket accepts: the uid we were started as.
     let parent_uid = nix::unistd::getuid().as_raw();
     // Read while the node's /proc is still in reach (we may be PID 1 of our own namespace).
     let pid = crate::host::node_pid();
-    // And while we have the node's credentials: can it move us back at `go`?
-    let background = sched::may_leave_background();
     // The fork's socket lives in a directory of this process's own. Jailed, that
     // directory becomes the whole filesystem: the socket is `/vsock.sock` inside, and the
     // parent (who sees the real path) removes the directory after reaping us.

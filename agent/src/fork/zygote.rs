@@ -206,13 +206,22 @@ struct Child {
     jail: Option<JailIds>,
     template: Template,
     filters: Arc<seccomp::Filters>,
+    /// Whether the worker prepares in the idle class (`worker::serve_fork`).
+    background: bool,
 }
 
 impl Child {
     fn run(self) -> ! {
         // `template` is borrowed, never dropped: its pages stay shared with the zygote.
-        let result = set_comm(WORKER_COMM)
-            .and_then(|()| worker::serve_fork(&self.sock, &self.template, self.jail, self.filters));
+        let result = set_comm(WORKER_COMM).and_then(|()| {
+            worker::serve_fork(
+                &self.sock,
+                &self.template,
+                self.jail,
+                self.filters,
+                self.background,
+            )
+        });
         worker::tell_failure(&self.sock, &result);
         let code = match result {
             Ok(()) => 0,
@@ -236,8 +245,9 @@ fn serve_spawns(sock: &OwnedFd) -> Result<Ended, WorkerError> {
     // From here the zygote, and every worker it forks, calls only what a worker needs.
     seccomp::ProcessFilter::build()?.apply()?;
     // Forking workers for the pool is background work; each worker starts in this class
-    // (unless the node could not move it back: `may_leave_background`).
-    if sched::may_leave_background() {
+    // (unless the node could not move it back: asked once, with the node's credentials).
+    let background = sched::may_leave_background();
+    if background {
         worker::schedule("zygote", Class::Background)?;
     }
     send(sock, Kind::Loaded, &[], &[], "loaded")?;
@@ -257,6 +267,7 @@ fn serve_spawns(sock: &OwnedFd) -> Result<Ended, WorkerError> {
                     jail,
                     template,
                     filters,
+                    background,
                 })))
             }
             Ok(Cloned::Parent(pid)) => {

@@ -55,9 +55,9 @@ fn set(tid: libc::pid_t, class: Class) -> io::Result<()> {
 
 /// Whether this process may move a thread out of [`Class::Background`]: `CAP_SYS_NICE`
 /// in its effective set, or an `RLIMIT_NICE` of 20 or more (the kernel's ceiling is
-/// `20 - limit`). A worker asks before its jail, while it has the node's credentials: a
-/// node without either (one not running as root) could not move the worker back at
-/// `go`, so its workers stay in the interactive class throughout.
+/// `20 - limit`). The zygote (an exec'd worker: itself, before its jail) asks, while it
+/// has the node's credentials: a node without either (one not running as root) could not
+/// move a worker back at `go`, so its workers stay in the interactive class throughout.
 pub fn may_leave_background() -> bool {
     let nice = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE)
         .is_ok_and(|(soft, _)| soft >= 20);
