@@ -131,7 +131,7 @@ jail)
   # Every worker of the running daemon: its own non-root uid (distinct), no
   # capabilities, no_new_privs, its own mount, network and PID namespaces, a runtime
   # directory (its whole filesystem) that only its uid can enter, its own cgroup leaf;
-  # a running fork's threads are all under seccomp.
+  # a running fork's threads are all under seccomp, in their scheduling classes.
   me=$(pid); n=0; bad=0; uids=""; running=0; socks=""; foreign=0
   for p in $(workers_of "$me"); do
     n=$((n + 1))
@@ -155,6 +155,11 @@ jail)
       running=$((running + 1))
       for t in /proc/$p/task/*; do
         grep -q '^Seccomp:[[:space:]]*2' $t/status || { echo "worker $p thread $(cat $t/comm): no seccomp filter"; bad=$((bad + 1)); }
+        # Scheduling (host/sched.rs): the node moved the jailed worker's control thread
+        # out of the idle class at go (SCHED_OTHER, 0); the guest's threads stay in it (5).
+        pol=$(sed 's/.*) //' $t/stat | awk '{print $39}')
+        want=5; [ "${t##*/}" = "$p" ] && want=0
+        [ "$pol" = "$want" ] || { echo "worker $p thread $(cat $t/comm): scheduling policy $pol, not $want"; bad=$((bad + 1)); }
       done
       socks="$socks $uid:$d/vsock.sock"
     fi

@@ -73,21 +73,21 @@ fn has_cap_sys_nice(status: &str) -> bool {
         .is_some_and(|caps| caps & (1 << 23) != 0)
 }
 
-/// The calling thread's class; `None` for a policy cleave never sets (real-time, batch).
-pub fn current() -> io::Result<Option<Class>> {
-    // SAFETY: no pointers; pid 0 is the calling thread.
-    let policy = unsafe { libc::sched_getscheduler(0) };
-    match policy {
-        -1 => Err(io::Error::last_os_error()),
-        p if p == libc::SCHED_OTHER => Ok(Some(Class::Interactive)),
-        p if p == libc::SCHED_IDLE => Ok(Some(Class::Background)),
-        _ => Ok(None),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The calling thread's class; `None` for a policy cleave never sets (real-time, batch).
+    fn current() -> io::Result<Option<Class>> {
+        // SAFETY: no pointers; pid 0 is the calling thread.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        match policy {
+            -1 => Err(io::Error::last_os_error()),
+            p if p == libc::SCHED_OTHER => Ok(Some(Class::Interactive)),
+            p if p == libc::SCHED_IDLE => Ok(Some(Class::Background)),
+            _ => Ok(None),
+        }
+    }
 
     #[test]
     fn cap_sys_nice_is_read_from_the_effective_set() {
